@@ -1,0 +1,1 @@
+"""Bundled configs; installed as `taipan_jax.configs` (see setup.py)."""

@@ -1,0 +1,89 @@
+"""The config schema: every field taipan-jax reads, with its default.
+
+Model and baseline files start from `get_config()` here and change a few values. The loader
+(`taipan_jax.config.load_config`) rejects any key that is not in this schema, so a typo in a
+config file or on the command line stops the run instead of being silently ignored.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "base"
+
+  # --- the language model -------------------------------------------------------------------
+  cfg.model = ml_collections.ConfigDict()
+  cfg.model.vocab_size = 128256          # Llama-3 vocabulary (SPEC section 6)
+  cfg.model.pad_vocab_multiple = 16      # embedding rows padded to a multiple of this
+  cfg.model.d_model = 768
+  # One character per layer: 'm' Mamba-2 block, 's' Selective Attention Layer,
+  # 'a' full causal attention block with RoPE (Transformer++ / Jamba baselines).
+  cfg.model.pattern = "mmmmmms"
+  cfg.model.num_units = 3                # the pattern is repeated this many times
+  cfg.model.tie_embeddings = True
+  cfg.model.norm_eps = 1e-5
+  cfg.model.dtype = "float32"            # compute dtype of matmuls ("bfloat16" on accelerators)
+  cfg.model.param_dtype = "float32"
+  cfg.model.mlp_hidden = 0               # SwiGLU width of 's' and 'a' layers; 0: 8/3*d to 128
+
+  # --- Mamba-2 blocks (SPEC section 2, decision k) ------------------------------------------
+  cfg.mamba = ml_collections.ConfigDict()
+  cfg.mamba.d_state = 128
+  cfg.mamba.d_conv = 4
+  cfg.mamba.expand = 2
+  cfg.mamba.head_dim = 64
+  cfg.mamba.n_groups = 1
+  cfg.mamba.chunk_size = 256
+  cfg.mamba.a_init_min = 1.0
+  cfg.mamba.a_init_max = 16.0
+  cfg.mamba.dt_min = 1e-3
+  cfg.mamba.dt_max = 0.1
+  cfg.mamba.dt_init_floor = 1e-4
+
+  # --- Selective Attention Layers (SPEC section 3, decisions a-g) ---------------------------
+  cfg.sal = ml_collections.ConfigDict()
+  cfg.sal.head_dim = 64
+  cfg.sal.window = 2048
+  cfg.sal.capacity = 0.15                # budget C: target selected fraction
+  cfg.sal.tau = 1.0                      # Gumbel-softmax temperature
+  cfg.sal.tau_final = config_dict.placeholder(float)   # set: anneal tau linearly to this
+  cfg.sal.gate_hidden = 0                # 0: Dense(d -> 2); >0: 2-layer MLP gate
+  cfg.sal.kv_selected_only = False       # decision (a): keys are all tokens of the window
+  cfg.sal.selection = "gumbel"           # "gumbel" (Taipan) or "all" (SWA-only hybrid)
+  cfg.sal.rope = False                   # decision (g): no positional encoding
+  cfg.sal.inference_capacity = config_dict.placeholder(int)  # cap on selected per window
+
+  # --- full attention ('a' layers) ----------------------------------------------------------
+  cfg.attention = ml_collections.ConfigDict()
+  cfg.attention.head_dim = 64
+  cfg.attention.rope_theta = 10000.0
+  cfg.attention.max_cache_len = 4096     # KV cache length for token-by-token decoding
+
+  # --- loss ---------------------------------------------------------------------------------
+  cfg.loss = ml_collections.ConfigDict()
+  cfg.loss.budget_weight = 1.0           # lambda of SPEC section 4
+
+  # --- optimizer (SPEC section 7, decision j) -----------------------------------------------
+  cfg.optim = ml_collections.ConfigDict()
+  cfg.optim.peak_lr = 5e-4
+  cfg.optim.final_lr = 1e-5
+  cfg.optim.warmup_steps = 2000
+  cfg.optim.b1 = 0.9
+  cfg.optim.b2 = 0.95
+  cfg.optim.eps = 1e-8
+  cfg.optim.weight_decay = 0.01
+  cfg.optim.grad_clip = 1.0
+
+  # --- training loop and the embedded MQAR task ---------------------------------------------
+  cfg.train = ml_collections.ConfigDict()
+  cfg.train.seed = 0
+  cfg.train.steps = 51_500
+  cfg.train.batch_size = 128
+  cfg.train.log_every = 50
+
+  cfg.data = ml_collections.ConfigDict()
+  cfg.data.task = "mqar"
+  cfg.data.seq_len = 4096
+  cfg.data.num_kv_pairs = 8              # MQAR: key-value pairs shown, then queried
+  return cfg

@@ -1,0 +1,29 @@
+"""Tiny Taipan for CPU demos and tests: d_model 64, 2 x (2 Mamba-2 + 1 SAL), MQAR task."""
+from taipan_jax.configs import base
+
+
+def get_config():
+  cfg = base.get_config()
+  cfg.name = "tiny"
+  cfg.model.vocab_size = 128
+  cfg.model.d_model = 64
+  cfg.model.pattern = "mms"
+  cfg.model.num_units = 2
+  cfg.mamba.d_state = 16
+  cfg.mamba.head_dim = 64
+  cfg.mamba.chunk_size = 16
+  cfg.sal.head_dim = 32
+  cfg.sal.window = 64
+  cfg.sal.capacity = 0.5       # MQAR: about half of the tokens are keys that need recall
+  cfg.attention.head_dim = 32
+  cfg.attention.max_cache_len = 256
+  cfg.optim.peak_lr = 3e-3
+  cfg.optim.final_lr = 1e-4
+  cfg.optim.warmup_steps = 50
+  cfg.optim.weight_decay = 0.01
+  cfg.train.steps = 600
+  cfg.train.batch_size = 32
+  cfg.train.log_every = 50
+  cfg.data.seq_len = 64
+  cfg.data.num_kv_pairs = 8
+  return cfg

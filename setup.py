@@ -1,0 +1,49 @@
+"""Packaging for taipan-jax.
+
+`configs/` lives at the top level (the design card) and ships inside the wheel as
+`taipan_jax.configs`, so `taipan_jax.load_config("tiny")` works from any install.
+"""
+from setuptools import setup
+
+INSTALL_REQUIRES = [
+    # 0.10.2 is the newest jax that installs on Python 3.11; the GPU image has 0.11.2.
+    "jax>=0.10.2",
+    "flax>=0.12.0",
+    "optax>=0.2.6",
+    "orbax-checkpoint>=0.11.0",
+    "grain>=0.2.12",
+    "sentencepiece>=0.2.0",
+    "ml-collections>=1.1.0",
+    "absl-py>=2.1.0",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    "gpu": ["jax[cuda12]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2"],
+}
+
+setup(
+    name="taipan-jax",
+    version="0.1.0",
+    description="Reference JAX implementation of Taipan (Mamba-2 + Selective Attention Layers)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=[
+        "taipan_jax",
+        "taipan_jax.ops",
+        "taipan_jax.models",
+        "taipan_jax.data",
+        "taipan_jax.configs",
+    ],
+    package_dir={"taipan_jax.configs": "configs"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,223 @@
+"""Load and validate configs once; derive the sizes the model needs from them.
+
+A config is an `ml_collections.ConfigDict` returned by a `get_config()` file in `configs/`.
+`validate` checks it against the schema in `configs/base.py` and against the model's shape
+rules, and raises `ConfigError` with one line that names the key, the value and the fix.
+Code downstream reads validated fields directly and never guesses defaults.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+from taipan_jax.configs import base as _base
+
+LAYER_KINDS = {"m": "Mamba-2 block", "s": "Selective Attention Layer", "a": "attention block"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def _fail(key: str, value: Any, problem: str, fix: str):
+  raise ConfigError(f"config key {key}={value!r}: {problem}; fix: {fix}")
+
+
+def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+  """Loads a config file (path) or a bundled config (name such as "tiny"), then validates it.
+
+  overrides: dotted keys to values, e.g. {"model.d_model": 128}, applied before validation.
+  """
+  if os.path.exists(path_or_name):
+    spec = importlib.util.spec_from_file_location("_taipan_config", path_or_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    name = os.path.splitext(os.path.basename(path_or_name))[0]
+    try:
+      module = importlib.import_module(f"taipan_jax.configs.{name}")
+    except ModuleNotFoundError:
+      raise ConfigError(
+          f"config {path_or_name!r}: no such file and no bundled config of that name; fix: "
+          f"pass a path to a get_config() file or one of {bundled_configs()}") from None
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config {path_or_name!r}: the file defines no get_config(); "
+                      "fix: add `def get_config(): ...` returning a ConfigDict")
+  cfg = module.get_config()
+  for key, value in (overrides or {}).items():
+    _set_dotted(cfg, key, value)
+  return validate(cfg)
+
+
+def bundled_configs() -> list[str]:
+  directory = os.path.dirname(_base.__file__)
+  return sorted(f[:-3] for f in os.listdir(directory)
+                if f.endswith(".py") and f not in ("__init__.py", "base.py"))
+
+
+def _set_dotted(cfg, key: str, value):
+  *parents, leaf = key.split(".")
+  node = cfg
+  for p in parents:
+    if p not in node:
+      _fail(key, value, f"there is no section {p!r}", f"use one of {sorted(node.keys())}")
+    node = node[p]
+  if leaf not in node:
+    _fail(key, value, "unknown key", f"use one of {sorted(node.keys())}")
+  node[leaf] = value
+
+
+def _check_schema(cfg, schema, prefix=""):
+  for key in cfg.keys():
+    full = f"{prefix}{key}"
+    value = cfg[key]
+    if key not in schema:
+      _fail(full, value, "unknown key", f"remove it or use one of {sorted(schema.keys())}")
+    expected = schema[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        _fail(full, value, "expected a section", "assign fields inside it instead")
+      _check_schema(value, expected, full + ".")
+      continue
+    want = schema.get_type(key) if hasattr(schema, "get_type") else type(expected)
+    if value is None:
+      continue
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    if want is not type(None) and not isinstance(value, want):
+      _fail(full, value, f"expected {want.__name__}, got {type(value).__name__}",
+            f"give a {want.__name__}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field once; returns the same config, locked against new keys."""
+  _check_schema(cfg, _base.get_config())
+  m, mb, sal, att = cfg.model, cfg.mamba, cfg.sal, cfg.attention
+
+  def positive(key, value):
+    if value is None or value <= 0:
+      _fail(key, value, "must be > 0", "set a positive value")
+
+  for key in ("vocab_size", "d_model", "num_units", "pad_vocab_multiple", "norm_eps"):
+    positive(f"model.{key}", m[key])
+  if not m.pattern or set(m.pattern) - set(LAYER_KINDS):
+    _fail("model.pattern", m.pattern, f"characters must be from {LAYER_KINDS}",
+          "write e.g. 'mmmmmms'")
+  for key in ("dtype", "param_dtype"):
+    if m[key] not in DTYPES:
+      _fail(f"model.{key}", m[key], "unknown dtype", f"use one of {DTYPES}")
+  if m.mlp_hidden < 0:
+    _fail("model.mlp_hidden", m.mlp_hidden, "must be >= 0", "0 picks 8/3*d_model rounded to 128")
+
+  if "m" in m.pattern:
+    for key in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+      positive(f"mamba.{key}", mb[key])
+    d_inner = mb.expand * m.d_model
+    if d_inner % mb.head_dim:
+      _fail("mamba.head_dim", mb.head_dim,
+            f"does not divide d_inner = expand*d_model = {d_inner}", "pick a divisor of d_inner")
+    heads = d_inner // mb.head_dim
+    if heads % mb.n_groups:
+      _fail("mamba.n_groups", mb.n_groups, f"does not divide the {heads} SSM heads",
+            "pick a divisor of the head count")
+    if not 0 < mb.a_init_min <= mb.a_init_max:
+      _fail("mamba.a_init_min", mb.a_init_min, f"need 0 < a_init_min <= a_init_max "
+            f"({mb.a_init_max})", "use the default range (1, 16)")
+    if not 0 < mb.dt_min <= mb.dt_max:
+      _fail("mamba.dt_min", mb.dt_min, f"need 0 < dt_min <= dt_max ({mb.dt_max})",
+            "use the defaults 1e-3 and 0.1")
+    positive("mamba.dt_init_floor", mb.dt_init_floor)
+
+  if "s" in m.pattern:
+    positive("sal.head_dim", sal.head_dim)
+    if m.d_model % sal.head_dim:
+      _fail("sal.head_dim", sal.head_dim, f"does not divide d_model = {m.d_model}",
+            "pick a divisor of d_model")
+    positive("sal.window", sal.window)
+    if not 0.0 < sal.capacity <= 1.0:
+      _fail("sal.capacity", sal.capacity, "must be in (0, 1]", "the paper uses 0.15")
+    positive("sal.tau", sal.tau)
+    if sal.tau_final is not None:
+      positive("sal.tau_final", sal.tau_final)
+    if sal.gate_hidden < 0:
+      _fail("sal.gate_hidden", sal.gate_hidden, "must be >= 0", "0 is a single Dense gate")
+    if sal.selection not in ("gumbel", "all"):
+      _fail("sal.selection", sal.selection, "unknown selection", "use 'gumbel' or 'all'")
+    if sal.rope and sal.head_dim % 2:
+      _fail("sal.head_dim", sal.head_dim, "RoPE needs an even head_dim", "use an even value")
+    if sal.inference_capacity is not None:
+      if not 1 <= sal.inference_capacity <= sal.window:
+        _fail("sal.inference_capacity", sal.inference_capacity, "must be in [1, window]",
+              "leave it unset for no cap")
+
+  if "a" in m.pattern:
+    positive("attention.head_dim", att.head_dim)
+    if m.d_model % att.head_dim or att.head_dim % 2:
+      _fail("attention.head_dim", att.head_dim,
+            f"must be even and divide d_model = {m.d_model}", "use e.g. 64")
+    positive("attention.rope_theta", att.rope_theta)
+    positive("attention.max_cache_len", att.max_cache_len)
+
+  if cfg.loss.budget_weight < 0:
+    _fail("loss.budget_weight", cfg.loss.budget_weight, "must be >= 0", "the paper uses 1.0")
+  o = cfg.optim
+  for key in ("peak_lr", "eps"):
+    positive(f"optim.{key}", o[key])
+  if o.final_lr < 0 or o.final_lr > o.peak_lr:
+    _fail("optim.final_lr", o.final_lr, f"must be in [0, peak_lr={o.peak_lr}]", "e.g. 1e-5")
+  if o.warmup_steps < 0:
+    _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0", "e.g. 2000")
+  for key in ("b1", "b2"):
+    if not 0 <= o[key] < 1:
+      _fail(f"optim.{key}", o[key], "must be in [0, 1)", "the paper uses 0.9 / 0.95")
+  if o.weight_decay < 0:
+    _fail("optim.weight_decay", o.weight_decay, "must be >= 0", "the paper uses 0.01")
+  if o.grad_clip < 0:
+    _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)", "the paper uses 1.0")
+
+  for key in ("steps", "batch_size", "log_every"):
+    positive(f"train.{key}", cfg.train[key])
+  d = cfg.data
+  if d.task != "mqar":
+    _fail("data.task", d.task, "unknown task", "use 'mqar'")
+  positive("data.num_kv_pairs", d.num_kv_pairs)
+  if d.seq_len < 4 * d.num_kv_pairs:
+    _fail("data.seq_len", d.seq_len, f"MQAR with {d.num_kv_pairs} pairs needs at least "
+          f"{4 * d.num_kv_pairs} tokens (pairs, then one query per pair)",
+          "raise seq_len or lower data.num_kv_pairs")
+  if m.vocab_size < 2 * d.num_kv_pairs + 2:
+    _fail("model.vocab_size", m.vocab_size, f"MQAR with {d.num_kv_pairs} pairs needs at least "
+          f"{2 * d.num_kv_pairs + 2} tokens", "raise vocab_size or lower data.num_kv_pairs")
+  cfg.lock()
+  return cfg
+
+
+# --- sizes derived from a validated config ----------------------------------------------------
+
+def padded_vocab_size(cfg) -> int:
+  k = cfg.model.pad_vocab_multiple
+  return -(-cfg.model.vocab_size // k) * k
+
+
+def mlp_hidden_size(cfg) -> int:
+  """SwiGLU width: the configured value, or 8/3*d_model rounded up to 128 (decision f)."""
+  if cfg.model.mlp_hidden:
+    return cfg.model.mlp_hidden
+  return int(math.ceil(8 * cfg.model.d_model / 3 / 128) * 128)
+
+
+def layer_kinds(cfg) -> str:
+  """The full layer sequence, one character per layer, e.g. 'mmmmmmsmmmmmms...'."""
+  return cfg.model.pattern * cfg.model.num_units
+
+
+def residual_branches(cfg) -> int:
+  """Residual branches in the whole model: 1 per Mamba-2 block, 2 per SAL / attention block."""
+  return sum(1 if kind == "m" else 2 for kind in layer_kinds(cfg))

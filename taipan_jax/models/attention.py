@@ -1,0 +1,98 @@
+"""Full causal attention block with RoPE (Transformer++ and Jamba baselines) and RoPE itself."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from taipan_jax import ops
+from taipan_jax.config import mlp_hidden_size
+from taipan_jax.models.mlp import SwiGLU, dense
+from taipan_jax.models.norms import RMSNorm
+
+
+def apply_rope(x, positions, theta: float):
+  """Rotary embedding, rotate-half layout (LLaMA).  x: [b, l, h, d], positions: [b, l]."""
+  d = x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  angles = positions.astype(jnp.float32)[..., None, None] * freqs      # [b, l, 1, d/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+@struct.dataclass
+class KVCache:
+  """Preallocated keys/values of a full attention layer.
+
+  k, v: [batch, max_len, heads, head_dim]; pos: [batch] int32, tokens written so far.
+  """
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+
+
+class AttentionBlock(nnx.Module):
+  """LLaMA block: h + Attn(RMSNorm(h)), then h + SwiGLU(RMSNorm(h)).  h: [b, l, d_model]."""
+
+  def __init__(self, cfg, *, residual_scale: float, rngs: nnx.Rngs):
+    m, att = cfg.model, cfg.attention
+    d = m.d_model
+    self.heads = d // att.head_dim
+    self.head_dim = att.head_dim
+    self.rope_theta = att.rope_theta
+    self.max_len = att.max_cache_len
+    self.dtype = jnp.dtype(m.dtype)
+    pdt = jnp.dtype(m.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
+    self.norm_attn = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
+    self.q_proj = dense(d, d, **kw)
+    self.k_proj = dense(d, d, **kw)
+    self.v_proj = dense(d, d, **kw)
+    self.o_proj = dense(d, d, scale=residual_scale, **kw)
+    self.norm_mlp = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
+    self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
+
+  def _qkv(self, x, positions):
+    split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)
+    q = apply_rope(split(self.q_proj(x)), positions, self.rope_theta)
+    k = apply_rope(split(self.k_proj(x)), positions, self.rope_theta)
+    return q, k, split(self.v_proj(x))
+
+  def _mlp(self, h):
+    return h + self.mlp(self.norm_mlp(h)).astype(jnp.float32)
+
+  def init_cache(self, batch_size: int) -> KVCache:
+    shape = (batch_size, self.max_len, self.heads, self.head_dim)
+    return KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                   pos=jnp.zeros((batch_size,), jnp.int32))
+
+  def __call__(self, h, *, return_cache: bool = False):
+    b, l, d = h.shape
+    positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+    q, k, v = self._qkv(self.norm_attn(h), positions)
+    attn = ops.selective_window_attention(q, k, v, jnp.ones((b, l), bool), window=l)
+    h = self._mlp(h + self.o_proj(attn.reshape(b, l, d)).astype(jnp.float32))
+    if not return_cache:
+      return h
+    if l > self.max_len:
+      raise ValueError(f"prompt of {l} tokens exceeds attention.max_cache_len={self.max_len}; "
+                       "raise attention.max_cache_len")
+    cache = self.init_cache(b)
+    cache = KVCache(k=cache.k.at[:, :l].set(k.astype(self.dtype)),
+                    v=cache.v.at[:, :l].set(v.astype(self.dtype)),
+                    pos=jnp.full((b,), l, jnp.int32))
+    return h, cache
+
+  def step(self, h, cache: KVCache):
+    """h: [batch, d_model] one token per row -> (h, cache)."""
+    b, d = h.shape
+    q, k, v = self._qkv(self.norm_attn(h)[:, None], cache.pos[:, None])
+    rows = jnp.arange(b)
+    ck = cache.k.at[rows, cache.pos].set(k[:, 0].astype(self.dtype))
+    cv = cache.v.at[rows, cache.pos].set(v[:, 0].astype(self.dtype))
+    valid = jnp.arange(self.max_len)[None, :] <= cache.pos[:, None]
+    attn = ops.window_decode_attention(q[:, 0], ck, cv, valid)
+    h = self._mlp(h + self.o_proj(attn.reshape(b, d)).astype(jnp.float32))
+    return h, KVCache(k=ck, v=cv, pos=cache.pos + 1)

@@ -1,0 +1,120 @@
+"""One language model class for Taipan and every baseline, built from a layer pattern."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from taipan_jax import ops
+from taipan_jax.config import layer_kinds, padded_vocab_size, residual_branches
+from taipan_jax.models.attention import AttentionBlock
+from taipan_jax.models.mamba2 import Mamba2Block
+from taipan_jax.models.norms import RMSNorm
+from taipan_jax.models.sal import SelectiveAttentionLayer
+
+_LAYERS = {"m": Mamba2Block, "s": SelectiveAttentionLayer, "a": AttentionBlock}
+
+
+class LanguageModel(nnx.Module):
+  """Embedding -> layers from `model.pattern` x `model.num_units` -> RMSNorm -> LM head.
+
+  Taipan ('mmmmmms'), Mamba-2 ('m'), Transformer++ ('a'), Jamba-style ('mmmmmmma') and the
+  SWA-only hybrid (Taipan with `sal.selection='all'`) are configurations of this class.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    m = cfg.model
+    self.config = ml_collections.FrozenConfigDict(cfg)
+    self.kinds = layer_kinds(cfg)
+    self.vocab_size = m.vocab_size
+    self.capacity = cfg.sal.capacity
+    self.dtype = jnp.dtype(m.dtype)
+    pdt = jnp.dtype(m.param_dtype)
+    residual_scale = 1.0 / math.sqrt(residual_branches(cfg))
+    self.embed = nnx.Embed(padded_vocab_size(cfg), m.d_model,
+                           embedding_init=nnx.initializers.normal(0.02), dtype=self.dtype,
+                           param_dtype=pdt, rngs=rngs)
+    self.layers = nnx.List([_LAYERS[kind](cfg, residual_scale=residual_scale, rngs=rngs)
+                            for kind in self.kinds])
+    self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
+    self.lm_head = None if m.tie_embeddings else nnx.Linear(
+        m.d_model, padded_vocab_size(cfg), use_bias=False,
+        kernel_init=nnx.initializers.normal(0.02), dtype=self.dtype, param_dtype=pdt,
+        rngs=rngs)
+
+  @property
+  def num_sal(self) -> int:
+    return self.kinds.count("s")
+
+  def _logits(self, h):
+    h = self.final_norm(h)
+    logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+    return logits[..., :self.vocab_size].astype(jnp.float32)
+
+  def __call__(self, tokens, *, token_mask=None, gumbel_key=None, tau=None,
+               return_masks: bool = False, return_cache: bool = False):
+    """tokens: [batch, seq] int32 -> logits [batch, seq, vocab_size] fp32, aux.
+
+    token_mask: [batch, seq] bool, real tokens (padding does not count in the selected
+      fraction). gumbel_key: PRNG key for the SALs' Gumbel noise in training mode (default:
+      the model's own 'gumbel' stream). tau: Gumbel temperature override (annealing).
+    aux: selected_fraction [num_sal, batch], budget_loss scalar, and with return_masks
+      select_masks [num_sal, batch, seq]. With return_cache, also the decode cache after
+      the prompt: (logits, aux, cache).
+    """
+    h = self.embed(tokens).astype(jnp.float32)
+    keys = (jax.random.split(gumbel_key, max(self.num_sal, 1)) if gumbel_key is not None
+            else [None] * self.num_sal)
+    fractions, masks, caches = [], [], []
+    sal_index = 0
+    for kind, layer in zip(self.kinds, self.layers):
+      if kind == "s":
+        out = layer(h, token_mask=token_mask, gumbel_key=keys[sal_index], tau=tau,
+                    return_cache=return_cache)
+        h, aux = out[0], out[1]
+        fractions.append(aux["fraction"])
+        masks.append(aux["mask"])
+        sal_index += 1
+        if return_cache:
+          caches.append(out[2])
+      else:
+        out = layer(h, return_cache=return_cache)
+        if return_cache:
+          h, cache = out
+          caches.append(cache)
+        else:
+          h = out
+    logits = self._logits(h)
+    b = tokens.shape[0]
+    fractions = jnp.stack(fractions) if fractions else jnp.zeros((0, b), jnp.float32)
+    aux = {"selected_fraction": fractions,
+           "budget_loss": ops.budget_loss(fractions, self.capacity)}
+    if return_masks:
+      aux["select_masks"] = (jnp.stack(masks) if masks
+                             else jnp.zeros((0,) + tokens.shape, jnp.float32))
+    if return_cache:
+      return logits, aux, tuple(caches)
+    return logits, aux
+
+  def init_cache(self, batch_size: int) -> tuple:
+    """An empty decode cache: one entry per layer, sizes independent of sequence length
+    (except 'a' layers, which preallocate attention.max_cache_len)."""
+    return tuple(layer.init_cache(batch_size) for layer in self.layers)
+
+  def step(self, tokens, cache: tuple):
+    """Decode one token per row with deterministic selection.
+
+    tokens: [batch] int32 -> (logits [batch, vocab_size] fp32, new cache).
+    """
+    h = self.embed(tokens).astype(jnp.float32)
+    new_cache = []
+    for kind, layer, c in zip(self.kinds, self.layers, cache):
+      if kind == "s":
+        h, _, c = layer.step(h, c)
+      else:
+        h, c = layer.step(h, c)
+      new_cache.append(c)
+    return self._logits(h), tuple(new_cache)

@@ -1,0 +1,147 @@
+"""Mamba-2 mixer and block (SPEC section 2), with a parallel forward and a decode step."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from taipan_jax import ops
+from taipan_jax.models.mlp import dense
+from taipan_jax.models.norms import GatedRMSNorm, RMSNorm
+
+
+@struct.dataclass
+class Mamba2Cache:
+  """Decode state of one Mamba-2 layer; its size does not depend on the sequence length.
+
+  conv: [batch, d_conv - 1, conv_dim] the last pre-convolution xBC inputs.
+  ssm: [batch, heads, head_dim, d_state] fp32.
+  """
+  conv: jax.Array
+  ssm: jax.Array
+
+
+def _dt_bias_init(key, heads, dt_min, dt_max, floor):
+  """dt log-uniform in [dt_min, dt_max], floored; dt_bias = softplus^{-1}(dt)."""
+  u = jax.random.uniform(key, (heads,), jnp.float32)
+  dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+  dt = jnp.maximum(dt, floor)
+  return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class Mamba2Mixer(nnx.Module):
+  """The Mamba-2 mixer.  u: [batch, seq, d_model] -> [batch, seq, d_model]."""
+
+  def __init__(self, cfg, *, residual_scale: float, rngs: nnx.Rngs):
+    m, mb = cfg.model, cfg.mamba
+    d = m.d_model
+    self.d_inner = mb.expand * d
+    self.heads = self.d_inner // mb.head_dim
+    self.head_dim = mb.head_dim
+    self.n_groups = mb.n_groups
+    self.d_state = mb.d_state
+    self.d_conv = mb.d_conv
+    self.chunk_size = mb.chunk_size
+    self.conv_dim = self.d_inner + 2 * mb.n_groups * mb.d_state
+    self.dtype = jnp.dtype(m.dtype)
+    pdt = jnp.dtype(m.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
+
+    # Fused projection, split in the order z | x B C | dt (mamba_ssm's layout).
+    self.in_proj = dense(d, self.d_inner + self.conv_dim + self.heads, **kw)
+    bound = 1.0 / math.sqrt(mb.d_conv)
+    self.conv_weight = nnx.Param(jax.random.uniform(
+        rngs.params(), (mb.d_conv, self.conv_dim), pdt, -bound, bound))
+    self.conv_bias = nnx.Param(jax.random.uniform(
+        rngs.params(), (self.conv_dim,), pdt, -bound, bound))
+    self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), self.heads, mb.dt_min, mb.dt_max,
+                                           mb.dt_init_floor).astype(pdt))
+    a = jax.random.uniform(rngs.params(), (self.heads,), jnp.float32, mb.a_init_min,
+                           mb.a_init_max)
+    self.A_log = nnx.Param(jnp.log(a).astype(pdt))
+    self.D = nnx.Param(jnp.ones((self.heads,), pdt))
+    self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // mb.n_groups,
+                             eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
+    self.out_proj = dense(self.d_inner, d, scale=residual_scale, **kw)
+
+  def _split_proj(self, zxbcdt):
+    z, xbc, dt = jnp.split(zxbcdt, [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
+    return z, xbc, dt
+
+  def _split_xbc(self, xbc):
+    gn = self.n_groups * self.d_state
+    x, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + gn], axis=-1)
+    lead = xbc.shape[:-1]
+    return (x.reshape(*lead, self.heads, self.head_dim),
+            B.reshape(*lead, self.n_groups, self.d_state),
+            C.reshape(*lead, self.n_groups, self.d_state))
+
+  def _gate_and_project(self, y, x, z):
+    y = y.astype(jnp.float32) + x.astype(jnp.float32) * self.D[...].astype(jnp.float32)[:, None]
+    y = y.reshape(*y.shape[:-2], self.d_inner)
+    return self.out_proj(self.norm(y, z))
+
+  def init_cache(self, batch_size: int) -> Mamba2Cache:
+    return Mamba2Cache(
+        conv=jnp.zeros((batch_size, self.d_conv - 1, self.conv_dim), self.dtype),
+        ssm=jnp.zeros((batch_size, self.heads, self.head_dim, self.d_state), jnp.float32))
+
+  def __call__(self, u, *, return_cache: bool = False):
+    """u: [batch, seq, d_model] -> out [batch, seq, d_model] (and the cache after seq)."""
+    b, l, _ = u.shape
+    z, xbc, dt = self._split_proj(self.in_proj(u))
+    # Causal depthwise convolution: left pad d_conv - 1, one shifted product per tap.
+    k = self.d_conv
+    padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0))).astype(jnp.float32)
+    w = self.conv_weight[...].astype(jnp.float32)
+    conv = sum(padded[:, i:i + l] * w[i] for i in range(k)) + self.conv_bias[...]
+    x, B, C = self._split_xbc(jax.nn.silu(conv).astype(self.dtype))
+    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    y, state = ops.ssd(x, dt, A, B, C, chunk_size=self.chunk_size, return_final_state=True)
+    out = self._gate_and_project(y, x, z)
+    if not return_cache:
+      return out
+    # The last d_conv - 1 inputs (zeros before position 0) continue the convolution.
+    tail = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0)))[:, l:]
+    return out, Mamba2Cache(conv=tail.astype(self.dtype), ssm=state)
+
+  def step(self, u, cache: Mamba2Cache):
+    """One token.  u: [batch, d_model] -> (out [batch, d_model], new cache)."""
+    z, xbc, dt = self._split_proj(self.in_proj(u))
+    window = jnp.concatenate([cache.conv, xbc[:, None].astype(cache.conv.dtype)], axis=1)
+    conv = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32),
+                      self.conv_weight[...].astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST) + self.conv_bias[...]
+    x, B, C = self._split_xbc(jax.nn.silu(conv).astype(self.dtype))
+    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    y, ssm = ops.ssd_step(cache.ssm, x, dt, A, B, C)
+    out = self._gate_and_project(y, x, z)
+    return out, Mamba2Cache(conv=window[:, 1:], ssm=ssm)
+
+
+class Mamba2Block(nnx.Module):
+  """h + Mamba2Mixer(RMSNorm(h)), residual stream in fp32.  h: [batch, seq, d_model]."""
+
+  def __init__(self, cfg, *, residual_scale: float, rngs: nnx.Rngs):
+    self.norm = RMSNorm(cfg.model.d_model, eps=cfg.model.norm_eps,
+                        dtype=jnp.dtype(cfg.model.dtype),
+                        param_dtype=jnp.dtype(cfg.model.param_dtype))
+    self.mixer = Mamba2Mixer(cfg, residual_scale=residual_scale, rngs=rngs)
+
+  def init_cache(self, batch_size: int) -> Mamba2Cache:
+    return self.mixer.init_cache(batch_size)
+
+  def __call__(self, h, *, return_cache: bool = False):
+    out = self.mixer(self.norm(h), return_cache=return_cache)
+    if return_cache:
+      out, cache = out
+      return h + out.astype(jnp.float32), cache
+    return h + out.astype(jnp.float32)
+
+  def step(self, h, cache: Mamba2Cache):
+    out, cache = self.mixer.step(self.norm(h), cache)
+    return h + out.astype(jnp.float32), cache

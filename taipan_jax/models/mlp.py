@@ -1,0 +1,39 @@
+"""SwiGLU feed-forward and the linear-layer initialisers shared by the models."""
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+
+def uniform_fan_in(scale: float = 1.0):
+  """U(+-scale/sqrt(fan_in)): PyTorch's nn.Linear default, which mamba_ssm keeps.
+
+  scale < 1 gives the residual rescale of output projections (SPEC section 2, decision m).
+  """
+  return nnx.initializers.variance_scaling(scale * scale / 3.0, "fan_in", "uniform")
+
+
+def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, scale: float = 1.0, dtype, param_dtype,
+          use_bias: bool = False) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=uniform_fan_in(scale),
+                    bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
+                    rngs=rngs)
+
+
+class SwiGLU(nnx.Module):
+  """W_2(silu(W_1 x) * W_3 x), no biases.  x: [..., d_model] -> [..., d_model].
+
+  residual_scale divides W_2's init (1/sqrt(number of residual branches in the model)).
+  """
+
+  def __init__(self, d_model: int, hidden: int, *, residual_scale: float, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.w1 = dense(d_model, hidden, **kw)
+    self.w3 = dense(d_model, hidden, **kw)
+    self.w2 = dense(hidden, d_model, scale=residual_scale, **kw)
+
+  def __call__(self, x):
+    return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,185 @@
+"""The Selective Attention Layer (SPEC section 3; paper eq. 1-6)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from taipan_jax import ops
+from taipan_jax.config import mlp_hidden_size
+from taipan_jax.models.attention import apply_rope
+from taipan_jax.models.mlp import SwiGLU, dense
+from taipan_jax.models.norms import RMSNorm
+
+
+@struct.dataclass
+class SALCache:
+  """Ring buffer of the last `window` keys and values; size independent of sequence length.
+
+  k, v: [batch, window, heads, head_dim], slot = position % window.
+  filled: [batch, window] bool, slot holds a token. kept: [batch, window] bool, that token
+  was selected (keys of the kv_selected_only variant; the inference cap's count).
+  pos: [batch] int32, tokens seen so far.
+  """
+  k: jax.Array
+  v: jax.Array
+  filled: jax.Array
+  kept: jax.Array
+  pos: jax.Array
+
+
+class Gate(nnx.Module):
+  """G(x): d_model -> 2 scores per token (decision b).  x: [..., d] -> [..., 2] fp32.
+
+  The bias starts at [0, logit(C)]: with Gumbel-max sampling P(select) = sigmoid(s1 - s0),
+  so the initial selected fraction is about the budget C.
+  """
+
+  def __init__(self, d: int, hidden: int, capacity: float, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    small = nnx.initializers.normal(0.02)
+    self.hidden = (nnx.Linear(d, hidden, kernel_init=small, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs) if hidden else None)
+    bias = jnp.array([0.0, math.log(capacity / (1.0 - capacity)) if capacity < 1 else 10.0])
+    self.out = nnx.Linear(hidden or d, 2, kernel_init=small,
+                          bias_init=lambda *_: bias.astype(param_dtype), dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    if self.hidden is not None:
+      x = jax.nn.silu(self.hidden(x))
+    return self.out(x).astype(jnp.float32)
+
+
+class SelectiveAttentionLayer(nnx.Module):
+  """Gate -> select -> sliding-window attention for the selected tokens -> mix -> SwiGLU.
+
+  h: [batch, seq, d_model] fp32 residual stream -> same shape, plus aux:
+    mask [batch, seq] (straight-through during training, exact 0/1 forward),
+    fraction [batch] selected fraction over real tokens.
+
+  Training (`deterministic=False`): straight-through Gumbel-softmax selection.
+  Evaluation and decoding (`model.eval()`): m = [s1 > s0] (decision e), optionally capped at
+  `sal.inference_capacity` selected tokens per window.
+  """
+
+  def __init__(self, cfg, *, residual_scale: float, rngs: nnx.Rngs):
+    m, sal = cfg.model, cfg.sal
+    d = m.d_model
+    self.heads = d // sal.head_dim
+    self.head_dim = sal.head_dim
+    self.window = sal.window
+    self.capacity = sal.capacity
+    self.tau = sal.tau
+    self.select_all = sal.selection == "all"
+    self.kv_selected_only = sal.kv_selected_only
+    self.rope = sal.rope
+    self.rope_theta = cfg.attention.rope_theta
+    self.inference_capacity = sal.inference_capacity
+    self.dtype = jnp.dtype(m.dtype)
+    self.deterministic = False
+    pdt = jnp.dtype(m.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
+    self.norm_a = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
+    self.gate = Gate(d, sal.gate_hidden, sal.capacity, **kw)
+    self.q_proj = dense(d, d, **kw)
+    self.k_proj = dense(d, d, **kw)
+    self.v_proj = dense(d, d, **kw)
+    self.o_proj = dense(d, d, scale=residual_scale, **kw)
+    self.norm_b = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
+    self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
+    self.rngs = rngs["gumbel"].fork()
+
+  def _select(self, scores, *, gumbel_key, tau):
+    if self.select_all:
+      return jnp.ones(scores.shape[:-1], jnp.float32)
+    if self.deterministic:
+      mask = ops.deterministic_selection(scores)
+      if self.inference_capacity is not None:
+        mask = ops.capped_selection(mask, window=self.window, capacity=self.inference_capacity)
+      return mask
+    key = self.rngs() if gumbel_key is None else gumbel_key
+    return ops.straight_through_gumbel(scores, key, tau=self.tau if tau is None else tau)
+
+  def _qkv(self, x, positions):
+    split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)
+    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    if self.rope:
+      q = apply_rope(q, positions, self.rope_theta)
+      k = apply_rope(k, positions, self.rope_theta)
+    return q, k, v
+
+  def _mix(self, h, mask, scores, attn):
+    # eq. 5: selected tokens move to (1 - alpha) h + alpha o; the others keep h exactly.
+    alpha = jax.nn.softmax(scores, axis=-1)[..., 1]
+    o = self.o_proj(attn.reshape(*attn.shape[:-2], -1)).astype(jnp.float32)
+    h = h + (mask * alpha)[..., None] * (o - h)
+    return h + self.mlp(self.norm_b(h)).astype(jnp.float32)       # eq. 6, every token
+
+  def init_cache(self, batch_size: int) -> SALCache:
+    shape = (batch_size, self.window, self.heads, self.head_dim)
+    flags = jnp.zeros((batch_size, self.window), bool)
+    return SALCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                    filled=flags, kept=flags, pos=jnp.zeros((batch_size,), jnp.int32))
+
+  def __call__(self, h, *, token_mask=None, gumbel_key=None, tau=None,
+               return_cache: bool = False):
+    """h: [batch, seq, d_model]; token_mask: [batch, seq] bool real tokens (for the fraction).
+
+    Returns (h, aux) or, with return_cache, (h, aux, cache).
+    """
+    b, l, _ = h.shape
+    x = self.norm_a(h)
+    scores = self.gate(x)                                   # [b, l, 2]
+    mask = self._select(scores, gumbel_key=gumbel_key, tau=tau)
+    selected = mask > 0.5
+    positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+    q, k, v = self._qkv(x, positions)
+    # Only selected rows are attended: unselected rows come back as zeros, and their h is
+    # left as it was by the mix below (the straight-through gradient there sees o = 0).
+    attn = ops.selective_window_attention(
+        q, k, v, selected, window=self.window,
+        kv_select=selected if self.kv_selected_only else None)
+    out = self._mix(h, mask, scores, attn)
+    aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
+    if not return_cache:
+      return out, aux
+    # Prefill: position t of the last `window` lands in slot t % window.
+    w = self.window
+    slots = jnp.arange(w)
+    last_pos = slots + w * ((l - 1 - slots) // w)             # newest position in each slot
+    filled = jnp.broadcast_to(last_pos >= 0, (b, w))
+    src = jnp.clip(last_pos, 0, l - 1)
+    cache = SALCache(k=k[:, src].astype(self.dtype), v=v[:, src].astype(self.dtype),
+                     filled=filled, kept=filled & selected[:, src],
+                     pos=jnp.full((b,), l, jnp.int32))
+    return out, aux, cache
+
+  def step(self, h, cache: SALCache):
+    """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache)."""
+    b, _ = h.shape
+    x = self.norm_a(h)
+    scores = self.gate(x)                                   # [b, 2]
+    if self.select_all:
+      mask = jnp.ones((b,), jnp.float32)
+    else:
+      mask = ops.deterministic_selection(scores)
+    slot = cache.pos % self.window
+    rows = jnp.arange(b)
+    if self.inference_capacity is not None and not self.select_all:
+      # Tokens pos-window+1 .. pos-1 are the filled slots other than the one being replaced.
+      others = cache.kept.at[rows, slot].set(False)
+      mask = mask * (jnp.sum(others, axis=-1) < self.inference_capacity)
+    selected = mask > 0.5
+    q, k, v = self._qkv(x[:, None], cache.pos[:, None])
+    ck = cache.k.at[rows, slot].set(k[:, 0].astype(self.dtype))
+    cv = cache.v.at[rows, slot].set(v[:, 0].astype(self.dtype))
+    filled = cache.filled.at[rows, slot].set(True)
+    kept = cache.kept.at[rows, slot].set(selected)
+    attn = ops.window_decode_attention(q[:, 0], ck, cv, kept if self.kv_selected_only else filled)
+    attn = attn * selected[:, None, None]
+    out = self._mix(h, mask, scores, attn)
+    new = SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=cache.pos + 1)
+    return out, {"mask": mask}, new

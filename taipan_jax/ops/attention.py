@@ -1,0 +1,99 @@
+"""Selective sliding-window softmax attention (the SAL's attention, SPEC section 3).
+
+`selective_window_attention` is the parallel form used for training and prefill; it computes
+the window blockwise so memory grows with seq * window, not seq^2. `window_decode_attention`
+is the one-query form used when decoding against a cache.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+_MIN_BLOCK = 64
+
+
+def _precision(dtype):
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _masked_softmax_attend(q, k, v, mask):
+  """Softmax(q k^T / sqrt(d)) v over the keys where mask holds; rows with no key give 0.
+
+  q: [..., tq, h, d], k/v: [..., tk, h, d], mask: [..., tq, tk] bool. Statistics in fp32.
+  """
+  prec = _precision(q.dtype)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  s = jnp.einsum("...ihd,...jhd->...hij", q, k, precision=prec,
+                 preferred_element_type=jnp.float32) * scale
+  mask = mask[..., None, :, :]
+  s = jnp.where(mask, s, -jnp.inf)
+  row_max = jnp.max(s, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)   # all-masked rows stay finite
+  p = jnp.where(mask, jnp.exp(s - row_max), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("...hij,...jhd->...ihd", p.astype(v.dtype), v, precision=prec,
+                   preferred_element_type=jnp.float32)
+  return out
+
+
+def selective_window_attention(q, k, v, select, *, window: int, kv_select=None):
+  """Causal sliding-window attention computed for the selected query rows.
+
+  Query i sees keys j with i - window < j <= i (and kv_select[j], when given); no
+  positional encoding; scale 1/sqrt(head_dim).
+
+  Args:
+    q, k, v: [batch, seq, heads, head_dim].
+    select: [batch, seq] bool; rows where it is False return zeros.
+    window: the window length w >= 1.
+    kv_select: optional [batch, seq] bool restricting the keys.
+
+  Returns:
+    [batch, seq, heads, head_dim] in q.dtype.
+  """
+  b, l, h, d = q.shape
+  if window < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  key_ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
+  block = max(window, _MIN_BLOCK)
+  if l <= 2 * block:
+    # Short sequences: one dense block.
+    i = jnp.arange(l)[:, None]
+    j = jnp.arange(l)[None, :]
+    mask = ((j <= i) & (j > i - window))[None] & key_ok[:, None, :]
+    out = _masked_softmax_attend(q, k, v, mask)
+  else:
+    # Query block c (block >= window rows) reads key blocks c-1 and c: exactly its window.
+    pad = (-l) % block
+    nb = (l + pad) // block
+    padded = lambda t: jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+    qb = padded(q).reshape(b, nb, block, h, d)
+    kb = padded(k).reshape(b, nb, block, h, d)
+    vb = padded(v).reshape(b, nb, block, h, d)
+    okb = padded(key_ok).reshape(b, nb, block)
+    shift = lambda t: jnp.concatenate([jnp.zeros_like(t[:, :1]), t[:, :-1]], axis=1)
+    k2 = jnp.concatenate([shift(kb), kb], axis=2)               # [b, nb, 2*block, h, d]
+    v2 = jnp.concatenate([shift(vb), vb], axis=2)
+    ok2 = jnp.concatenate([shift(okb), okb], axis=2)             # zeros: no key before 0
+    i = jnp.arange(block)[:, None] + block                       # query offset from block c-1
+    j = jnp.arange(2 * block)[None, :]
+    mask = ((j <= i) & (j > i - window))[None, None] & ok2[:, :, None, :]
+    out = _masked_softmax_attend(qb, k2, v2, mask).reshape(b, nb * block, h, d)[:, :l]
+  return (out * select[:, :, None, None]).astype(q.dtype)
+
+
+def window_decode_attention(q, k_cache, v_cache, valid):
+  """One query per row against a cache of keys.
+
+  Args:
+    q: [batch, heads, head_dim]; k_cache, v_cache: [batch, slots, heads, head_dim].
+    valid: [batch, slots] bool, the slots this query may read.
+
+  Returns:
+    [batch, heads, head_dim] in q.dtype (zeros where no slot is valid).
+  """
+  out = _masked_softmax_attend(q[:, None], k_cache, v_cache, valid[:, None, :])
+  return out[:, 0].astype(q.dtype)

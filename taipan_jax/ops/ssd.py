@@ -1,0 +1,147 @@
+"""Mamba-2's structured state-space duality (SSD) scan: chunked parallel form and decode step.
+
+Per head h the recurrence (SPEC section 2) is
+    S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t (outer) B_t        S: [head_dim, d_state]
+    y_t = S_t C_t
+The chunked form (Mamba-2 paper, Listing 1) computes it in four steps: a quadratic
+attention-like form inside each chunk, each chunk's own final state, the state passing
+between chunks, and the contribution of the incoming state to every position of a chunk.
+The state passing is a linear recurrence over chunks, written as `jax.lax.associative_scan`
+so it runs in log depth over the chunk axis.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _matmul_precision(dtype):
+  # fp32 inputs get true fp32 matmuls (TPU and GPU default to bf16 passes otherwise);
+  # bf16 inputs multiply in bf16 and accumulate in fp32 through preferred_element_type.
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _segsum_exp(a):
+  """exp(segsum(a)): L[..., i, j] = exp(a_{j+1} + ... + a_i) for i >= j, else 0.
+
+  a: [..., Q] (fp32, <= 0). A masked cumulative sum instead of cumsum differences, so that
+  entries stay exact when the running sum is large (the stable form of ssd_minimal.py).
+  """
+  q = a.shape[-1]
+  rows = jnp.arange(q)[:, None]
+  cols = jnp.arange(q)[None, :]
+  # terms[..., k, j] = a_k for k > j: summing rows k <= i gives a_{j+1} + ... + a_i.
+  terms = jnp.where(rows > cols, a[..., :, None], 0.0)
+  seg = jnp.cumsum(terms, axis=-2)
+  return jnp.where(rows >= cols, jnp.exp(jnp.where(rows >= cols, seg, 0.0)), 0.0)
+
+
+def _combine_chunks(left, right):
+  """Associative operator of the chunk recurrence S_c = g_c * S_{c-1} + s_c."""
+  g1, s1 = left
+  g2, s2 = right
+  return g1 * g2, g2 * s1 + s2
+
+
+def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
+        return_final_state: bool = False):
+  """Chunked SSD scan, without the D skip connection.
+
+  Args:
+    x: [batch, seq, heads, head_dim] inputs (fp32 or bf16).
+    dt: [batch, seq, heads] step sizes, already softplus'd (>= 0).
+    A: [heads] negative decay rates.
+    B, C: [batch, seq, groups, d_state]; head h reads group h // (heads // groups).
+    chunk_size: Q; any seq works (the tail is padded with dt = 0, which changes nothing).
+    initial_state: optional [batch, heads, head_dim, d_state] state before position 0.
+    return_final_state: also return the state after the last position.
+
+  Returns:
+    y: [batch, seq, heads, head_dim] in x.dtype; with return_final_state also the final
+    state [batch, heads, head_dim, d_state] in fp32.
+  """
+  b, l, h, p = x.shape
+  g, n = B.shape[-2:]
+  if h % g:
+    raise ValueError(f"heads={h} must be divisible by groups={g}")
+  if dt.shape != (b, l, h) or A.shape != (h,) or B.shape != C.shape or B.shape[:2] != (b, l):
+    raise ValueError(f"ssd shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
+                     f"B {B.shape}, C {C.shape}")
+  cdt = x.dtype
+  prec = _matmul_precision(cdt)
+  q = chunk_size
+  pad = (-l) % q
+  if pad:
+    widths = lambda t: [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)
+    x, dt, B, C = (jnp.pad(t, widths(t)) for t in (x, dt, B, C))
+  nc = (l + pad) // q
+  hg = h // g
+
+  dt = dt.astype(jnp.float32)
+  # Chunked views; heads are split into (groups, heads per group) so B and C are never
+  # repeated across the heads of a group.
+  xc = x.reshape(b, nc, q, g, hg, p)
+  Bc = B.reshape(b, nc, q, g, n).astype(cdt)
+  Cc = C.reshape(b, nc, q, g, n).astype(cdt)
+  a = (dt * A.astype(jnp.float32)).reshape(b, nc, q, g, hg)
+  a = jnp.moveaxis(a, 2, -1)                                  # [b, c, g, hg, q]
+  a_cs = jnp.cumsum(a, axis=-1)
+  xdt = (xc.astype(jnp.float32) * dt.reshape(b, nc, q, g, hg, 1)).astype(cdt)
+
+  # 1. intra-chunk (diagonal blocks): Y_diag[i] = sum_{j<=i} (C_i.B_j) L[i,j] xdt_j
+  cb = jnp.einsum("bcign,bcjgn->bcgij", Cc, Bc, precision=prec,
+                  preferred_element_type=jnp.float32)
+  L = _segsum_exp(a)                                          # [b, c, g, hg, q, q]
+  scores = (cb[:, :, :, None] * L).astype(cdt)
+  y_diag = jnp.einsum("bcghij,bcjghp->bcighp", scores, xdt, precision=prec,
+                      preferred_element_type=jnp.float32)
+
+  # 2. each chunk's final state from its own inputs: s_c = sum_j exp(a_cs[-1]-a_cs[j]) xdt_j B_j
+  decay_to_end = jnp.exp(a_cs[..., -1:] - a_cs)               # [b, c, g, hg, q]
+  weighted_x = (xdt.astype(jnp.float32)
+                * jnp.moveaxis(decay_to_end, -1, 2)[..., None]).astype(cdt)
+  chunk_states = jnp.einsum("bcjgn,bcjghp->bcghpn", Bc, weighted_x, precision=prec,
+                            preferred_element_type=jnp.float32)
+
+  # 3. state passing between chunks: S_c = exp(sum_c a) S_{c-1} + s_c, as an associative scan.
+  chunk_decay = jnp.exp(a_cs[..., -1])[..., None, None]       # [b, c, g, hg, 1, 1]
+  if initial_state is not None:
+    s0 = initial_state.astype(jnp.float32).reshape(b, g, hg, p, n)
+    chunk_states = chunk_states.at[:, 0].add(chunk_decay[:, 0] * s0)
+  _, states = jax.lax.associative_scan(_combine_chunks, (chunk_decay, chunk_states), axis=1)
+  if initial_state is None:
+    s0 = jnp.zeros_like(states[:, 0])
+  incoming = jnp.concatenate([s0[:, None], states[:, :-1]], axis=1)  # state before chunk c
+
+  # 4. inter-chunk (off-diagonal blocks): Y_off[i] = exp(a_cs[i]) C_i . S_{c-1}
+  y_off = jnp.einsum("bcign,bcghpn->bcighp", Cc, incoming.astype(cdt), precision=prec,
+                     preferred_element_type=jnp.float32)
+  y_off = y_off * jnp.moveaxis(jnp.exp(a_cs), -1, 2)[..., None]
+
+  y = (y_diag + y_off).reshape(b, nc * q, h, p)[:, :l].astype(cdt)
+  if return_final_state:
+    return y, states[:, -1].reshape(b, h, p, n)
+  return y
+
+
+def ssd_step(state, x, dt, A, B, C):
+  """One token of the SSD recurrence, for decoding.
+
+  Args:
+    state: [batch, heads, head_dim, d_state] (fp32).
+    x: [batch, heads, head_dim]; dt: [batch, heads] (softplus'd); A: [heads].
+    B, C: [batch, groups, d_state].
+
+  Returns:
+    y: [batch, heads, head_dim] in x.dtype, new_state: [batch, heads, head_dim, d_state] fp32.
+  """
+  h = x.shape[1]
+  g = B.shape[1]
+  dt = dt.astype(jnp.float32)
+  Bh = jnp.repeat(B.astype(jnp.float32), h // g, axis=1)     # [b, h, n]
+  Ch = jnp.repeat(C.astype(jnp.float32), h // g, axis=1)
+  decay = jnp.exp(dt * A.astype(jnp.float32))[..., None, None]
+  xdt = x.astype(jnp.float32) * dt[..., None]
+  new_state = decay * state.astype(jnp.float32) + xdt[..., :, None] * Bh[..., None, :]
+  y = jnp.einsum("bhpn,bhn->bhp", new_state, Ch, precision=jax.lax.Precision.HIGHEST)
+  return y.astype(x.dtype), new_state

@@ -1,0 +1,45 @@
+"""Plain numpy float64 references that the JAX ops and models are tested against."""
+import numpy as np
+
+
+def ssd_sequential(x, dt, A, B, C, initial_state=None):
+  """The SSD recurrence one step at a time, float64.
+
+  x: [b, l, h, p], dt: [b, l, h], A: [h], B/C: [b, l, g, n]. Returns y [b, l, h, p] and the
+  final state [b, h, p, n].
+  """
+  x, dt, A, B, C = (np.asarray(t, np.float64) for t in (x, dt, A, B, C))
+  b, l, h, p = x.shape
+  g, n = B.shape[-2:]
+  rep = h // g
+  state = (np.zeros((b, h, p, n)) if initial_state is None
+           else np.asarray(initial_state, np.float64).copy())
+  y = np.zeros_like(x)
+  for t in range(l):
+    Bh = np.repeat(B[:, t], rep, axis=1)
+    Ch = np.repeat(C[:, t], rep, axis=1)
+    decay = np.exp(dt[:, t] * A)[:, :, None, None]
+    state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, :, None, :]
+    y[:, t] = np.einsum("bhpn,bhn->bhp", state, Ch)
+  return y, state
+
+
+def window_attention_dense(q, k, v, select, window, kv_select=None):
+  """Dense masked softmax attention, float64; rows with no selected query or no key are 0."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  b, l, h, d = q.shape
+  i = np.arange(l)[:, None]
+  j = np.arange(l)[None, :]
+  mask = (j <= i) & (j > i - window)
+  mask = np.broadcast_to(mask, (b, l, l)).copy()
+  if kv_select is not None:
+    mask &= np.asarray(kv_select, bool)[:, None, :]
+  s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
+  s = np.where(mask[:, None], s, -np.inf)
+  m = s.max(-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  p = np.where(mask[:, None], np.exp(s - m), 0.0)
+  denom = p.sum(-1, keepdims=True)
+  p = np.where(denom > 0, p / np.where(denom > 0, denom, 1.0), 0.0)
+  out = np.einsum("bhij,bjhd->bihd", p, v)
+  return out * np.asarray(select, bool)[:, :, None, None]
