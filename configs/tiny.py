@@ -1,11 +1,15 @@
-"""Tiny Taipan for CPU demos and tests: d_model 64, 2 x (2 Mamba-2 + 1 SAL), MQAR task."""
+"""Tiny Taipan for CPU demos and tests: d_model 64, 2 x (2 Mamba-2 + 1 SAL), MQAR task.
+
+About 100 s on a 2-core CPU for 1000 steps; recall accuracy rises from ~0.25 (a value seen
+in context, no memory) to >0.9.
+"""
 from taipan_jax.configs import base
 
 
 def get_config():
   cfg = base.get_config()
   cfg.name = "tiny"
-  cfg.model.vocab_size = 128
+  cfg.model.vocab_size = 32
   cfg.model.d_model = 64
   cfg.model.pattern = "mms"
   cfg.model.num_units = 2
@@ -17,13 +21,15 @@ def get_config():
   cfg.sal.capacity = 0.5       # MQAR: about half of the tokens are keys that need recall
   cfg.attention.head_dim = 32
   cfg.attention.max_cache_len = 256
-  cfg.optim.peak_lr = 3e-3
+  cfg.optim.peak_lr = 6e-3
   cfg.optim.final_lr = 1e-4
   cfg.optim.warmup_steps = 50
   cfg.optim.weight_decay = 0.01
-  cfg.train.steps = 600
-  cfg.train.batch_size = 32
-  cfg.train.log_every = 50
-  cfg.data.seq_len = 64
-  cfg.data.num_kv_pairs = 8
+  cfg.train.steps = 1000
+  cfg.train.batch_size = 64
+  cfg.train.log_every = 100
+  # 4 pairs in 32 tokens: an H100 sweep (in the commit log) showed this setting crosses
+  # from "guess a value seen in context" (accuracy 1/4) to real recall in ~500 steps.
+  cfg.data.seq_len = 32
+  cfg.data.num_kv_pairs = 4
   return cfg

@@ -50,7 +50,11 @@ def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config {path_or_name!r}: the file defines no get_config(); "
                       "fix: add `def get_config(): ...` returning a ConfigDict")
-  cfg = module.get_config()
+  try:
+    cfg = module.get_config()
+  except TypeError as e:     # ConfigDict refuses a value of the wrong type on assignment
+    raise ConfigError(f"config {path_or_name!r}: {e}; fix: give the field a value of the "
+                      "type configs/base.py declares") from None
   for key, value in (overrides or {}).items():
     _set_dotted(cfg, key, value)
   return validate(cfg)
@@ -71,7 +75,11 @@ def _set_dotted(cfg, key: str, value):
     node = node[p]
   if leaf not in node:
     _fail(key, value, "unknown key", f"use one of {sorted(node.keys())}")
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError:
+    want = node.get_type(leaf).__name__
+    _fail(key, value, f"expected {want}, got {type(value).__name__}", f"give a {want}")
 
 
 def _check_schema(cfg, schema, prefix=""):

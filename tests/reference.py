@@ -43,3 +43,39 @@ def window_attention_dense(q, k, v, select, window, kv_select=None):
   p = np.where(denom > 0, p / np.where(denom > 0, denom, 1.0), 0.0)
   out = np.einsum("bhij,bjhd->bihd", p, v)
   return out * np.asarray(select, bool)[:, :, None, None]
+
+
+def ssd_sequential_jax(x, dt, A, B, C, initial_state):
+  """The same recurrence in jax (call inside `jax.enable_x64(True)` for float64 gradients)."""
+  import jax
+  import jax.numpy as jnp
+  h, g = x.shape[2], B.shape[2]
+  Bh = jnp.repeat(B, h // g, axis=2)
+  Ch = jnp.repeat(C, h // g, axis=2)
+
+  def step(state, inputs):
+    xt, dtt, bt, ct = inputs
+    state = (jnp.exp(dtt * A)[..., None, None] * state
+             + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :])
+    return state, jnp.einsum("bhpn,bhn->bhp", state, ct)
+
+  moved = [jnp.moveaxis(t, 1, 0) for t in (x, dt, Bh, Ch)]
+  final, ys = jax.lax.scan(step, initial_state, moved)
+  return jnp.moveaxis(ys, 0, 1), final
+
+
+def window_attention_dense_jax(q, k, v, select, window, kv_select=None):
+  """Dense masked attention in jax (float64 inside `jax.enable_x64(True)`), for gradients."""
+  import jax.numpy as jnp
+  b, l, h, d = q.shape
+  i = jnp.arange(l)[:, None]
+  j = jnp.arange(l)[None, :]
+  mask = jnp.broadcast_to((j <= i) & (j > i - window), (b, l, l))
+  if kv_select is not None:
+    mask = mask & kv_select[:, None, :]
+  s = jnp.einsum("bihd,bjhd->bhij", q, k) / jnp.sqrt(d)
+  s = jnp.where(mask[:, None], s, -1e30)
+  p = jnp.exp(s - s.max(-1, keepdims=True)) * mask[:, None]
+  denom = p.sum(-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  return jnp.einsum("bhij,bjhd->bihd", p, v) * select[:, :, None, None]

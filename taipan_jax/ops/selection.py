@@ -27,7 +27,8 @@ def straight_through_gumbel(scores, key, *, tau: float = 1.0):
   noise = jax.random.gumbel(key, scores.shape, jnp.float32)
   y = jax.nn.softmax((scores + noise) / tau, axis=-1)[..., 1]
   hard = (scores[..., 1] + noise[..., 1] > scores[..., 0] + noise[..., 0]).astype(jnp.float32)
-  return hard + y - jax.lax.stop_gradient(y)
+  # (y - y) is exactly 0, so the forward value is exactly 0 or 1; hard + y - y is not.
+  return hard + (y - jax.lax.stop_gradient(y))
 
 
 def deterministic_selection(scores):

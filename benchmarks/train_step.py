@@ -1,0 +1,80 @@
+r"""Time one training step (forward + backward + AdamW) of a config against its anchor.
+
+The anchor is the same stack with every SAL replaced by a Mamba-2 block: what the SALs cost
+over the pure Mamba-2 model a user would otherwise train.
+
+    python benchmarks/train_step.py --config=tiny --batch_size=32 --seq_len=64
+Writes benchmarks/results/train_step_<config>_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+import taipan_jax
+from taipan_jax.train import make_trainer
+
+
+def time_steps(cfg, warmup: int, iters: int) -> dict:
+  trainer = make_trainer(cfg)
+  params, opt_state = trainer.params, trainer.opt_state
+  compile_start = time.perf_counter()
+  for step in range(warmup):
+    params, opt_state, metrics = trainer.train_step(params, opt_state, jnp.int32(step))
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - compile_start
+  times = []
+  for step in range(warmup, warmup + iters):
+    t0 = time.perf_counter()
+    params, opt_state, metrics = trainer.train_step(params, opt_state, jnp.int32(step))
+    jax.block_until_ready((params, metrics))
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  return {"median_ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0],
+          "warmup_s": compile_s, "params": taipan_jax.count_params(cfg),
+          "loss_last": float(metrics["loss"])}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="tiny")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--seq_len", type=int, default=64)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = parser.parse_args()
+  over = {"train.batch_size": args.batch_size, "data.seq_len": args.seq_len,
+          "model.dtype": args.dtype}
+  cfg = taipan_jax.load_config(args.config, over)
+  anchor_pattern = cfg.model.pattern.replace("s", "m").replace("a", "m")
+  anchor = taipan_jax.load_config(args.config, {**over, "model.pattern": anchor_pattern,
+                                                "loss.budget_weight": 0.0})
+  ours = time_steps(cfg, args.warmup, args.iters)
+  base = time_steps(anchor, args.warmup, args.iters)
+  device = jax.devices()[0]
+  result = {
+      "benchmark": "train_step", "config": args.config, "batch_size": args.batch_size,
+      "seq_len": args.seq_len, "dtype": args.dtype, "device": device.device_kind,
+      "platform": device.platform, "jax": jax.__version__, "python": platform.python_version(),
+      "taipan": ours, "anchor_mamba2_only": base,
+      "ratio_taipan_over_anchor": ours["median_ms"] / base["median_ms"],
+  }
+  print(f"{args.config} train step on {device.device_kind} (jax {jax.__version__}): "
+        f"{ours['median_ms']:.2f} ms; Mamba-2-only anchor {base['median_ms']:.2f} ms; "
+        f"ratio {result['ratio_taipan_over_anchor']:.2f}")
+  os.makedirs(args.out, exist_ok=True)
+  name = f"train_step_{args.config}_{device.device_kind.replace(' ', '_')}.json"
+  with open(os.path.join(args.out, name), "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,129 @@
+"""taipan_jax.ops.ssd / ssd_step against a float64 sequential recurrence."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taipan_jax import ops
+from reference import ssd_sequential, ssd_sequential_jax
+
+# (batch, seq, heads, head_dim, groups, d_state, chunk)
+SHAPES = [
+    (2, 64, 4, 8, 1, 16, 16),    # seq a multiple of the chunk
+    (2, 37, 4, 8, 2, 5, 16),     # not a multiple; groups > 1; odd d_state
+    (1, 7, 2, 4, 1, 3, 16),      # shorter than one chunk
+    (2, 50, 6, 4, 3, 8, 8),      # three groups
+    (1, 1, 2, 4, 1, 4, 4),       # a single token
+]
+
+
+def make_inputs(rng, b, l, h, p, g, n):
+  x = rng.standard_normal((b, l, h, p))
+  dt = rng.uniform(0.01, 0.3, (b, l, h))
+  A = -rng.uniform(1.0, 16.0, h) * 0.2
+  B = rng.standard_normal((b, l, g, n))
+  C = rng.standard_normal((b, l, g, n))
+  s0 = rng.standard_normal((b, h, p, n))
+  return x, dt, A, B, C, s0
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_forward_matches_float64_recurrence(rng, shape, with_state):
+  *dims, q = shape
+  x, dt, A, B, C, s0 = make_inputs(rng, *dims)
+  s0 = s0 if with_state else None
+  y_ref, s_ref = ssd_sequential(x, dt, A, B, C, s0)
+  f32 = lambda t: None if t is None else jnp.asarray(t, jnp.float32)
+  y, s = ops.ssd(f32(x), f32(dt), f32(A), f32(B), f32(C), chunk_size=q,
+                 initial_state=f32(s0), return_final_state=True)
+  assert y.shape == x.shape and y.dtype == jnp.float32
+  assert s.shape == s_ref.shape and s.dtype == jnp.float32
+  scale = max(1.0, np.abs(y_ref).max())
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5 * scale, rtol=0)
+  np.testing.assert_allclose(np.asarray(s), s_ref, atol=2e-5 * max(1.0, np.abs(s_ref).max()))
+
+
+def test_returns_y_only_by_default(rng):
+  x, dt, A, B, C, _ = make_inputs(rng, 1, 10, 2, 4, 1, 4)
+  y = ops.ssd(*(jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C)), chunk_size=4)
+  assert isinstance(y, jax.Array) and y.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+def test_gradients_match_float64(rng, shape):
+  *dims, q = shape
+  inputs = make_inputs(rng, *dims)
+  cot_y = rng.standard_normal(inputs[0].shape)
+  cot_s = rng.standard_normal(inputs[-1].shape)
+
+  def loss(fn, dtype):
+    def f(x, dt, A, B, C, s0):
+      y, s = fn(x, dt, A, B, C, s0)
+      return jnp.sum(y * cot_y.astype(dtype)) + jnp.sum(s * cot_s.astype(dtype))
+    return f
+
+  with jax.enable_x64(True):
+    ref = jax.grad(loss(ssd_sequential_jax, np.float64), argnums=range(6))(
+        *(jnp.asarray(t, jnp.float64) for t in inputs))
+    ref = [np.asarray(r) for r in ref]
+  ours = jax.grad(loss(lambda *a: ops.ssd(*a[:5], chunk_size=q, initial_state=a[5],
+                                          return_final_state=True), np.float32),
+                  argnums=range(6))(*(jnp.asarray(t, jnp.float32) for t in inputs))
+  for name, r, o in zip(["x", "dt", "A", "B", "C", "s0"], ref, ours):
+    err = np.abs(np.asarray(o, np.float64) - r).max() / max(1.0, np.abs(r).max())
+    assert err < 5e-5, f"d{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("chunks", [(4, 16), (8, 64), (5, 128)])
+def test_independent_of_chunk_size(rng, chunks):
+  x, dt, A, B, C, s0 = make_inputs(rng, 2, 45, 4, 8, 2, 8)
+  args = [jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C)]
+  s0 = jnp.asarray(s0, jnp.float32)
+  y1, f1 = ops.ssd(*args, chunk_size=chunks[0], initial_state=s0, return_final_state=True)
+  y2, f2 = ops.ssd(*args, chunk_size=chunks[1], initial_state=s0, return_final_state=True)
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), atol=3e-5)
+  np.testing.assert_allclose(np.asarray(f1), np.asarray(f2), atol=3e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32(rng):
+  x, dt, A, B, C, _ = make_inputs(rng, 2, 200, 4, 16, 1, 32)
+  # The reference sees the same bf16-rounded inputs, so only the computation's error remains.
+  bf = lambda t: jnp.asarray(t, jnp.bfloat16)
+  xb, Bb, Cb = bf(x), bf(B), bf(C)
+  y_ref, _ = ssd_sequential(np.asarray(xb, np.float64), dt, A, np.asarray(Bb, np.float64),
+                            np.asarray(Cb, np.float64))
+  y = ops.ssd(xb, jnp.asarray(dt, jnp.float32), jnp.asarray(A, jnp.float32), Bb, Cb,
+              chunk_size=64)
+  assert y.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(y, np.float64) - y_ref).max() / np.abs(y_ref).max()
+  assert err < 2e-2, f"bf16 relative error {err:.3e}"
+
+
+def test_long_sequence_decay_stays_finite(rng):
+  # Strong decay over many chunks: the masked-cumsum segsum must not produce inf - inf.
+  x, dt, A, B, C, _ = make_inputs(rng, 1, 300, 2, 4, 1, 4)
+  A = A * 50
+  y_ref, _ = ssd_sequential(x, dt, A, B, C)
+  y = ops.ssd(*(jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C)), chunk_size=128)
+  assert np.isfinite(np.asarray(y)).all()
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=1e-4)
+
+
+def test_step_continues_parallel_scan(rng):
+  b, l, h, p, g, n = 2, 21, 4, 8, 2, 6
+  x, dt, A, B, C, s0 = make_inputs(rng, b, l, h, p, g, n)
+  f32 = lambda t: jnp.asarray(t, jnp.float32)
+  y_ref, s_ref = ssd_sequential(x, dt, A, B, C, s0)
+  state = f32(s0)
+  for t in range(l):
+    y_t, state = ops.ssd_step(state, f32(x[:, t]), f32(dt[:, t]), f32(A), f32(B[:, t]),
+                              f32(C[:, t]))
+    np.testing.assert_allclose(np.asarray(y_t), y_ref[:, t], atol=2e-5 * np.abs(y_ref).max())
+  np.testing.assert_allclose(np.asarray(state), s_ref, atol=2e-5 * np.abs(s_ref).max())
+
+
+def test_mismatched_groups_raise(rng):
+  x, dt, A, B, C, _ = make_inputs(rng, 1, 8, 3, 4, 2, 4)
+  with pytest.raises(ValueError, match="divisible by groups"):
+    ops.ssd(*(jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C)), chunk_size=4)
