@@ -99,7 +99,8 @@ def make_trainer(cfg) -> Trainer:
     batch = mqar_batch(data_key, **data_kw)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, gumbel_key, step)
     updates, opt_state = tx.update(grads, opt_state, params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
+                                        for g in jax.tree.leaves(grads)))
     return optax.apply_updates(params, updates), opt_state, metrics
 
   @jax.jit

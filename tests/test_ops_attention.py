@@ -38,6 +38,8 @@ def test_forward_matches_dense_float64(rng, case, selection, with_kv_select):
       *(jnp.asarray(t, jnp.float32) for t in (q, k, v)), jnp.asarray(select), window=window,
       kv_select=None if kv_select is None else jnp.asarray(kv_select))
   assert out.shape == q.shape and out.dtype == jnp.float32
+  print(f"attention {case} {selection} kv_select={with_kv_select}: max abs error "
+        f"{np.abs(np.asarray(out) - ref).max():.2e}")
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
   if selection == "none":
     assert not np.asarray(out).any()

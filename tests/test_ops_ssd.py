@@ -40,6 +40,9 @@ def test_forward_matches_float64_recurrence(rng, shape, with_state):
   assert y.shape == x.shape and y.dtype == jnp.float32
   assert s.shape == s_ref.shape and s.dtype == jnp.float32
   scale = max(1.0, np.abs(y_ref).max())
+  print(f"ssd fp32 {shape} state={with_state}: max abs error y "
+        f"{np.abs(np.asarray(y) - y_ref).max():.2e} (|y|max {np.abs(y_ref).max():.1f}), "
+        f"state {np.abs(np.asarray(s) - s_ref).max():.2e}")
   np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5 * scale, rtol=0)
   np.testing.assert_allclose(np.asarray(s), s_ref, atol=2e-5 * max(1.0, np.abs(s_ref).max()))
 
@@ -97,6 +100,8 @@ def test_bfloat16_inputs_accumulate_in_float32(rng):
               chunk_size=64)
   assert y.dtype == jnp.bfloat16
   err = np.abs(np.asarray(y, np.float64) - y_ref).max() / np.abs(y_ref).max()
+  print(f"ssd bf16: max abs error {np.abs(np.asarray(y, np.float64) - y_ref).max():.3e}, "
+        f"relative to |y|max {err:.2e}")
   assert err < 2e-2, f"bf16 relative error {err:.3e}"
 
 
