@@ -3,8 +3,10 @@ r"""Time one training step (forward + backward + AdamW) of a config against its 
 The anchor is the same stack with every SAL replaced by a Mamba-2 block: what the SALs cost
 over the pure Mamba-2 model a user would otherwise train.
 
-    python benchmarks/train_step.py --config=tiny --batch_size=32 --seq_len=64
-Writes benchmarks/results/train_step_<config>_<device>.json.
+    python benchmarks/train_step.py --config=tiny            # the config's batch and length
+    python benchmarks/train_step.py --config=taipan_190m --batch_size=4 --seq_len=2048 \
+        --dtype=bfloat16
+Writes benchmarks/results/train_step_<config>_<dtype>_<device>.json.
 """
 from __future__ import annotations
 
@@ -44,16 +46,20 @@ def time_steps(cfg, warmup: int, iters: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="tiny")
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--seq_len", type=int, default=64)
+  parser.add_argument("--batch_size", type=int, default=None, help="default: the config's")
+  parser.add_argument("--seq_len", type=int, default=None, help="default: the config's")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
-  over = {"train.batch_size": args.batch_size, "data.seq_len": args.seq_len,
-          "model.dtype": args.dtype}
+  over = {"model.dtype": args.dtype}
+  if args.batch_size:
+    over["train.batch_size"] = args.batch_size
+  if args.seq_len:
+    over["data.seq_len"] = args.seq_len
   cfg = taipan_jax.load_config(args.config, over)
+  args.batch_size, args.seq_len = cfg.train.batch_size, cfg.data.seq_len
   anchor_pattern = cfg.model.pattern.replace("s", "m").replace("a", "m")
   anchor = taipan_jax.load_config(args.config, {**over, "model.pattern": anchor_pattern,
                                                 "loss.budget_weight": 0.0})
@@ -67,11 +73,11 @@ def main():
       "taipan": ours, "anchor_mamba2_only": base,
       "ratio_taipan_over_anchor": ours["median_ms"] / base["median_ms"],
   }
-  print(f"{args.config} train step on {device.device_kind} (jax {jax.__version__}): "
+  print(f"{args.config} ({args.dtype}, batch {args.batch_size} x {args.seq_len}) train step on {device.device_kind} (jax {jax.__version__}): "
         f"{ours['median_ms']:.2f} ms; Mamba-2-only anchor {base['median_ms']:.2f} ms; "
         f"ratio {result['ratio_taipan_over_anchor']:.2f}")
   os.makedirs(args.out, exist_ok=True)
-  name = f"train_step_{args.config}_{device.device_kind.replace(' ', '_')}.json"
+  name = f"train_step_{args.config}_{args.dtype}_{device.device_kind.replace(' ', '_')}.json"
   with open(os.path.join(args.out, name), "w") as f:
     json.dump(result, f, indent=2)
 
