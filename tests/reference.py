@@ -2,7 +2,7 @@
 import numpy as np
 
 
-def ssd_sequential(x, dt, A, B, C, initial_state=None):
+def ssd_sequential(x, dt, A, B, C, initial_state=None, segment_ids=None):
   """The SSD recurrence one step at a time, float64.
 
   x: [b, l, h, p], dt: [b, l, h], A: [h], B/C: [b, l, g, n]. Returns y [b, l, h, p] and the
@@ -16,6 +16,9 @@ def ssd_sequential(x, dt, A, B, C, initial_state=None):
            else np.asarray(initial_state, np.float64).copy())
   y = np.zeros_like(x)
   for t in range(l):
+    if segment_ids is not None and t > 0:   # a new document starts from a zero state
+      new_doc = np.asarray(segment_ids)[:, t] != np.asarray(segment_ids)[:, t - 1]
+      state = np.where(new_doc[:, None, None, None], 0.0, state)
     Bh = np.repeat(B[:, t], rep, axis=1)
     Ch = np.repeat(C[:, t], rep, axis=1)
     decay = np.exp(dt[:, t] * A)[:, :, None, None]
@@ -24,7 +27,7 @@ def ssd_sequential(x, dt, A, B, C, initial_state=None):
   return y, state
 
 
-def window_attention_dense(q, k, v, select, window, kv_select=None):
+def window_attention_dense(q, k, v, select, window, kv_select=None, segment_ids=None):
   """Dense masked softmax attention, float64; rows with no selected query or no key are 0."""
   q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
   b, l, h, d = q.shape
@@ -34,6 +37,9 @@ def window_attention_dense(q, k, v, select, window, kv_select=None):
   mask = np.broadcast_to(mask, (b, l, l)).copy()
   if kv_select is not None:
     mask &= np.asarray(kv_select, bool)[:, None, :]
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids)
+    mask &= seg[:, :, None] == seg[:, None, :]
   s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
   s = np.where(mask[:, None], s, -np.inf)
   m = s.max(-1, keepdims=True)
@@ -64,7 +70,7 @@ def ssd_sequential_jax(x, dt, A, B, C, initial_state):
   return jnp.moveaxis(ys, 0, 1), final
 
 
-def window_attention_dense_jax(q, k, v, select, window, kv_select=None):
+def window_attention_dense_jax(q, k, v, select, window, kv_select=None, segment_ids=None):
   """Dense masked attention in jax (float64 inside `jax.enable_x64(True)`), for gradients."""
   import jax.numpy as jnp
   b, l, h, d = q.shape
@@ -73,6 +79,8 @@ def window_attention_dense_jax(q, k, v, select, window, kv_select=None):
   mask = jnp.broadcast_to((j <= i) & (j > i - window), (b, l, l))
   if kv_select is not None:
     mask = mask & kv_select[:, None, :]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
   s = jnp.einsum("bihd,bjhd->bhij", q, k) / jnp.sqrt(d)
   s = jnp.where(mask[:, None], s, -1e30)
   p = jnp.exp(s - s.max(-1, keepdims=True)) * mask[:, None]

@@ -132,3 +132,61 @@ def test_mismatched_groups_raise(rng):
   x, dt, A, B, C, _ = make_inputs(rng, 1, 8, 3, 4, 2, 4)
   with pytest.raises(ValueError, match="divisible by groups"):
     ops.ssd(*(jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C)), chunk_size=4)
+
+
+def random_segments(rng, b, l, max_docs):
+  """[b, l] non-decreasing document ids with random boundaries (some rows one document)."""
+  ids = np.zeros((b, l), np.int32)
+  for row in range(b):
+    cuts = np.sort(rng.choice(np.arange(1, l), size=min(rng.integers(0, max_docs), l - 1),
+                              replace=False)) if l > 1 else []
+    for c in cuts:
+      ids[row, c:] += 1
+  return ids
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+def test_segment_ids_reset_the_state(rng, shape):
+  *dims, q = shape
+  x, dt, A, B, C, s0 = make_inputs(rng, *dims)
+  seg = random_segments(rng, dims[0], dims[1], max_docs=6)
+  seg[0, q - 1:] += 1          # a boundary exactly at a chunk edge
+  y_ref, s_ref = ssd_sequential(x, dt, A, B, C, s0, segment_ids=seg)
+  f32 = lambda t: jnp.asarray(t, jnp.float32)
+  y, s = ops.ssd(f32(x), f32(dt), f32(A), f32(B), f32(C), chunk_size=q, initial_state=f32(s0),
+                 return_final_state=True, segment_ids=jnp.asarray(seg))
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5 * max(1, np.abs(y_ref).max()))
+  np.testing.assert_allclose(np.asarray(s), s_ref, atol=2e-5 * max(1, np.abs(s_ref).max()))
+
+
+def test_segment_ids_gradients_match_float64(rng):
+  b, l, h, p, g, n, q = 2, 37, 4, 8, 2, 5, 8
+  inputs = make_inputs(rng, b, l, h, p, g, n)
+  seg = jnp.asarray(random_segments(rng, b, l, max_docs=5))
+  cot = rng.standard_normal(inputs[0].shape)
+
+  def reference(x, dt, A, B, C, s0):
+    # Reference by documents: run the recurrence on each document separately.
+    ys = []
+    for row in range(b):
+      ids = np.asarray(seg[row])
+      parts = []
+      for doc in np.unique(ids):
+        idx = np.nonzero(ids == doc)[0]
+        init = s0[row:row + 1] if idx[0] == 0 else jnp.zeros_like(s0[row:row + 1])
+        sl = slice(idx[0], idx[-1] + 1)
+        y, _ = ssd_sequential_jax(x[row:row + 1, sl], dt[row:row + 1, sl], A,
+                                  B[row:row + 1, sl], C[row:row + 1, sl], init)
+        parts.append(y)
+      ys.append(jnp.concatenate(parts, axis=1))
+    return jnp.sum(jnp.concatenate(ys) * cot)
+
+  with jax.enable_x64(True):
+    ref = jax.grad(reference, argnums=range(6))(*(jnp.asarray(t, jnp.float64) for t in inputs))
+    ref = [np.asarray(r) for r in ref]
+  ours = jax.grad(lambda *a: jnp.sum(ops.ssd(*a[:5], chunk_size=q, initial_state=a[5],
+                                             segment_ids=seg) * cot.astype(np.float32)),
+                  argnums=range(6))(*(jnp.asarray(t, jnp.float32) for t in inputs))
+  for name, r, o in zip(["x", "dt", "A", "B", "C", "s0"], ref, ours):
+    err = np.abs(np.asarray(o, np.float64) - r).max() / max(1.0, np.abs(r).max())
+    assert err < 5e-5, f"d{name}: relative error {err:.2e}"

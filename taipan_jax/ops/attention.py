@@ -39,7 +39,8 @@ def _masked_softmax_attend(q, k, v, mask):
   return out
 
 
-def selective_window_attention(q, k, v, select, *, window: int, kv_select=None):
+def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
+                               segment_ids=None):
   """Causal sliding-window attention computed for the selected query rows.
 
   Query i sees keys j with i - window < j <= i (and kv_select[j], when given); no
@@ -50,6 +51,8 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None):
     select: [batch, seq] bool; rows where it is False return zeros.
     window: the window length w >= 1.
     kv_select: optional [batch, seq] bool restricting the keys.
+    segment_ids: optional [batch, seq] int (packed documents): a query sees only keys of
+      its own segment.
 
   Returns:
     [batch, seq, heads, head_dim] in q.dtype.
@@ -64,6 +67,8 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None):
     i = jnp.arange(l)[:, None]
     j = jnp.arange(l)[None, :]
     mask = ((j <= i) & (j > i - window))[None] & key_ok[:, None, :]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     out = _masked_softmax_attend(q, k, v, mask)
   else:
     # Query block c (block >= window rows) reads key blocks c-1 and c: exactly its window.
@@ -81,6 +86,12 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None):
     i = jnp.arange(block)[:, None] + block                       # query offset from block c-1
     j = jnp.arange(2 * block)[None, :]
     mask = ((j <= i) & (j > i - window))[None, None] & ok2[:, :, None, :]
+    if segment_ids is not None:
+      # Padding gets id -1 and the slot before block 0 id -2: neither matches a real query.
+      segb = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(b, nb, block)
+      prev = jnp.concatenate([jnp.full_like(segb[:, :1], -2), segb[:, :-1]], axis=1)
+      seg2 = jnp.concatenate([prev, segb], axis=2)
+      mask = mask & (segb[:, :, :, None] == seg2[:, :, None, :])
     out = _masked_softmax_attend(qb, k2, v2, mask).reshape(b, nb * block, h, d)[:, :l]
   return (out * select[:, :, None, None]).astype(q.dtype)
 

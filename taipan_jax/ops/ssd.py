@@ -44,7 +44,7 @@ def _combine_chunks(left, right):
 
 
 def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
-        return_final_state: bool = False):
+        return_final_state: bool = False, segment_ids=None):
   """Chunked SSD scan, without the D skip connection.
 
   Args:
@@ -55,6 +55,9 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
     chunk_size: Q; any seq works (the tail is padded with dt = 0, which changes nothing).
     initial_state: optional [batch, heads, head_dim, d_state] state before position 0.
     return_final_state: also return the state after the last position.
+    segment_ids: optional [batch, seq] int, non-decreasing along seq (packed documents):
+      the state resets where the id changes, so no token sees another document. The
+      initial state belongs to the first position's segment.
 
   Returns:
     y: [batch, seq, heads, head_dim] in x.dtype; with return_final_state also the final
@@ -74,6 +77,8 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   if pad:
     widths = lambda t: [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)
     x, dt, B, C = (jnp.pad(t, widths(t)) for t in (x, dt, B, C))
+    if segment_ids is not None:
+      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), mode="edge")
   nc = (l + pad) // q
   hg = h // g
 
@@ -92,12 +97,21 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   cb = jnp.einsum("bcign,bcjgn->bcgij", Cc, Bc, precision=prec,
                   preferred_element_type=jnp.float32)
   L = _segsum_exp(a)                                          # [b, c, g, hg, q, q]
+  if segment_ids is not None:
+    # Segments are contiguous: equal ids at i and j mean no boundary between them.
+    seg = segment_ids.reshape(b, nc, q)
+    seg_last = seg[:, :, -1]                                  # segment each chunk ends in
+    seg_prev = jnp.concatenate([seg[:, :1, 0], seg_last[:, :-1]], axis=1)  # incoming state's
+    same = (seg[:, :, :, None] == seg[:, :, None, :])[:, :, None, None]
+    L = jnp.where(same, L, 0.0)
   scores = (cb[:, :, :, None] * L).astype(cdt)
   y_diag = jnp.einsum("bcghij,bcjghp->bcighp", scores, xdt, precision=prec,
                       preferred_element_type=jnp.float32)
 
   # 2. each chunk's final state from its own inputs: s_c = sum_j exp(a_cs[-1]-a_cs[j]) xdt_j B_j
   decay_to_end = jnp.exp(a_cs[..., -1:] - a_cs)               # [b, c, g, hg, q]
+  if segment_ids is not None:      # only the chunk's last segment reaches its final state
+    decay_to_end = jnp.where((seg == seg_last[..., None])[:, :, None, None], decay_to_end, 0.0)
   weighted_x = (xdt.astype(jnp.float32)
                 * jnp.moveaxis(decay_to_end, -1, 2)[..., None]).astype(cdt)
   chunk_states = jnp.einsum("bcjgn,bcjghp->bcghpn", Bc, weighted_x, precision=prec,
@@ -105,6 +119,9 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
 
   # 3. state passing between chunks: S_c = exp(sum_c a) S_{c-1} + s_c, as an associative scan.
   chunk_decay = jnp.exp(a_cs[..., -1])[..., None, None]       # [b, c, g, hg, 1, 1]
+  if segment_ids is not None:      # a boundary inside chunk c cuts S_{c-1} off
+    chunk_decay = jnp.where((seg_last == seg_prev)[:, :, None, None, None, None],
+                            chunk_decay, 0.0)
   if initial_state is not None:
     s0 = initial_state.astype(jnp.float32).reshape(b, g, hg, p, n)
     chunk_states = chunk_states.at[:, 0].add(chunk_decay[:, 0] * s0)
@@ -116,7 +133,10 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   # 4. inter-chunk (off-diagonal blocks): Y_off[i] = exp(a_cs[i]) C_i . S_{c-1}
   y_off = jnp.einsum("bcign,bcghpn->bcighp", Cc, incoming.astype(cdt), precision=prec,
                      preferred_element_type=jnp.float32)
-  y_off = y_off * jnp.moveaxis(jnp.exp(a_cs), -1, 2)[..., None]
+  decay_in = jnp.moveaxis(jnp.exp(a_cs), -1, 2)               # [b, c, q, g, hg]
+  if segment_ids is not None:      # the incoming state reaches its own segment only
+    decay_in = jnp.where((seg == seg_prev[..., None])[..., None, None], decay_in, 0.0)
+  y_off = y_off * decay_in[..., None]
 
   y = (y_diag + y_off).reshape(b, nc * q, h, p)[:, :l].astype(cdt)
   if return_final_state:
