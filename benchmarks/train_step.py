@@ -39,7 +39,8 @@ def time_steps(cfg, warmup: int, iters: int) -> dict:
     times.append(time.perf_counter() - t0)
   times.sort()
   return {"median_ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0],
-          "warmup_s": compile_s, "params": taipan_jax.count_params(cfg),
+          "warmup_s": compile_s,
+          "params": sum(leaf.size for leaf in jax.tree.leaves(trainer.params)),
           "loss_last": float(metrics["loss"])}
 
 
@@ -73,8 +74,9 @@ def main():
       "taipan": ours, "anchor_mamba2_only": base,
       "ratio_taipan_over_anchor": ours["median_ms"] / base["median_ms"],
   }
-  print(f"{args.config} ({args.dtype}, batch {args.batch_size} x {args.seq_len}) train step on {device.device_kind} (jax {jax.__version__}): "
-        f"{ours['median_ms']:.2f} ms; Mamba-2-only anchor {base['median_ms']:.2f} ms; "
+  print(f"{args.config} ({args.dtype}, batch {args.batch_size} x {args.seq_len}) train step "
+        f"on {device.device_kind} (jax {jax.__version__}): {ours['median_ms']:.2f} ms; "
+        f"Mamba-2-only anchor {base['median_ms']:.2f} ms; "
         f"ratio {result['ratio_taipan_over_anchor']:.2f}")
   os.makedirs(args.out, exist_ok=True)
   name = f"train_step_{args.config}_{args.dtype}_{device.device_kind.replace(' ', '_')}.json"

@@ -115,12 +115,12 @@ def make_trainer(cfg) -> Trainer:
 
 
 def train(cfg, *, log: Callable[[str], None] = print) -> list[dict]:
-  """Trains cfg's model on MQAR for cfg.train.steps; returns the logged metrics."""
-  cfg = validate(cfg)
+  """Trains a validated config's model on MQAR; returns the logged metrics."""
   steps, t = cfg.train.steps, cfg.train
   trainer = make_trainer(cfg)
   params, opt_state = trainer.params, trainer.opt_state
-  log(f"{cfg.name}: {taipan_jax.count_params(cfg):,} parameters, pattern {cfg.model.pattern} "
+  n_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+  log(f"{cfg.name}: {n_params:,} parameters, pattern {cfg.model.pattern} "
       f"x {cfg.model.num_units}, MQAR {cfg.data.num_kv_pairs} pairs in {cfg.data.seq_len} "
       f"tokens (recall without memory: {1 / cfg.data.num_kv_pairs:.3f}), {steps} steps, "
       f"jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -146,7 +146,7 @@ def train(cfg, *, log: Callable[[str], None] = print) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train(_CONFIG.value)
+  train(validate(_CONFIG.value))   # config_flags loads and overrides; we validate once
 
 
 if __name__ == "__main__":

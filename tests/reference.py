@@ -27,28 +27,30 @@ def ssd_sequential(x, dt, A, B, C, initial_state=None, segment_ids=None):
   return y, state
 
 
-def window_attention_dense(q, k, v, select, window, kv_select=None, segment_ids=None):
-  """Dense masked softmax attention, float64; rows with no selected query or no key are 0."""
-  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+def window_attention_dense(q, k, v, select, window, kv_select=None, segment_ids=None, xp=np):
+  """Dense masked softmax attention; rows with no selected query or no key are 0.
+
+  xp=np: float64 numpy. xp=jax.numpy (inside `jax.enable_x64(True)`): the same in float64
+  jax, for reference gradients. Masked scores are -1e30 rather than -inf so that rows with
+  no key stay finite (and differentiable) in both.
+  """
+  if xp is np:
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
   b, l, h, d = q.shape
-  i = np.arange(l)[:, None]
-  j = np.arange(l)[None, :]
-  mask = (j <= i) & (j > i - window)
-  mask = np.broadcast_to(mask, (b, l, l)).copy()
+  i = xp.arange(l)[:, None]
+  j = xp.arange(l)[None, :]
+  mask = xp.broadcast_to((j <= i) & (j > i - window), (b, l, l))
   if kv_select is not None:
-    mask &= np.asarray(kv_select, bool)[:, None, :]
+    mask = mask & xp.asarray(kv_select, bool)[:, None, :]
   if segment_ids is not None:
-    seg = np.asarray(segment_ids)
-    mask &= seg[:, :, None] == seg[:, None, :]
-  s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
-  s = np.where(mask[:, None], s, -np.inf)
-  m = s.max(-1, keepdims=True)
-  m = np.where(np.isfinite(m), m, 0.0)
-  p = np.where(mask[:, None], np.exp(s - m), 0.0)
+    seg = xp.asarray(segment_ids)
+    mask = mask & (seg[:, :, None] == seg[:, None, :])
+  s = xp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
+  s = xp.where(mask[:, None], s, -1e30)
+  p = xp.exp(s - s.max(-1, keepdims=True)) * mask[:, None]
   denom = p.sum(-1, keepdims=True)
-  p = np.where(denom > 0, p / np.where(denom > 0, denom, 1.0), 0.0)
-  out = np.einsum("bhij,bjhd->bihd", p, v)
-  return out * np.asarray(select, bool)[:, :, None, None]
+  p = p / xp.where(denom > 0, denom, 1.0)
+  return xp.einsum("bhij,bjhd->bihd", p, v) * xp.asarray(select, bool)[:, :, None, None]
 
 
 def ssd_sequential_jax(x, dt, A, B, C, initial_state):
@@ -68,22 +70,3 @@ def ssd_sequential_jax(x, dt, A, B, C, initial_state):
   moved = [jnp.moveaxis(t, 1, 0) for t in (x, dt, Bh, Ch)]
   final, ys = jax.lax.scan(step, initial_state, moved)
   return jnp.moveaxis(ys, 0, 1), final
-
-
-def window_attention_dense_jax(q, k, v, select, window, kv_select=None, segment_ids=None):
-  """Dense masked attention in jax (float64 inside `jax.enable_x64(True)`), for gradients."""
-  import jax.numpy as jnp
-  b, l, h, d = q.shape
-  i = jnp.arange(l)[:, None]
-  j = jnp.arange(l)[None, :]
-  mask = jnp.broadcast_to((j <= i) & (j > i - window), (b, l, l))
-  if kv_select is not None:
-    mask = mask & kv_select[:, None, :]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  s = jnp.einsum("bihd,bjhd->bhij", q, k) / jnp.sqrt(d)
-  s = jnp.where(mask[:, None], s, -1e30)
-  p = jnp.exp(s - s.max(-1, keepdims=True)) * mask[:, None]
-  denom = p.sum(-1, keepdims=True)
-  p = p / jnp.where(denom > 0, denom, 1.0)
-  return jnp.einsum("bhij,bjhd->bihd", p, v) * select[:, :, None, None]

@@ -71,7 +71,7 @@ def test_cache_size_does_not_grow(rng):
   model = build(tiny_config(sal__window=4))
   model.eval()
   cache = model.init_cache(1)
-  size = lambda c: sum(x.nbytes for x in __import__("jax").tree.leaves(c))
+  size = lambda c: sum(x.nbytes for x in jax.tree.leaves(c))
   before = size(cache)
   for t in range(12):
     _, cache = model.step(jnp.array([t], jnp.int32), cache)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from taipan_jax import ops
-from reference import window_attention_dense, window_attention_dense_jax
+from reference import window_attention_dense
 
 # (batch, seq, heads, head_dim, window): window > seq, small windows, and the blocked path
 # (seq > 2 * max(window, 64)) with a seq that is not a multiple of the block.
@@ -58,7 +58,8 @@ def test_gradients_match_float64(rng, case, with_kv_select):
 
   sel, kvs = jnp.asarray(select), None if kv_select is None else jnp.asarray(kv_select)
   with jax.enable_x64(True):
-    ref = jax.grad(loss(lambda q, k, v: window_attention_dense_jax(q, k, v, sel, window, kvs),
+    ref = jax.grad(loss(lambda q, k, v: window_attention_dense(q, k, v, sel, window, kvs,
+                                                                 xp=jnp),
                         np.float64), argnums=(0, 1, 2))(
         *(jnp.asarray(t, jnp.float64) for t in (q, k, v)))
     ref = [np.asarray(r) for r in ref]
@@ -121,8 +122,8 @@ def test_segment_ids_gradients_match_float64(rng):
   sel = jnp.asarray(select)
   cot = rng.standard_normal(q.shape)
   with jax.enable_x64(True):
-    ref = jax.grad(lambda q, k, v: jnp.sum(window_attention_dense_jax(
-        q, k, v, sel, window, segment_ids=seg) * cot), argnums=(0, 1, 2))(
+    ref = jax.grad(lambda q, k, v: jnp.sum(window_attention_dense(
+        q, k, v, sel, window, segment_ids=seg, xp=jnp) * cot), argnums=(0, 1, 2))(
             *(jnp.asarray(t, jnp.float64) for t in (q, k, v)))
     ref = [np.asarray(r) for r in ref]
   ours = jax.grad(lambda q, k, v: jnp.sum(ops.selective_window_attention(

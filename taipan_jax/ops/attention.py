@@ -74,24 +74,25 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
     # Query block c (block >= window rows) reads key blocks c-1 and c: exactly its window.
     pad = (-l) % block
     nb = (l + pad) // block
-    padded = lambda t: jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-    qb = padded(q).reshape(b, nb, block, h, d)
-    kb = padded(k).reshape(b, nb, block, h, d)
-    vb = padded(v).reshape(b, nb, block, h, d)
-    okb = padded(key_ok).reshape(b, nb, block)
-    shift = lambda t: jnp.concatenate([jnp.zeros_like(t[:, :1]), t[:, :-1]], axis=1)
-    k2 = jnp.concatenate([shift(kb), kb], axis=2)               # [b, nb, 2*block, h, d]
-    v2 = jnp.concatenate([shift(vb), vb], axis=2)
-    ok2 = jnp.concatenate([shift(okb), okb], axis=2)             # zeros: no key before 0
+
+    def blocks(t):          # [b, l, ...] -> [b, nb, block, ...], the tail zero-padded
+      t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+      return t.reshape(b, nb, block, *t.shape[2:])
+
+    def with_previous(tb):  # [b, nb, block, ...] -> [b, nb, 2 * block, ...]: blocks c-1, c
+      prev = jnp.concatenate([jnp.zeros_like(tb[:, :1]), tb[:, :-1]], axis=1)
+      return jnp.concatenate([prev, tb], axis=2)
+
+    # Padded keys and the block before 0 get key_ok = False, so whatever else those slots
+    # hold (zeros, segment id 0) is never attended.
+    qb = blocks(q)
+    k2, v2, ok2 = (with_previous(blocks(t)) for t in (k, v, key_ok))
     i = jnp.arange(block)[:, None] + block                       # query offset from block c-1
     j = jnp.arange(2 * block)[None, :]
     mask = ((j <= i) & (j > i - window))[None, None] & ok2[:, :, None, :]
     if segment_ids is not None:
-      # Padding gets id -1 and the slot before block 0 id -2: neither matches a real query.
-      segb = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(b, nb, block)
-      prev = jnp.concatenate([jnp.full_like(segb[:, :1], -2), segb[:, :-1]], axis=1)
-      seg2 = jnp.concatenate([prev, segb], axis=2)
-      mask = mask & (segb[:, :, :, None] == seg2[:, :, None, :])
+      segb = blocks(segment_ids)
+      mask = mask & (segb[:, :, :, None] == with_previous(segb)[:, :, None, :])
     out = _masked_softmax_attend(qb, k2, v2, mask).reshape(b, nb * block, h, d)[:, :l]
   return (out * select[:, :, None, None]).astype(q.dtype)
 

@@ -81,6 +81,10 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
       segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), mode="edge")
   nc = (l + pad) // q
   hg = h // g
+  if segment_ids is not None:
+    seg = segment_ids.reshape(b, nc, q)
+    seg_last = seg[:, :, -1]                                  # the segment chunk c ends in
+    seg_prev = jnp.concatenate([seg[:, :1, 0], seg_last[:, :-1]], axis=1)  # S_{c-1}'s segment
 
   dt = dt.astype(jnp.float32)
   # Chunked views; heads are split into (groups, heads per group) so B and C are never
@@ -99,11 +103,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   L = _segsum_exp(a)                                          # [b, c, g, hg, q, q]
   if segment_ids is not None:
     # Segments are contiguous: equal ids at i and j mean no boundary between them.
-    seg = segment_ids.reshape(b, nc, q)
-    seg_last = seg[:, :, -1]                                  # segment each chunk ends in
-    seg_prev = jnp.concatenate([seg[:, :1, 0], seg_last[:, :-1]], axis=1)  # incoming state's
-    same = (seg[:, :, :, None] == seg[:, :, None, :])[:, :, None, None]
-    L = jnp.where(same, L, 0.0)
+    L = jnp.where((seg[:, :, :, None] == seg[:, :, None, :])[:, :, None, None], L, 0.0)
   scores = (cb[:, :, :, None] * L).astype(cdt)
   y_diag = jnp.einsum("bcghij,bcjghp->bcighp", scores, xdt, precision=prec,
                       preferred_element_type=jnp.float32)
