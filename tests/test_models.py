@@ -138,15 +138,36 @@ def test_gradients_reach_every_parameter(rng):
 
 
 def test_bfloat16_compute_runs_and_stays_close(rng):
-  tokens = random_tokens(rng, 2, 40)
+  """bf16 compute tracks fp32 until the first token whose selection bf16 rounding flipped.
+
+  Selection is discrete: a gate score near its threshold may flip in bf16, and a flipped
+  token changes everything causally after it. Logits before the first flip must agree to
+  bf16 accuracy; flips themselves must be rare.
+  """
+  tokens = random_tokens(rng, 4, 40)
   f32 = build(tiny_config())
   bf16 = build(tiny_config(model__dtype="bfloat16"))
+  randomize_gates(f32, rng)
+  nnx.update(bf16, nnx.state(f32, nnx.Param))            # same weights, incl. the gates
   f32.eval()
   bf16.eval()
-  a, _ = jit_forward(f32, tokens)
-  b, _ = jit_forward(bf16, tokens)
+  a, aux_a = jit_forward(f32, tokens, return_masks=True)
+  b, aux_b = jit_forward(bf16, tokens, return_masks=True)
   assert b.dtype == jnp.float32
-  assert float(jnp.abs(a - b).max()) < 0.1 * float(jnp.abs(a).max())
+  ma = np.asarray(aux_a["select_masks"]) > 0.5          # [layers, batch, seq]
+  mb = np.asarray(aux_b["select_masks"]) > 0.5
+  assert 0.05 < ma.mean() < 0.95, "gates should select a real mix of tokens"
+  flipped = (ma != mb).any(0)                            # [batch, seq]
+  assert flipped.mean() < 0.05, f"bf16 flipped {flipped.mean():.1%} of selections"
+  seq = tokens.shape[1]
+  first_flip = np.where(flipped.any(1), flipped.argmax(1), seq)
+  before = np.arange(seq)[None, :] < first_flip[:, None]
+  # A norm-wise bound: the mix (1 - alpha) h + alpha o cancels much of h where alpha is near
+  # 1, which amplifies bf16 rounding (one token measured at ~15% of |logits|max). Norm-wise
+  # the error measured 2.1-2.8% over six seeds.
+  diff = (np.asarray(a) - np.asarray(b))[before]
+  rel = np.linalg.norm(diff) / np.linalg.norm(np.asarray(a)[before])
+  assert rel < 0.06, rel
 
 
 @pytest.mark.parametrize("name,nominal", [("taipan_190m", 190e6), ("taipan_450m", 450e6),

@@ -83,7 +83,10 @@ class SelectiveAttentionLayer(nnx.Module):
     pdt = jnp.dtype(m.param_dtype)
     kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
     self.norm_a = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
-    self.gate = Gate(d, sal.gate_hidden, sal.capacity, **kw)
+    # The gate's decisions are discrete: computed in fp32 so that bf16 rounding flips as few
+    # selections as possible (its cost is a d_model x 2 matmul).
+    self.gate = Gate(d, sal.gate_hidden, sal.capacity, dtype=jnp.float32, param_dtype=pdt,
+                     rngs=rngs)
     self.q_proj = dense(d, d, **kw)
     self.k_proj = dense(d, d, **kw)
     self.v_proj = dense(d, d, **kw)
