@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.0",
     "ml-collections>=1.1.0",
     "absl-py>=2.1.0",
+    # TensorBoard's own event-file writer: metrics without TensorFlow.
+    "tensorboard>=2.15",
     "numpy>=1.26",
 ]
 
@@ -37,9 +39,11 @@ setup(
         "taipan_jax.ops",
         "taipan_jax.models",
         "taipan_jax.data",
+        "taipan_jax.training",
         "taipan_jax.configs",
     ],
     package_dir={"taipan_jax.configs": "configs"},
+    entry_points={"console_scripts": ["taipan = taipan_jax.cli:main"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     classifiers=[

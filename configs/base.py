@@ -75,15 +75,28 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.optim.weight_decay = 0.01
   cfg.optim.grad_clip = 1.0
 
-  # --- training loop and the embedded MQAR task ---------------------------------------------
+  # --- training loop -----------------------------------------------------------------------
   cfg.train = ml_collections.ConfigDict()
-  cfg.train.seed = 0
+  cfg.train.seed = 0                     # parameters, data order and Gumbel noise
   cfg.train.steps = 51_500
-  cfg.train.batch_size = 128
+  cfg.train.batch_size = 128             # sequences per optimizer step, over all processes
+  cfg.train.grad_accum_steps = 1         # micro-batches per step (batch_size divisible by it)
   cfg.train.log_every = 50
+  cfg.train.eval_every = 1000            # 0: evaluate only at the end
+  cfg.train.eval_batches = 8
+  cfg.train.checkpoint_every = 1000      # 0: only at the end and on SIGTERM
+  cfg.train.keep_checkpoints = 3
+  cfg.train.max_nonfinite_steps = 10     # stop after this many non-finite steps in a row
 
+  # --- data ---------------------------------------------------------------------------------
   cfg.data = ml_collections.ConfigDict()
-  cfg.data.task = "mqar"
+  cfg.data.task = "mqar"                 # "mqar", "copy" (induction heads) or "text"
   cfg.data.seq_len = 4096
   cfg.data.num_kv_pairs = 8              # MQAR: key-value pairs shown, then queried
+  cfg.data.path = ""                     # text: a file, a directory or a glob
+  cfg.data.text_field = "text"           # text: the field of a .jsonl record
+  cfg.data.tokenizer = ""                # text: a SentencePiece .model file
+  cfg.data.eval_fraction = 0.01          # text: share of documents held out for evaluation
+  cfg.data.num_workers = 0               # grain worker processes (0: the main process)
+  cfg.data.read_threads = 4              # grain threads reading and tokenizing per process
   return cfg

@@ -60,6 +60,39 @@ def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
   return validate(cfg)
 
 
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+  """`--config.a.b=value` strings -> {"a.b": value} typed by the schema in configs/base.py."""
+  schema = _base.get_config()
+  out = {}
+  for arg in args:
+    key, sep, text = arg[len("--config."):].partition("=")
+    if not sep:
+      raise ConfigError(f"config override {arg!r} has no value; fix: write --config.{key}=VALUE")
+    node = schema
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p] if p in node and isinstance(node[p], ml_collections.ConfigDict) else None
+      if node is None:
+        _fail(key, text, f"there is no section {p!r}", "check the key against configs/base.py")
+    if leaf not in node:
+      _fail(key, text, "unknown key", f"use one of {sorted(node.keys())}")
+    out[key] = _parse_value(key, text, node.get_type(leaf))
+  return out
+
+
+def _parse_value(key: str, text: str, want: type):
+  if text.lower() in ("none", "null"):
+    return None
+  try:
+    if want is bool:
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError
+      return text.lower() in ("true", "1")
+    return want(text)
+  except ValueError:
+    _fail(key, text, f"is not of type {want.__name__}", f"give a {want.__name__} value")
+
+
 def bundled_configs() -> list[str]:
   directory = os.path.dirname(_base.__file__)
   return sorted(f[:-3] for f in os.listdir(directory)
@@ -190,19 +223,44 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if o.grad_clip < 0:
     _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)", "the paper uses 1.0")
 
-  for key in ("steps", "batch_size", "log_every"):
-    positive(f"train.{key}", cfg.train[key])
+  t = cfg.train
+  for key in ("steps", "batch_size", "log_every", "grad_accum_steps", "eval_batches",
+              "keep_checkpoints", "max_nonfinite_steps"):
+    positive(f"train.{key}", t[key])
+  for key in ("eval_every", "checkpoint_every"):
+    if t[key] < 0:
+      _fail(f"train.{key}", t[key], "must be >= 0 (0: only at the end)", "e.g. 1000")
+  if t.batch_size % t.grad_accum_steps:
+    _fail("train.batch_size", t.batch_size, f"is not a multiple of train.grad_accum_steps="
+          f"{t.grad_accum_steps}", "make batch_size a multiple of the micro-batch count")
   d = cfg.data
-  if d.task != "mqar":
-    _fail("data.task", d.task, "unknown task", "use 'mqar'")
-  positive("data.num_kv_pairs", d.num_kv_pairs)
-  if d.seq_len < 4 * d.num_kv_pairs:
-    _fail("data.seq_len", d.seq_len, f"MQAR with {d.num_kv_pairs} pairs needs at least "
-          f"{4 * d.num_kv_pairs} tokens (pairs, then one query per pair)",
-          "raise seq_len or lower data.num_kv_pairs")
-  if m.vocab_size < 2 * d.num_kv_pairs + 2:
-    _fail("model.vocab_size", m.vocab_size, f"MQAR with {d.num_kv_pairs} pairs needs at least "
-          f"{2 * d.num_kv_pairs + 2} tokens", "raise vocab_size or lower data.num_kv_pairs")
+  positive("data.seq_len", d.seq_len)
+  if d.task not in ("mqar", "copy", "text"):
+    _fail("data.task", d.task, "unknown task", "use 'mqar', 'copy' or 'text'")
+  if d.task == "mqar":
+    positive("data.num_kv_pairs", d.num_kv_pairs)
+    if d.seq_len < 4 * d.num_kv_pairs:
+      _fail("data.seq_len", d.seq_len, f"MQAR with {d.num_kv_pairs} pairs needs at least "
+            f"{4 * d.num_kv_pairs} tokens (pairs, then one query per pair)",
+            "raise seq_len or lower data.num_kv_pairs")
+    if m.vocab_size < 2 * d.num_kv_pairs + 2:
+      _fail("model.vocab_size", m.vocab_size, f"MQAR with {d.num_kv_pairs} pairs needs at "
+            f"least {2 * d.num_kv_pairs + 2} tokens", "raise vocab_size or lower num_kv_pairs")
+  if d.task == "copy":
+    if d.seq_len < 3:
+      _fail("data.seq_len", d.seq_len, "the copy task needs at least 3 tokens", "raise it")
+    if m.vocab_size < 3:
+      _fail("model.vocab_size", m.vocab_size, "the copy task needs at least 3 tokens", "raise it")
+  if d.task == "text":
+    for key in ("path", "tokenizer"):
+      if not d[key]:
+        _fail(f"data.{key}", d[key], "is empty but data.task='text' needs it",
+              f"set --config.data.{key}=...")
+  if not 0.0 <= d.eval_fraction < 1.0:
+    _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)", "e.g. 0.01")
+  if d.num_workers < 0:
+    _fail("data.num_workers", d.num_workers, "must be >= 0", "0 reads in the main process")
+  positive("data.read_threads", d.read_threads)
   cfg.lock()
   return cfg
 

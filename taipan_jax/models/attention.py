@@ -68,11 +68,21 @@ class AttentionBlock(nnx.Module):
     return KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                    pos=jnp.zeros((batch_size,), jnp.int32))
 
-  def __call__(self, h, *, return_cache: bool = False):
+  def __call__(self, h, *, segment_ids=None, return_cache: bool = False):
+    """h: [b, l, d_model] -> h (and the KV cache after l).
+
+    segment_ids: optional [b, l] int (packed documents): attention stays inside a segment.
+    RoPE keeps absolute positions: it only sees differences, so an offset document gets the
+    same scores.
+    """
+    if segment_ids is not None and return_cache:
+      raise ValueError("return_cache with segment_ids is not supported: a decode cache "
+                       "continues one document, prefill each document in its own row")
     b, l, d = h.shape
     positions = jnp.broadcast_to(jnp.arange(l), (b, l))
     q, k, v = self._qkv(self.norm_attn(h), positions)
-    attn = ops.selective_window_attention(q, k, v, jnp.ones((b, l), bool), window=l)
+    attn = ops.selective_window_attention(q, k, v, jnp.ones((b, l), bool), window=l,
+                                          segment_ids=segment_ids)
     h = self._mlp(h + self.o_proj(attn.reshape(b, l, d)).astype(jnp.float32))
     if not return_cache:
       return h

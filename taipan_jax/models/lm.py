@@ -54,13 +54,16 @@ class LanguageModel(nnx.Module):
     logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
     return logits[..., :self.vocab_size].astype(jnp.float32)
 
-  def __call__(self, tokens, *, token_mask=None, gumbel_key=None, tau=None,
+  def __call__(self, tokens, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
                return_masks: bool = False, return_cache: bool = False):
     """tokens: [batch, seq] int32 -> logits [batch, seq, vocab_size] fp32, aux.
 
     token_mask: [batch, seq] bool, real tokens (padding does not count in the selected
-      fraction). gumbel_key: PRNG key for the SALs' Gumbel noise in training mode (default:
-      the model's own 'gumbel' stream). tau: Gumbel temperature override (annealing).
+      fraction). segment_ids: [batch, seq] int, packed documents as contiguous runs of one
+      id: no layer mixes tokens of different segments. It does not imply token_mask (pass
+      that separately, e.g. segment_ids > 0 where 0 marks padding). Not with return_cache.
+      gumbel_key: PRNG key for the SALs' Gumbel noise in training mode (default: the model's
+      own 'gumbel' stream). tau: Gumbel temperature override (annealing).
     aux: selected_fraction [num_sal, batch], budget_loss scalar, and with return_masks
       select_masks [num_sal, batch, seq]. With return_cache, also the decode cache after
       the prompt: (logits, aux, cache).
@@ -72,8 +75,8 @@ class LanguageModel(nnx.Module):
     sal_index = 0
     for kind, layer in zip(self.kinds, self.layers):
       if kind == "s":
-        out = layer(h, token_mask=token_mask, gumbel_key=keys[sal_index], tau=tau,
-                    return_cache=return_cache)
+        out = layer(h, token_mask=token_mask, segment_ids=segment_ids,
+                    gumbel_key=keys[sal_index], tau=tau, return_cache=return_cache)
         h, aux = out[0], out[1]
         fractions.append(aux["fraction"])
         masks.append(aux["mask"])
@@ -81,7 +84,7 @@ class LanguageModel(nnx.Module):
         if return_cache:
           caches.append(out[2])
       else:
-        out = layer(h, return_cache=return_cache)
+        out = layer(h, segment_ids=segment_ids, return_cache=return_cache)
         if return_cache:
           h, cache = out
           caches.append(cache)

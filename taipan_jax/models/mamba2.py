@@ -88,19 +88,35 @@ class Mamba2Mixer(nnx.Module):
         conv=jnp.zeros((batch_size, self.d_conv - 1, self.conv_dim), self.dtype),
         ssm=jnp.zeros((batch_size, self.heads, self.head_dim, self.d_state), jnp.float32))
 
-  def __call__(self, u, *, return_cache: bool = False):
-    """u: [batch, seq, d_model] -> out [batch, seq, d_model] (and the cache after seq)."""
+  def __call__(self, u, *, segment_ids=None, return_cache: bool = False):
+    """u: [batch, seq, d_model] -> out [batch, seq, d_model] (and the cache after seq).
+
+    segment_ids: optional [batch, seq] int, contiguous runs = packed documents: neither the
+      convolution nor the SSD state crosses a change of id.
+    """
+    if segment_ids is not None and return_cache:
+      raise ValueError("return_cache with segment_ids is not supported: a decode cache "
+                       "continues one document, prefill each document in its own row")
     b, l, _ = u.shape
     z, xbc, dt = self._split_proj(self.in_proj(u))
     # Causal depthwise convolution: left pad d_conv - 1, one shifted product per tap.
+    # Tap i reads position t - (k - 1 - i); zeros before position 0.
     k = self.d_conv
     padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0))).astype(jnp.float32)
     w = self.conv_weight[...].astype(jnp.float32)
-    conv = sum(padded[:, i:i + l] * w[i] for i in range(k)) + self.conv_bias[...]
+    taps = [padded[:, i:i + l] for i in range(k)]
+    if segment_ids is not None:
+      # A tap reading another document reads zero, as before position 0 of a lone document.
+      # (The pad value is irrelevant: padded inputs are zero already.)
+      seg = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), mode="edge")
+      taps = [jnp.where((seg[:, i:i + l] == segment_ids)[..., None], tap, 0.0)
+              for i, tap in enumerate(taps)]
+    conv = sum(tap * w[i] for i, tap in enumerate(taps)) + self.conv_bias[...]
     x, B, C = self._split_xbc(jax.nn.silu(conv).astype(self.dtype))
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    y, state = ops.ssd(x, dt, A, B, C, chunk_size=self.chunk_size, return_final_state=True)
+    y, state = ops.ssd(x, dt, A, B, C, chunk_size=self.chunk_size, return_final_state=True,
+                       segment_ids=segment_ids)
     out = self._gate_and_project(y, x, z)
     if not return_cache:
       return out
@@ -135,8 +151,9 @@ class Mamba2Block(nnx.Module):
   def init_cache(self, batch_size: int) -> Mamba2Cache:
     return self.mixer.init_cache(batch_size)
 
-  def __call__(self, h, *, return_cache: bool = False):
-    out = self.mixer(self.norm(h), return_cache=return_cache)
+  def __call__(self, h, *, segment_ids=None, return_cache: bool = False):
+    """h: [batch, seq, d_model]; segment_ids: optional [batch, seq] int (packed documents)."""
+    out = self.mixer(self.norm(h), segment_ids=segment_ids, return_cache=return_cache)
     if return_cache:
       out, cache = out
       return h + out.astype(jnp.float32), cache

@@ -95,13 +95,14 @@ class SelectiveAttentionLayer(nnx.Module):
     self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
     self.rngs = rngs["gumbel"].fork()
 
-  def _select(self, scores, *, gumbel_key, tau):
+  def _select(self, scores, *, gumbel_key, tau, segment_ids=None):
     if self.select_all:
       return jnp.ones(scores.shape[:-1], jnp.float32)
     if self.deterministic:
       mask = ops.deterministic_selection(scores)
       if self.inference_capacity is not None:
-        mask = ops.capped_selection(mask, window=self.window, capacity=self.inference_capacity)
+        mask = ops.capped_selection(mask, window=self.window, capacity=self.inference_capacity,
+                                    segment_ids=segment_ids)
       return mask
     key = self.rngs() if gumbel_key is None else gumbel_key
     return ops.straight_through_gumbel(scores, key, tau=self.tau if tau is None else tau)
@@ -127,16 +128,23 @@ class SelectiveAttentionLayer(nnx.Module):
     return SALCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                     filled=flags, kept=flags, pos=jnp.zeros((batch_size,), jnp.int32))
 
-  def __call__(self, h, *, token_mask=None, gumbel_key=None, tau=None,
+  def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
                return_cache: bool = False):
     """h: [batch, seq, d_model]; token_mask: [batch, seq] bool real tokens (for the fraction).
 
+    segment_ids: optional [batch, seq] int (packed documents): attention stays inside a
+      segment. RoPE keeps absolute positions: it only sees differences, so an offset
+      document gets the same scores.
     Returns (h, aux) or, with return_cache, (h, aux, cache).
     """
+    if segment_ids is not None and return_cache:
+      raise ValueError("return_cache with segment_ids is not supported: a decode cache "
+                       "continues one document, prefill each document in its own row")
     b, l, _ = h.shape
     x = self.norm_a(h)
     scores = self.gate(x)                                   # [b, l, 2]
-    mask = self._select(scores, gumbel_key=gumbel_key, tau=tau)
+    mask = self._select(scores, gumbel_key=gumbel_key, tau=tau,
+                        segment_ids=segment_ids)
     selected = mask > 0.5
     positions = jnp.broadcast_to(jnp.arange(l), (b, l))
     q, k, v = self._qkv(x, positions)
@@ -144,7 +152,7 @@ class SelectiveAttentionLayer(nnx.Module):
     # left as it was by the mix below (the straight-through gradient there sees o = 0).
     attn = ops.selective_window_attention(
         q, k, v, selected, window=self.window,
-        kv_select=selected if self.kv_selected_only else None)
+        kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids)
     out = self._mix(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:

@@ -39,18 +39,27 @@ def deterministic_selection(scores):
   return (scores[..., 1] > scores[..., 0]).astype(jnp.float32)
 
 
-def capped_selection(mask, *, window: int, capacity: int):
+def capped_selection(mask, *, window: int, capacity: int, segment_ids=None):
   """Causal greedy cap: token t stays selected only if fewer than `capacity` tokens among
   t-window+1 .. t-1 were kept (decision e's optional inference cap).
 
-  mask: [batch, seq] {0, 1}. Returns the capped mask, same shape. Runs as a scan over seq;
-  meant for evaluation, where the per-token decode step applies the same rule.
+  mask: [batch, seq] {0, 1}; segment_ids: optional [batch, seq] int, packed documents as
+  contiguous runs: the count restarts where the id changes. Returns the capped mask, same
+  shape. Runs as a scan over seq; meant for evaluation, where the per-token decode step
+  applies the same rule.
   """
   b, l = mask.shape
+  if segment_ids is None:
+    starts = jnp.zeros((l, b), bool)
+  else:
+    starts = jnp.concatenate([jnp.zeros((1, b), bool),
+                              (segment_ids[:, 1:] != segment_ids[:, :-1]).T], axis=0)
 
   def step(carry, inputs):
     ring, count = carry                     # ring: [b, window] kept flags by slot
-    t, want = inputs
+    t, want, start = inputs
+    ring = jnp.where(start[:, None], 0.0, ring)     # a new document forgets the last one
+    count = jnp.where(start, 0.0, count)
     slot = t % window
     leaving = ring[:, slot]                 # the flag of token t - window leaves the window
     count = count - leaving
@@ -59,7 +68,7 @@ def capped_selection(mask, *, window: int, capacity: int):
     return (ring, count + keep), keep
 
   init = (jnp.zeros((b, window), jnp.float32), jnp.zeros((b,), jnp.float32))
-  _, kept = jax.lax.scan(step, init, (jnp.arange(l), mask.astype(jnp.float32).T))
+  _, kept = jax.lax.scan(step, init, (jnp.arange(l), mask.astype(jnp.float32).T, starts))
   return kept.T
 
 

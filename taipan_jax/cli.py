@@ -1,0 +1,127 @@
+r"""The `taipan` command: thin subcommands that parse, validate once, and call the library.
+
+    taipan train --config=configs/tiny.py --workdir=/tmp/tiny [--config.train.steps=300]
+    taipan eval --workdir=/tmp/tiny [--data=path/or/glob]
+    taipan tokenizer train --input='corpus/**/*.txt' --vocab_size=8192 --output=/tmp/spm
+
+A bad input stops with one line `taipan: error: ...` naming the value and the fix, and a
+non-zero exit, before any file is written.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+_USAGE = ("usage: taipan {train,eval,tokenizer train} [--flags]; "
+          "see `taipan train --helpfull`")
+
+_CONFIG = flags.DEFINE_string(
+    "config", "tiny", "Config file with get_config(), or a bundled config's name; override "
+    "fields with --config.a.b=value (parsed by taipan_jax.config, typed by configs/base.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard files; a "
+                               "run resumes from here by itself.")
+_DATA = flags.DEFINE_string("data", None, "eval: a file, directory or glob to evaluate on "
+                            "instead of the run's held-out documents.")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "eval: batches to evaluate.")
+_INPUT = flags.DEFINE_string("input", None, "tokenizer: text to train on (file, dir or glob).")
+_OUTPUT = flags.DEFINE_string("output", None, "tokenizer: output prefix (writes .model/.vocab).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 8192, "tokenizer: pieces in the vocabulary.")
+_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "tokenizer: algorithm.")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "tokenizer: text field of .jsonl records.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Call jax.distributed.initialize(): 'auto' when the environment names a multi-process "
+    "job (JAX_COORDINATOR_ADDRESS, SLURM, multi-host TPU).")
+
+
+class UsageError(ValueError):
+  pass
+
+
+def _fail(message: str) -> None:
+  print(f"taipan: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _maybe_initialize_distributed() -> None:
+  import jax
+  multi = ("JAX_COORDINATOR_ADDRESS" in os.environ
+           or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+           or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and multi):
+    jax.distributed.initialize()
+
+
+_overrides: list[str] = []     # the --config.a.b=v arguments, taken out before absl parses
+
+
+def _train(argv):
+  from taipan_jax.config import load_config, parse_overrides
+  from taipan_jax.training.loop import train
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
+  cfg = load_config(_CONFIG.value, parse_overrides(_overrides))
+  _maybe_initialize_distributed()
+  train(cfg, _WORKDIR.value)
+
+
+def _eval(argv):
+  from taipan_jax.training.loop import evaluate_workdir
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
+  if not _WORKDIR.value:
+    raise UsageError("eval needs --workdir (the directory `taipan train` wrote)")
+  _maybe_initialize_distributed()
+  evaluate_workdir(_WORKDIR.value, data_path=_DATA.value, batches=_EVAL_BATCHES.value)
+
+
+def _tokenizer(argv):
+  from taipan_jax.data.text import TextDocuments
+  from taipan_jax.data.tokenizer import train_tokenizer
+  if argv[1:] != ["train"]:
+    raise UsageError(f"unknown tokenizer command {argv[1:]}; use `taipan tokenizer train`")
+  if not _INPUT.value or not _OUTPUT.value:
+    raise UsageError("tokenizer train needs --input=<file, dir or glob> and --output=<prefix>")
+  docs = TextDocuments(_INPUT.value, _TEXT_FIELD.value)
+  path = train_tokenizer((docs[i] for i in range(len(docs))), _OUTPUT.value,
+                         vocab_size=_VOCAB.value, model_type=_MODEL_TYPE.value)
+  print(f"wrote {path} ({_VOCAB.value} pieces, {_MODEL_TYPE.value}, byte fallback) from "
+        f"{len(docs)} documents; train with --config.data.tokenizer={path} "
+        f"--config.model.vocab_size={_VOCAB.value}")
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "tokenizer": _tokenizer}
+
+
+def _run(command):
+  def main(argv):
+    # orbax and grain log every save and read at INFO; progress lines are ours.
+    logging.set_verbosity(logging.WARNING)
+    from taipan_jax.config import ConfigError
+    from taipan_jax.data.errors import DataError
+    from taipan_jax.training.checkpoint import CheckpointError
+    from taipan_jax.training.loop import TrainingError
+    try:
+      command(argv)
+    except (ConfigError, DataError, TrainingError, CheckpointError, UsageError) as e:
+      _fail(str(e))
+  return main
+
+
+def main(argv=None):
+  """`taipan <command> [flags]`; argv defaults to sys.argv (callable again in-process)."""
+  argv = list(sys.argv if argv is None else argv)
+  flags.FLAGS.unparse_flags()
+  if len(argv) < 2 or argv[1] not in _COMMANDS:
+    given = argv[1] if len(argv) > 1 else "nothing"
+    _fail(f"unknown command {given!r}; {_USAGE}")
+  rest = argv[2:]
+  _overrides[:] = [a for a in rest if a.startswith("--config.")]
+  rest = [a for a in rest if not a.startswith("--config.")]
+  app.run(_run(_COMMANDS[argv[1]]), argv=[f"{argv[0]} {argv[1]}"] + rest)
+
+
+if __name__ == "__main__":
+  main()
