@@ -184,9 +184,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
       row["mfu"] = util
     emit(step, row)
     eta = row["step_seconds"] * (t.steps - step)
+    selected = np.atleast_1d(metrics["selected"])
     log(f"step {step:7d}/{t.steps}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
-        f"selected {np.mean(np.atleast_1d(metrics['selected'])):.3f}  "
-        f"gnorm {row['grad_norm']:.3f}  {rate:,.0f} tok/s"
+        + (f"selected {selected.mean():.3f}  " if selected.size else "")
+        + f"gnorm {row['grad_norm']:.3f}  {rate:,.0f} tok/s"
         + (f"  mfu {util:.1%}" if util is not None else "") + f"  eta {format_eta(eta)}")
     window_start, window_step = time.perf_counter(), step
 
