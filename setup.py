@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1.0",
     # TensorBoard's own event-file writer: metrics without TensorFlow.
     "tensorboard>=2.15",
+    # Hugging Face checkpoints read as numpy, no torch needed.
+    "safetensors>=0.4",
     "numpy>=1.26",
 ]
 
@@ -40,6 +42,7 @@ setup(
         "taipan_jax.models",
         "taipan_jax.data",
         "taipan_jax.training",
+        "taipan_jax.interop",
         "taipan_jax.configs",
     ],
     package_dir={"taipan_jax.configs": "configs"},

@@ -32,3 +32,6 @@ def count_params(cfg) -> int:
 
 __all__ = ["load_config", "validate", "build_model", "count_params", "ConfigError",
            "LanguageModel", "__version__"]
+
+# Imported last: interop builds models through the functions above.
+from taipan_jax import interop  # noqa: E402

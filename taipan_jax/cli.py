@@ -3,6 +3,7 @@ r"""The `taipan` command: thin subcommands that parse, validate once, and call t
     taipan train --config=configs/tiny.py --workdir=/tmp/tiny [--config.train.steps=300]
     taipan eval --workdir=/tmp/tiny [--data=path/or/glob]
     taipan tokenizer train --input='corpus/**/*.txt' --vocab_size=8192 --output=/tmp/spm
+    taipan convert --hf_dir=path/to/mamba2 --workdir=/tmp/m2 [--upcycle_sal_every=6]
 
 A bad input stops with one line `taipan: error: ...` naming the value and the fix, and a
 non-zero exit, before any file is written.
@@ -14,7 +15,7 @@ import sys
 
 from absl import app, flags, logging
 
-_USAGE = ("usage: taipan {train,eval,tokenizer train} [--flags]; "
+_USAGE = ("usage: taipan {train,eval,convert,tokenizer train} [--flags]; "
           "see `taipan train --helpfull`")
 
 _CONFIG = flags.DEFINE_string(
@@ -30,6 +31,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "tokenizer: output prefix (writes 
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "tokenizer: pieces in the vocabulary.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "tokenizer: algorithm.")
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "tokenizer: text field of .jsonl records.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "convert: a Hugging Face / state-spaces Mamba-2 "
+                              "checkpoint directory (config.json + safetensors).")
+_UPCYCLE = flags.DEFINE_integer("upcycle_sal_every", 0, "convert: 0 keeps the Mamba-2; K > 0 "
+                                "grows a Taipan with a fresh SAL after every K blocks.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' when the environment names a multi-process "
@@ -92,7 +97,22 @@ def _tokenizer(argv):
         f"--config.model.vocab_size={_VOCAB.value}")
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "tokenizer": _tokenizer}
+def _convert(argv):
+  from taipan_jax.interop import load_hf_mamba2, upcycle_to_taipan
+  from taipan_jax.interop.convert import save_workdir
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
+  if not _HF_DIR.value or not _WORKDIR.value:
+    raise UsageError("convert needs --hf_dir=<checkpoint directory> and --workdir=<output>")
+  model, cfg = load_hf_mamba2(_HF_DIR.value)
+  if _UPCYCLE.value:
+    model, cfg = upcycle_to_taipan(model, cfg, sal_every=_UPCYCLE.value)
+  path = save_workdir(model, cfg, _WORKDIR.value)
+  print(f"wrote {_WORKDIR.value} ({cfg.model.pattern} x {cfg.model.num_units}); fine-tune with "
+        f"`taipan train --config={path} --workdir={_WORKDIR.value} --config.data...`")
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "convert": _convert, "tokenizer": _tokenizer}
 
 
 def _run(command):
@@ -102,10 +122,12 @@ def _run(command):
     from taipan_jax.config import ConfigError
     from taipan_jax.data.errors import DataError
     from taipan_jax.training.checkpoint import CheckpointError
+    from taipan_jax.interop import InteropError
     from taipan_jax.training.loop import TrainingError
     try:
       command(argv)
-    except (ConfigError, DataError, TrainingError, CheckpointError, UsageError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError, UsageError, InteropError,
+            FileExistsError) as e:
       _fail(str(e))
   return main
 

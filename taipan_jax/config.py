@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import os
 from typing import Any, Mapping
@@ -35,6 +36,17 @@ def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
 
   overrides: dotted keys to values, e.g. {"model.d_model": 128}, applied before validation.
   """
+  if path_or_name.endswith(".json") and os.path.isfile(path_or_name):
+    # A config saved by `taipan train` or `taipan convert` (workdir/config.json).
+    with open(path_or_name) as f:
+      try:
+        cfg = ml_collections.ConfigDict(json.load(f))
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"config {path_or_name!r} is not valid JSON ({e}); fix: point at "
+                          "the config.json a run wrote") from None
+    for key, value in (overrides or {}).items():
+      _set_dotted(cfg, key, value)
+    return validate(cfg)
   if os.path.exists(path_or_name):
     spec = importlib.util.spec_from_file_location("_taipan_config", path_or_name)
     module = importlib.util.module_from_spec(spec)

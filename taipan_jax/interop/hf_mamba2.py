@@ -86,14 +86,17 @@ def config_from_hf(hf: dict, *, dtype: str = "float32") -> ml_collections.Config
     if hf.get(key, not bad) == bad:
       raise InteropError(f"config {key}={bad}: not supported by our Mamba-2 block (no "
                          "projection biases, RMSNorm only); fix: use a checkpoint without it")
-  limit = hf.get("time_step_limit")
-  if limit is not None and (limit[0] > 0 or math.isfinite(limit[1])):
+  limit = [float(x["__float__"]) if isinstance(x, dict) else float(x)
+           for x in hf.get("time_step_limit") or (0.0, math.inf)]
+  if limit[0] > 0 or math.isfinite(limit[1]):
     raise InteropError(f"config time_step_limit={limit}: dt clamping is not implemented; fix: "
                        "use a checkpoint with the default (0, inf)")
   expand = _get(hf, "expand", default=ssm.get("expand", 2))
   head_dim = _get(hf, "head_dim", default=ssm.get("headdim", 64))
-  cfg = taipan_jax.load_config("base")
-  cfg.unlock() if hasattr(cfg, "unlock") else None
+  heads = hf.get("num_heads")
+  if heads is not None and heads * head_dim != expand * d_model:
+    raise InteropError(f"config num_heads={heads} x head_dim={head_dim} != expand x "
+                       f"hidden_size = {expand * d_model}; fix: correct config.json")
   over = {
       "name": f"mamba2_hf_{d_model}x{n_layers}",
       "model.vocab_size": vocab, "model.d_model": d_model, "model.pattern": "m",
@@ -181,18 +184,18 @@ def load_params(model, cfg, tensors: dict[str, np.ndarray]) -> None:
                          f"our model (config {cfg.name}) does not have; fix: check num layers "
                          "and tie_word_embeddings in config.json")
     var = flat[path]
-    if tuple(var.value.shape) != value.shape:
+    if tuple(var[...].shape) != value.shape:
       raise InteropError(f"checkpoint tensor {name} has shape {t.shape}; our "
-                         f"{'.'.join(map(str, path))} needs {tuple(var.value.shape)} (after "
+                         f"{'.'.join(map(str, path))} needs {tuple(var[...].shape)} (after "
                          "layout change); fix: check config.json matches the weights")
-    var.value = jnp.asarray(value, var.value.dtype)
+    var[...] = jnp.asarray(value, var[...].dtype)
     assigned.add(path)
   missing = []
   for path in flat:
     if path in assigned:
       continue
     if path[-1] == "conv_bias":        # use_conv_bias=False: the bias is zero
-      flat[path].value = jnp.zeros_like(flat[path].value)
+      flat[path][...] = jnp.zeros_like(flat[path][...])
       continue
     missing.append(".".join(map(str, path)))
   if missing:

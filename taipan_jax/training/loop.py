@@ -149,7 +149,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
     restored = checkpointer.restore(abstract, cfg)
     if restored is not None:
       state, data_state, start_step = restored
-      data_iter.set_state(data_state)
+      if data_state is not None:       # None: converted weights, no data read yet
+        data_iter.set_state(data_state)
       log(f"resumed from step {start_step} in {checkpointer.directory}")
     if is_main:
       with open(os.path.join(workdir, "config.json"), "w") as f:

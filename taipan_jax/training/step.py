@@ -83,7 +83,7 @@ def make_steps(cfg, model) -> Steps:
 
     ce = sums["ce_sum"] / total_weight
     loss = ce + cfg.loss.budget_weight * sums["budget_loss"]
-    grad_norm = optax.tree_utils.tree_l2_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient is not applied: parameters and optimizer moments keep

@@ -1,0 +1,35 @@
+"""Write converted or upcycled weights as a workdir that `taipan train` and `eval` resume.
+
+The workdir gets `config.json` and a step-0 checkpoint (parameters, a fresh optimizer state,
+no data position), so `taipan train --config=WORKDIR/config.json --workdir=WORKDIR` fine-tunes
+from the converted weights, with any data or optimizer overrides on the command line.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from taipan_jax.training.checkpoint import Checkpointer
+from taipan_jax.training.loop import check_workdir
+from taipan_jax.training.step import make_steps
+
+
+def save_workdir(model, cfg, workdir: str) -> str:
+  """Saves `model` (its Params) under `workdir`; returns the path of its config.json."""
+  check_workdir(workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    raise FileExistsError(f"workdir {workdir!r} already holds checkpoints; fix: convert into "
+                          "a new --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  state = make_steps(cfg, model).init_state()
+  checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  try:
+    checkpointer.save(jax.device_get(state), data_state=None, cfg=cfg, force=True)
+  finally:
+    checkpointer.close()
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w") as f:
+    f.write(cfg.to_json(indent=2))
+  return path
