@@ -37,6 +37,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=[
+        "pallas_kernels",
+        "pallas_kernels.ssd",
         "taipan_jax",
         "taipan_jax.ops",
         "taipan_jax.models",

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.mamba.head_dim = 64
   cfg.mamba.n_groups = 1
   cfg.mamba.chunk_size = 256
+  cfg.mamba.kernel = "auto"              # SSD: auto | reference | pallas | interpret
   cfg.mamba.a_init_min = 1.0
   cfg.mamba.a_init_max = 16.0
   cfg.mamba.dt_min = 1e-3

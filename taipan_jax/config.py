@@ -187,6 +187,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail("mamba.dt_min", mb.dt_min, f"need 0 < dt_min <= dt_max ({mb.dt_max})",
             "use the defaults 1e-3 and 0.1")
     positive("mamba.dt_init_floor", mb.dt_init_floor)
+    from taipan_jax.ops.ssd import IMPLEMENTATIONS
+    if mb.kernel not in IMPLEMENTATIONS:
+      _fail("mamba.kernel", mb.kernel, "unknown SSD implementation",
+            f"use one of {IMPLEMENTATIONS}")
+    if mb.kernel in ("pallas", "interpret") and mb.chunk_size % 8:
+      _fail("mamba.chunk_size", mb.chunk_size, f"the Pallas SSD kernel ({mb.kernel}) needs a "
+            "multiple of 8", "use e.g. 256")
 
   if "s" in m.pattern:
     positive("sal.head_dim", sal.head_dim)

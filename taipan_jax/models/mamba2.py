@@ -44,6 +44,7 @@ class Mamba2Mixer(nnx.Module):
     self.d_state = mb.d_state
     self.d_conv = mb.d_conv
     self.chunk_size = mb.chunk_size
+    self.kernel = mb.kernel
     self.conv_dim = self.d_inner + 2 * mb.n_groups * mb.d_state
     self.dtype = jnp.dtype(m.dtype)
     pdt = jnp.dtype(m.param_dtype)
@@ -116,7 +117,7 @@ class Mamba2Mixer(nnx.Module):
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
     y, state = ops.ssd(x, dt, A, B, C, chunk_size=self.chunk_size, return_final_state=True,
-                       segment_ids=segment_ids)
+                       segment_ids=segment_ids, implementation=self.kernel)
     out = self._gate_and_project(y, x, z)
     if not return_cache:
       return out

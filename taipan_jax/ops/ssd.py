@@ -11,8 +11,12 @@ so it runs in log depth over the chunk axis.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _matmul_precision(dtype):
@@ -43,9 +47,35 @@ def _combine_chunks(left, right):
   return g1 * g2, g2 * s1 + s2
 
 
+IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
+
+
+def resolve_implementation(implementation: str = "auto") -> str:
+  """'auto' defers to $TAIPAN_KERNELS, then to the default for the backend.
+
+  The default is the XLA path everywhere until a kernel is measured faster on a backend
+  (the TPU kernel's forward has not run on a TPU yet; there is no GPU kernel yet).
+  """
+  if implementation == "auto":
+    implementation = os.environ.get("TAIPAN_KERNELS", "auto")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"SSD implementation {implementation!r} is unknown; use one of "
+                     f"{IMPLEMENTATIONS} (argument, mamba.kernel or $TAIPAN_KERNELS)")
+  if implementation == "auto":
+    return "reference"
+  if implementation == "pallas" and jax.default_backend() != "tpu":
+    raise ValueError(f"no Pallas SSD kernel for backend {jax.default_backend()!r} yet (the "
+                     "Mosaic kernel is TPU-only); use 'reference', or 'interpret' to run the "
+                     "TPU kernel in interpret mode")
+  return implementation
+
+
 def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
-        return_final_state: bool = False, segment_ids=None):
+        return_final_state: bool = False, segment_ids=None, implementation: str = "auto"):
   """Chunked SSD scan, without the D skip connection.
+
+  `implementation` ('auto', 'reference', 'pallas', 'interpret'; see resolve_implementation)
+  picks the XLA path below or the Pallas TPU kernel (forward; its backward is the XLA path's).
 
   Args:
     x: [batch, seq, heads, head_dim] inputs (fp32 or bf16).
@@ -70,6 +100,48 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   if dt.shape != (b, l, h) or A.shape != (h,) or B.shape != C.shape or B.shape[:2] != (b, l):
     raise ValueError(f"ssd shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
                      f"B {B.shape}, C {C.shape}")
+  impl = resolve_implementation(implementation)
+  if impl == "reference":
+    return _ssd_xla(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state,
+                    return_final_state=return_final_state, segment_ids=segment_ids)
+  init = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state)
+  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
+  y, final = _ssd_pallas(x, dt, A, B, C, init, seg, chunk_size, impl == "interpret")
+  return (y, final) if return_final_state else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _ssd_pallas(x, dt, A, B, C, init, seg, chunk_size, interpret):
+  from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu
+  return ssd_forward_tpu(x, dt, A, B, C, init, seg, interpret=interpret,
+                         block_sizes=BlockSizes(chunk=chunk_size))
+
+
+def _ssd_pallas_fwd(x, dt, A, B, C, init, seg, chunk_size, interpret):
+  out = _ssd_pallas(x, dt, A, B, C, init, seg, chunk_size, interpret)
+  return out, (x, dt, A, B, C, init, seg)
+
+
+def _ssd_pallas_bwd(chunk_size, interpret, residuals, cotangents):
+  # Until the backward kernels exist, the gradient is the XLA path's (recomputed).
+  x, dt, A, B, C, init, seg = residuals
+  def xla(x, dt, A, B, C, init):
+    return _ssd_xla(x, dt, A, B, C, chunk_size=chunk_size, initial_state=init,
+                    return_final_state=True, segment_ids=seg)
+
+  _, vjp = jax.vjp(xla, x, dt, A, B, C, init)
+  grads = vjp(cotangents)
+  return (*grads, np.zeros(seg.shape, jax.dtypes.float0))
+
+
+_ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
+
+
+def _ssd_xla(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
+             return_final_state: bool = False, segment_ids=None):
+  """The XLA chunked SSD (the `reference` implementation of `ssd`)."""
+  b, l, h, p = x.shape
+  g, n = B.shape[-2:]
   cdt = x.dtype
   prec = _matmul_precision(cdt)
   q = chunk_size

@@ -32,7 +32,10 @@ _MODEL_SECTIONS = ("model", "mamba", "sal", "attention")
 
 
 def model_signature(cfg) -> dict:
-  return {k: cfg[k].to_dict() for k in _MODEL_SECTIONS}
+  """The config sections that shape the parameters; which kernel computes them is not one."""
+  sig = {k: cfg[k].to_dict() for k in _MODEL_SECTIONS}
+  sig["mamba"].pop("kernel", None)
+  return sig
 
 
 class Checkpointer:

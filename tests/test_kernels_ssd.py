@@ -1,0 +1,140 @@
+"""The Pallas TPU SSD kernel (interpret mode on the CPU) against the sequential reference.
+
+Interpret mode fills memory the kernel never writes with NaN, so an unwritten output block
+fails the comparison.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu, ssd_reference
+from taipan_jax import ops
+
+# (batch, seq, heads, head_dim, groups, d_state, chunk): awkward lengths, groups, tiny and
+# large states.
+SHAPES = [
+    (1, 16, 1, 8, 1, 4, 8),
+    (2, 45, 4, 8, 2, 16, 16),        # seq not a multiple of the chunk
+    (1, 70, 6, 16, 3, 2, 32),        # tiny d_state, 3 groups
+    (2, 33, 2, 64, 1, 128, 16),      # Mamba-2 head_dim and d_state
+]
+
+
+def _inputs(rng, b, l, h, p, g, n, dtype=jnp.float32):
+  x = jnp.asarray(rng.standard_normal((b, l, h, p)), dtype)
+  dt = jnp.asarray(rng.uniform(0.01, 0.5, (b, l, h)), jnp.float32)
+  A = -jnp.asarray(rng.uniform(0.5, 8.0, (h,)), jnp.float32)
+  B = jnp.asarray(rng.standard_normal((b, l, g, n)) / np.sqrt(n), dtype)
+  C = jnp.asarray(rng.standard_normal((b, l, g, n)), dtype)
+  init = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
+  return x, dt, A, B, C, init
+
+
+def _segments(rng, b, l):
+  """Contiguous runs of ids (packed documents), at random boundaries."""
+  cuts = np.sort(rng.choice(np.arange(1, l), size=(b, 3)), axis=1)
+  seg = np.zeros((b, l), np.int32)
+  for r in range(b):
+    for c in cuts[r]:
+      seg[r, c:] += 1
+  return jnp.asarray(seg + 1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_matches_the_recurrence(rng, shape, packed):
+  b, l, h, p, g, n, q = shape
+  x, dt, A, B, C, init = _inputs(rng, b, l, h, p, g, n)
+  seg = _segments(rng, b, l) if packed else None
+  y, final = ssd_forward_tpu(x, dt, A, B, C, init, seg, block_sizes=BlockSizes(q),
+                             interpret=True)
+  y_ref, final_ref = ssd_reference(x, dt, A, B, C, initial_state=init, segment_ids=seg)
+  scale = float(jnp.abs(y_ref).max())
+  err, ferr = float(jnp.abs(y - y_ref).max()), float(jnp.abs(final - final_ref).max())
+  print(f"\n{shape} packed={packed}: y {err:.2e} (|y| {scale:.1f}), final {ferr:.2e}")
+  assert err < 2e-5 * max(scale, 1.0) and ferr < 2e-5 * max(float(jnp.abs(final_ref).max()), 1)
+
+
+def test_bfloat16_inputs_accumulate_in_fp32(rng):
+  x, dt, A, B, C, init = _inputs(rng, 2, 40, 4, 16, 2, 32, dtype=jnp.bfloat16)
+  y, final = ssd_forward_tpu(x, dt, A, B, C, init, block_sizes=BlockSizes(16), interpret=True)
+  y_ref, final_ref = ssd_reference(x, dt, A, B, C, initial_state=init)
+  assert y.dtype == jnp.bfloat16
+  rel = float(jnp.abs(y.astype(jnp.float32) - y_ref).max() / jnp.abs(y_ref).max())
+  print(f"\nbf16: relative error {rel:.2e}")
+  assert rel < 1e-2
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_ops_ssd_interpret_forward_and_gradients_match_reference(rng, packed):
+  b, l, h, p, g, n = 2, 37, 4, 8, 2, 8
+  x, dt, A, B, C, init = _inputs(rng, b, l, h, p, g, n)
+  seg = _segments(rng, b, l) if packed else None
+  w_y = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
+  w_s = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
+
+  def loss(impl, *args):
+    y, s = ops.ssd(*args[:5], chunk_size=16, initial_state=args[5], return_final_state=True,
+                   segment_ids=seg, implementation=impl)
+    return jnp.sum(y * w_y) + jnp.sum(s * w_s)
+
+  args = (x, dt, A, B, C, init)
+  got = jax.grad(lambda *a: loss("interpret", *a), argnums=tuple(range(6)))(*args)
+  want = jax.grad(lambda *a: loss("reference", *a), argnums=tuple(range(6)))(*args)
+  assert abs(float(loss("interpret", *args)) - float(loss("reference", *args))) < 1e-3
+  for name, a, w in zip(("x", "dt", "A", "B", "C", "init"), got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-4, atol=1e-4,
+                               err_msg=name)
+
+
+def test_environment_variable_forces_the_path(rng, monkeypatch):
+  x, dt, A, B, C, _ = _inputs(rng, 1, 20, 2, 8, 1, 8)
+  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
+  assert ops.ssd.__module__ and ops.resolve_implementation() == "interpret"
+  y = ops.ssd(x, dt, A, B, C, chunk_size=8)
+  monkeypatch.setenv("TAIPAN_KERNELS", "reference")
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ops.ssd(x, dt, A, B, C, chunk_size=8)),
+                             rtol=1e-5, atol=1e-5)
+  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
+  with pytest.raises(ValueError, match="no Pallas SSD kernel for backend 'cpu'"):
+    ops.ssd(x, dt, A, B, C, chunk_size=8)
+  monkeypatch.setenv("TAIPAN_KERNELS", "fast")
+  with pytest.raises(ValueError, match="'fast' is unknown"):
+    ops.ssd(x, dt, A, B, C, chunk_size=8)
+
+
+def test_kernel_inside_shard_map_matches_unsharded(rng):
+  """Pallas calls are not partitioned by XLA: the batch is split with shard_map."""
+  x, dt, A, B, C, init = _inputs(rng, 8, 24, 2, 8, 1, 8)
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  row = P("data")
+
+  def local(x, dt, B, C, init):
+    return ssd_forward_tpu(x, dt, A, B, C, init, block_sizes=BlockSizes(8), interpret=True)
+
+  sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(row,) * 5,
+                                  out_specs=(row, row), check_vma=False))
+  put = lambda t: jax.device_put(t, NamedSharding(mesh, row))
+  y, final = sharded(*(put(t) for t in (x, dt, B, C, init)))
+  y_ref, final_ref = ssd_forward_tpu(x, dt, A, B, C, init, block_sizes=BlockSizes(8),
+                                     interpret=True)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(final), np.asarray(final_ref), rtol=1e-6, atol=1e-6)
+
+
+def test_taipan_forward_with_the_kernel_matches_reference(rng):
+  """mamba.kernel='interpret' end to end: the whole tiny Taipan's logits."""
+  from helpers import build, jit_forward, random_tokens, tiny_config
+  tokens = random_tokens(rng, 2, 40)
+  logits = {}
+  for kernel in ("reference", "interpret"):
+    model = build(tiny_config(mamba__kernel=kernel))
+    model.eval()
+    logits[kernel] = np.asarray(jit_forward(model, tokens)[0])
+  err = np.abs(logits["interpret"] - logits["reference"]).max()
+  print(f"\ntiny Taipan logits, kernel vs reference: {err:.2e}")
+  assert err < 1e-5 * max(1.0, np.abs(logits["reference"]).max())
