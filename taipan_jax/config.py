@@ -32,21 +32,26 @@ def _fail(key: str, value: Any, problem: str, fix: str):
 
 def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:
-  """Loads a config file (path) or a bundled config (name such as "tiny"), then validates it.
+  """Loads a config file (path), a bundled config (name such as "tiny") or a run's
+  config.json, then validates it.
 
   overrides: dotted keys to values, e.g. {"model.d_model": 128}, applied before validation.
   """
+  cfg = _read_config(path_or_name)
+  for key, value in (overrides or {}).items():
+    _set_dotted(cfg, key, value)
+  return validate(cfg)
+
+
+def _read_config(path_or_name: str) -> ml_collections.ConfigDict:
+  """The unvalidated config of a .py file, a bundled name, or a run's config.json."""
   if path_or_name.endswith(".json") and os.path.isfile(path_or_name):
-    # A config saved by `taipan train` or `taipan convert` (workdir/config.json).
     with open(path_or_name) as f:
       try:
-        cfg = ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(json.load(f))
       except json.JSONDecodeError as e:
         raise ConfigError(f"config {path_or_name!r} is not valid JSON ({e}); fix: point at "
                           "the config.json a run wrote") from None
-    for key, value in (overrides or {}).items():
-      _set_dotted(cfg, key, value)
-    return validate(cfg)
   if os.path.exists(path_or_name):
     spec = importlib.util.spec_from_file_location("_taipan_config", path_or_name)
     module = importlib.util.module_from_spec(spec)
@@ -63,13 +68,10 @@ def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
     raise ConfigError(f"config {path_or_name!r}: the file defines no get_config(); "
                       "fix: add `def get_config(): ...` returning a ConfigDict")
   try:
-    cfg = module.get_config()
+    return module.get_config()
   except TypeError as e:     # ConfigDict refuses a value of the wrong type on assignment
     raise ConfigError(f"config {path_or_name!r}: {e}; fix: give the field a value of the "
                       "type configs/base.py declares") from None
-  for key, value in (overrides or {}).items():
-    _set_dotted(cfg, key, value)
-  return validate(cfg)
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ seq_len + 1 tokens, so no token is dropped; segment ids keep documents apart.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import grain
 from absl import flags
@@ -85,12 +86,22 @@ def _to_lm_example(row: dict) -> dict:
           "example_ids": row["example_ids"][:-1]}
 
 
-def _text_datasets(cfg):
+class Corpus(NamedTuple):
+  """A text config's documents, indexed once, and their train / held-out split."""
+  documents: TextDocuments
+  train: np.ndarray
+  held_out: np.ndarray
+
+
+def load_corpus(cfg) -> Corpus | None:
+  """Checks the tokenizer against the model and indexes the files (None for synthetic
+  tasks). Indexing reads every .jsonl file: build it once and pass it to both makers."""
   d = cfg.data
+  if d.task != "text":
+    return None
   check_vocab(load_tokenizer(d.tokenizer), cfg.model.vocab_size, d.tokenizer)
   documents = TextDocuments(d.path, d.text_field)
-  train_idx, eval_idx = split_indices(len(documents), d.eval_fraction)
-  return documents, train_idx, eval_idx
+  return Corpus(documents, *split_indices(len(documents), d.eval_fraction))
 
 
 def _pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -103,18 +114,21 @@ def _read_options(cfg) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=cfg.data.read_threads, prefetch_buffer_size=64)
 
 
-def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
+def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1,
+                        corpus: Corpus | None = None):
   """The training stream of this process: an infinite grain DatasetIterator of batches with
-  cfg.train.batch_size // process_count rows each (get_state/set_state for checkpoints)."""
+  cfg.train.batch_size // process_count rows each (get_state/set_state for checkpoints).
+  corpus: the config's load_corpus(), if already built."""
   d, t = cfg.data, cfg.train
   rows = t.batch_size // process_count
   if d.task == "text":
-    documents, train_idx, _ = _text_datasets(cfg)
-    if train_idx.size == 0:
+    corpus = corpus or load_corpus(cfg)
+    if corpus.train.size == 0:
       raise DataError(f"data.eval_fraction={d.eval_fraction} leaves none of the "
-                      f"{len(documents)} documents for training; fix: lower it or add text")
-    ds = (grain.MapDataset.source(train_idx).seed(t.seed).shuffle().repeat(None)
-          [process_index::process_count].map(_Tokenize(documents, d.tokenizer)))
+                      f"{len(corpus.documents)} documents for training; fix: lower it or add "
+                      "text")
+    ds = (grain.MapDataset.source(corpus.train).seed(t.seed).shuffle().repeat(None)
+          [process_index::process_count].map(_Tokenize(corpus.documents, d.tokenizer)))
     it = _pack(ds.to_iter_dataset(_read_options(cfg)), d.seq_len)
   else:
     ds = _synthetic_dataset(cfg, t.seed)[process_index::process_count]
@@ -129,14 +143,16 @@ def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
   return iter(it)
 
 
-def make_eval_batches(cfg, num_batches: int, *, batch_size: int | None = None) -> list[dict]:
+def make_eval_batches(cfg, num_batches: int, *, batch_size: int | None = None,
+                      corpus: Corpus | None = None) -> list[dict]:
   """A fixed held-out set: up to num_batches batches (the held-out documents may run out
   first); the last batch is padded with loss_mask 0 to a full batch."""
   d = cfg.data
   rows = batch_size or cfg.train.batch_size
   if d.task == "text":
-    documents, _, eval_idx = _text_datasets(cfg)
-    ds = grain.MapDataset.source(eval_idx).map(_Tokenize(documents, d.tokenizer))
+    corpus = corpus or load_corpus(cfg)
+    ds = grain.MapDataset.source(corpus.held_out).map(_Tokenize(corpus.documents,
+                                                                 d.tokenizer))
     it = _pack(ds.to_iter_dataset(_read_options(cfg)), d.seq_len)
   else:
     it = _synthetic_dataset(cfg, cfg.train.seed + _EVAL_SEED_OFFSET).to_iter_dataset()

@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from taipan_jax.training.checkpoint import Checkpointer
+from taipan_jax.training.checkpoint import Checkpointer, write_config
 from taipan_jax.training.loop import check_workdir
 from taipan_jax.training.step import make_steps
 
@@ -29,7 +29,4 @@ def save_workdir(model, cfg, workdir: str) -> str:
     checkpointer.save(jax.device_get(state), data_state=None, cfg=cfg, force=True)
   finally:
     checkpointer.close()
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    f.write(cfg.to_json(indent=2))
-  return path
+  return write_config(cfg, workdir)

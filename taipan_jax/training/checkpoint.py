@@ -38,6 +38,14 @@ def model_signature(cfg) -> dict:
   return sig
 
 
+def write_config(cfg, workdir: str) -> str:
+  """`<workdir>/config.json`, the config `taipan eval` and `--config=` read back."""
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w") as f:
+    f.write(cfg.to_json(indent=2))
+  return path
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, log=print):

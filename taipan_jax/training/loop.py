@@ -6,9 +6,9 @@ its workdir by itself, and SIGTERM (preemption) saves and returns.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
+import threading
 import time
 from typing import Callable
 
@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import taipan_jax
 from taipan_jax.data import pipeline
 from taipan_jax.training import flops
-from taipan_jax.training.checkpoint import Checkpointer, CheckpointError
+from taipan_jax.training.checkpoint import Checkpointer, CheckpointError, write_config
 from taipan_jax.training.metrics import MetricsWriter, format_eta
 from taipan_jax.training.step import make_steps
 
@@ -57,7 +57,9 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
-    if threading_is_main():
+    # Signal handlers can be installed from the main thread only (tests call train() from
+    # worker threads too).
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -69,14 +71,17 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def threading_is_main() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
-
-
-def _data_parallel(mesh):
-  """Shardings for data parallelism: parameters replicated, batches split over rows."""
+def _data_parallel():
+  """Shardings for data parallelism over every device: parameters replicated, batch rows
+  split."""
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def _restore_target(state):
+  """The abstract state (shapes, dtypes, shardings) a checkpoint is restored into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
 
 
 def _global_batch(batch: dict, sharding) -> dict:
@@ -125,13 +130,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   check_devices(cfg)
   # Data first: a bad path, an empty corpus or a tokenizer mismatch stops here, before any
   # compilation or any file is written.
+  corpus = pipeline.load_corpus(cfg)
   data_iter = pipeline.make_train_iterator(cfg, process_index=jax.process_index(),
-                                           process_count=jax.process_count())
-  eval_batches = pipeline.make_eval_batches(cfg, t.eval_batches,
+                                           process_count=jax.process_count(), corpus=corpus)
+  eval_batches = pipeline.make_eval_batches(cfg, t.eval_batches, corpus=corpus,
                                             batch_size=t.batch_size // jax.process_count())
 
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  replicated, rows = _data_parallel(mesh)
+  replicated, rows = _data_parallel()
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=t.seed, gumbel=t.seed + 1))
   steps = make_steps(cfg, model)
   state = jax.device_put(steps.init_state(), replicated)
@@ -144,17 +149,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   if workdir:
     os.makedirs(workdir, exist_ok=True)
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, log=log)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state)
-    restored = checkpointer.restore(abstract, cfg)
+    restored = checkpointer.restore(_restore_target(state), cfg)
     if restored is not None:
       state, data_state, start_step = restored
       if data_state is not None:       # None: converted weights, no data read yet
         data_iter.set_state(data_state)
       log(f"resumed from step {start_step} in {checkpointer.directory}")
     if is_main:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json(indent=2))
+      write_config(cfg, workdir)
   writer = MetricsWriter(workdir, enabled=bool(workdir) and is_main, resume_step=start_step)
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -203,33 +205,31 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
     if checkpointer is not None:
       checkpointer.save(state, data_state=data_iter.get_state(), cfg=cfg, force=force)
 
-  pending = None      # (step, metrics) of the step in flight: read one step late
+  # The non-finite check reads each step's flags one step late, so that the host never
+  # waits for the step it has just dispatched.
+  previous = None
   step = start_step
   try:
     with _Preemption() as preemption:
-      while step < t.steps:
+      while step < t.steps and not preemption.requested:
         batch = _global_batch(next(data_iter), rows)
         state, metrics = train_step(state, batch)
         step += 1
-        if pending is not None:
-          _after_step(*pending, cfg=cfg, log=log)
-        pending = (step, metrics)
+        if previous is not None:
+          _after_step(*previous, cfg=cfg, log=log)
+        previous = (step, metrics)
         if step == start_step + 1 or step % t.log_every == 0 or step == t.steps:
-          _after_step(*pending, cfg=cfg, log=log)
-          pending = None
           report(step, _host(metrics), time.perf_counter())
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
           evaluate(step)
         if t.checkpoint_every and step % t.checkpoint_every == 0:
           checkpoint()
-        if preemption.requested:
-          if pending is not None:
-            _after_step(*pending, cfg=cfg, log=log)
-          log(f"SIGTERM at step {step}: checkpointing and stopping")
-          checkpoint(force=True)
-          return history
-      if pending is not None:
-        _after_step(*pending, cfg=cfg, log=log)
+      if previous is not None:
+        _after_step(*previous, cfg=cfg, log=log)
+      if preemption.requested and step < t.steps:
+        log(f"SIGTERM at step {step}: checkpointing and stopping")
+        checkpoint(force=True)
+        return history
       evaluate(step)
       checkpoint(force=True)
       log(f"done: {step - start_step} steps in {time.perf_counter() - run_start:.1f}s")
@@ -271,26 +271,21 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
   if not os.path.isfile(config_path):
     raise TrainingError(f"{workdir!r} holds no config.json: not a training workdir; fix: "
                         "point --workdir at the directory `taipan train` wrote")
-  with open(config_path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  if data_path:
-    cfg.data.path = data_path
-    cfg.data.eval_fraction = 1.0 - 1e-9     # every document is held out
-  cfg = taipan_jax.config.validate(cfg)
+  # With data_path, every document of it is held out.
+  overrides = ({"data.path": data_path, "data.eval_fraction": 1.0 - 1e-9} if data_path
+               else None)
+  cfg = taipan_jax.load_config(config_path, overrides)
   n = batches or cfg.train.eval_batches
   eval_batches = pipeline.make_eval_batches(cfg, n, batch_size=cfg.train.batch_size)
   if not eval_batches:
     raise TrainingError(f"no evaluation data for {workdir!r}; fix: pass --data=...")
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1))
   steps = make_steps(cfg, model)
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  replicated, rows = _data_parallel(mesh)
+  replicated, rows = _data_parallel()
   state = jax.device_put(steps.init_state(), replicated)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=x.sharding), state)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, log=log)
   try:
-    restored = checkpointer.restore(abstract, cfg)
+    restored = checkpointer.restore(_restore_target(state), cfg)
   finally:
     checkpointer.close()
   if restored is None:

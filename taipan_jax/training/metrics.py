@@ -52,10 +52,6 @@ class MetricsWriter:
         summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
-  def flush(self) -> None:
-    if self.enabled:
-      self._events.flush()
-
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
