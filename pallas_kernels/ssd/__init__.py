@@ -1,10 +1,13 @@
-"""Chunked SSD (Mamba-2) kernels: a TPU (Mosaic) forward kernel and the naive reference.
+"""Chunked SSD (Mamba-2) kernels and the plain reference they are tested against.
 
-`ssd_forward_tpu` runs on TPU, or anywhere with `interpret=True` (Pallas TPU interpret mode).
-`ssd_reference` is the sequential recurrence every implementation is tested against.
+`ssd_gpu`: Pallas Triton forward and backward kernels (differentiable; GPU, or any backend
+with interpret=True). `ssd_forward_tpu`: the Pallas TPU (Mosaic) forward kernel (TPU, or any
+backend in TPU interpret mode). `ssd_reference`: the sequential recurrence.
 """
 from pallas_kernels.ssd.common import BlockSizes
+from pallas_kernels.ssd.gpu import ssd_backward_gpu, ssd_forward_gpu, ssd_gpu
 from pallas_kernels.ssd.reference import ssd_reference
 from pallas_kernels.ssd.tpu import ssd_forward_tpu
 
-__all__ = ["BlockSizes", "ssd_forward_tpu", "ssd_reference"]
+__all__ = ["BlockSizes", "ssd_backward_gpu", "ssd_forward_gpu", "ssd_forward_tpu", "ssd_gpu",
+           "ssd_reference"]

@@ -1,0 +1,215 @@
+r"""The chunked SSD on one GPU: our Pallas kernels against XLA and the fastest peer kernels.
+
+Times forward and forward+backward (the backward of sum(y * dy) with respect to x, dt, A, B,
+C) of:
+  pallas     taipan_jax's Pallas Triton kernels (pallas_kernels/ssd/gpu.py)
+  xla        our XLA chunked SSD (ops.ssd implementation='reference'), chunk 256
+  mamba_ssm  mamba_ssm's Triton `mamba_chunk_scan_combined`, chunk 256 (if importable)
+  fla        flash-linear-attention's `chunk_simple_gla` (if importable): the same recurrence
+             with q = C, k = B, v = x dt, g = dt A. It is timed on those native inputs with
+             B and C already repeated per head, so the preparation it needs is not counted.
+All run on the same bf16 inputs in the same process; every output is compared with the fp32
+sequential reference (pallas_kernels.ssd.ssd_reference) on the same inputs.
+
+    python benchmarks/ssd.py                      # the three shapes below
+    python benchmarks/ssd.py --shapes=first --reps=5
+Shapes (batch, seq, heads, head_dim, groups, d_state):
+  first   8 x 4096,  24 x 64, 1 x 128  (Taipan 190M's layer at the issue's batch)
+  long    2 x 16384, 24 x 64, 1 x 128
+  1.3b    4 x 4096,  64 x 64, 1 x 128  (Taipan 1.3B's layer)
+Writes benchmarks/results/ssd_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")   # leave room for torch
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_reference
+from taipan_jax import ops
+
+SHAPES = {"first": (8, 4096, 24, 64, 1, 128), "long": (2, 16384, 24, 64, 1, 128),
+          "1.3b": (4, 4096, 64, 64, 1, 128)}
+
+
+def make_inputs(shape, seed=0):
+  b, l, h, p, g, n = shape
+  k = jax.random.split(jax.random.PRNGKey(seed), 6)
+  bf = jnp.bfloat16
+  x = jax.random.normal(k[0], (b, l, h, p), bf)
+  dt = jax.nn.softplus(jax.random.normal(k[1], (b, l, h)) - 2.0)           # fp32, as Mamba-2
+  A = -jnp.exp(jax.random.uniform(k[2], (h,), minval=0.0, maxval=np.log(16.0)))
+  B = jax.random.normal(k[3], (b, l, g, n), bf)
+  C = jax.random.normal(k[4], (b, l, g, n), bf)
+  dy = jax.random.normal(k[5], (b, l, h, p), bf)
+  return x, dt, A, B, C, dy
+
+
+def timed(fn, *args, reps):
+  """Median seconds per call; fn's outputs are synced by the caller-supplied sync."""
+  fn(*args)
+  samples = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn(*args)
+    samples.append(time.perf_counter() - start)
+  return float(np.median(samples))
+
+
+def jax_fns(impl, block_sizes):
+  if impl == "pallas":
+    forward = lambda x, dt, A, B, C: ssd_gpu(x, dt, A, B, C, block_sizes=block_sizes)[0]
+  else:
+    forward = lambda x, dt, A, B, C: ops.ssd(x, dt, A, B, C, chunk_size=256,
+                                             implementation="reference")
+
+  def fwd_bwd(x, dt, A, B, C, dy):
+    y, vjp = jax.vjp(forward, x, dt, A, B, C)
+    return y, vjp(dy)
+
+  fwd, fb = jax.jit(forward), jax.jit(fwd_bwd)
+  run_fwd = lambda *a: jax.block_until_ready(fwd(*a))
+  run_fb = lambda *a: jax.block_until_ready(fb(*a))
+  return run_fwd, run_fb
+
+
+def bench_jax(impl, inputs, reps, block_sizes, loops=5):
+  x, dt, A, B, C, dy = inputs
+  run_fwd, run_fb = jax_fns(impl, block_sizes)
+  f = lambda: [run_fwd(x, dt, A, B, C) for _ in range(loops)]
+  fb = lambda: [run_fb(x, dt, A, B, C, dy) for _ in range(loops)]
+  y = run_fwd(x, dt, A, B, C)
+  return y, timed(f, reps=reps) / loops, timed(fb, reps=reps) / loops
+
+
+def torch_peers():
+  peers = {}
+  try:
+    import torch
+  except ImportError:
+    return peers, None
+  try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    import mamba_ssm
+    peers["mamba_ssm"] = (mamba_chunk_scan_combined, mamba_ssm.__version__)
+  except Exception as e:  # noqa: BLE001 -- any import failure means: not available here
+    print(f"mamba_ssm unavailable: {type(e).__name__}: {e}")
+  try:
+    from fla.ops.simple_gla import chunk_simple_gla
+    import fla
+    peers["fla"] = (chunk_simple_gla, getattr(fla, "__version__", "?"))
+  except Exception as e:  # noqa: BLE001
+    print(f"fla unavailable: {type(e).__name__}: {e}")
+  return peers, torch
+
+
+def bench_torch(name, fn, torch, inputs, reps, loops=5):
+  x, dt, A, B, C, dy = (torch.from_numpy(np.asarray(t.astype(jnp.float32))).cuda()
+                        for t in inputs)
+  bf = torch.bfloat16
+  x, B, C, dy = x.to(bf), B.to(bf), C.to(bf), dy.to(bf)
+  h = x.shape[2]
+  if name == "mamba_ssm":
+    args = [x, dt, A, B, C]
+    call = lambda *a: fn(*a, chunk_size=256)
+  else:
+    rep = h // B.shape[2]
+    q = C.repeat_interleave(rep, dim=2).contiguous()
+    k = B.repeat_interleave(rep, dim=2).contiguous()
+    v = (x.float() * dt[..., None]).to(bf)
+    g = (dt * A).contiguous()
+    args = [q, k, v, g]
+    call = lambda q, k, v, g: fn(q, k, v, g=g, scale=1.0)[0]
+  for t in args:
+    t.requires_grad_(True)
+
+  def fwd():
+    with torch.no_grad():
+      for _ in range(loops):
+        out = call(*args)
+    torch.cuda.synchronize()
+    return out
+
+  def fwd_bwd():
+    for _ in range(loops):
+      for t in args:
+        t.grad = None
+      call(*args).backward(dy)
+    torch.cuda.synchronize()
+
+  y = fwd()
+  return (jnp.asarray(y.float().cpu().numpy()),
+          timed(fwd, reps=reps) / loops, timed(fwd_bwd, reps=reps) / loops)
+
+
+def reference(inputs):
+  x, dt, A, B, C, _ = inputs
+  f32 = lambda t: t.astype(jnp.float32)
+  y, _ = jax.jit(ssd_reference)(f32(x), dt, A, f32(B), f32(C))
+  return y
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shapes", default="first,long,1.3b")
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    raise SystemExit(f"benchmarks/ssd.py times GPU kernels; this backend is {device.platform!r}")
+  block_sizes = BlockSizes.for_backend("gpu")
+  peers, torch = torch_peers()
+  results = {"device": device.device_kind, "jax": jax.__version__, "python": platform.python_version(),
+             "block_sizes": dataclasses.asdict(block_sizes),
+             "versions": {name: v for name, (_, v) in peers.items()}, "rows": []}
+  if torch is not None:
+    import triton
+    results["versions"].update(torch=torch.__version__, triton=triton.__version__)
+  for shape_name in args.shapes.split(","):
+    shape = SHAPES[shape_name]
+    inputs = make_inputs(shape)
+    y_ref = reference(inputs)
+    scale = float(jnp.sqrt(jnp.mean(y_ref ** 2)))
+    rows = []
+    for impl in ("pallas", "xla"):
+      y, fwd_s, fb_s = bench_jax(impl, inputs, args.reps, block_sizes)
+      rows.append((impl, fwd_s, fb_s, y))
+    for name, (fn, _) in peers.items():
+      try:
+        y, fwd_s, fb_s = bench_torch(name, fn, torch, inputs, args.reps)
+      except Exception as e:  # noqa: BLE001 -- report and go on with the others
+        print(f"{name} failed at {shape_name}: {type(e).__name__}: {e}")
+        continue
+      rows.append((name, fwd_s, fb_s, y))
+    ours_f, ours_fb = rows[0][1], rows[0][2]
+    print(f"\nshape {shape_name} {shape} bf16; error = max |y - y_fp32_reference| / rms(y_ref)")
+    print(f"{'implementation':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd vs ours':>13}"
+          f"{'f+b vs ours':>13}{'max error':>11}")
+    for impl, fwd_s, fb_s, y in rows:
+      err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref))) / scale
+      print(f"{impl:<12}{fwd_s * 1e3:>9.3f}{fb_s * 1e3:>12.3f}{fwd_s / ours_f:>13.2f}"
+            f"{fb_s / ours_fb:>13.2f}{err:>11.2e}")
+      results["rows"].append({"shape": shape_name, "dims": shape, "implementation": impl,
+                              "fwd_ms": fwd_s * 1e3, "fwd_bwd_ms": fb_s * 1e3,
+                              "fwd_ratio_to_ours": fwd_s / ours_f,
+                              "fwd_bwd_ratio_to_ours": fb_s / ours_fb, "max_error": err})
+    del inputs, rows
+  name = device.device_kind.lower().replace(" ", "_")
+  out = args.out or os.path.join(os.path.dirname(__file__), "results", f"ssd_{name}.json")
+  with open(out, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
