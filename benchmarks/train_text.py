@@ -30,7 +30,7 @@ def stdlib_glob() -> str:
   return os.path.join(sysconfig.get_paths()["stdlib"], "*.py")
 
 
-def run_config(name, args, tokenizer, workdir) -> dict:
+def run_config(name, args, tokenizer, workdir, kernel="auto") -> dict:
   cmd = [sys.executable, "-m", "taipan_jax.cli", "train", f"--config={name}",
          f"--workdir={workdir}", "--config.data.task=text",
          f"--config.data.path={stdlib_glob()}", f"--config.data.tokenizer={tokenizer}",
@@ -40,7 +40,7 @@ def run_config(name, args, tokenizer, workdir) -> dict:
          f"--config.train.steps={args.steps}", f"--config.train.log_every={args.log_every}",
          "--config.train.eval_every=0", "--config.train.eval_batches=2",
          "--config.train.checkpoint_every=0", f"--config.data.read_threads={args.read_threads}",
-         "--config.optim.warmup_steps=50"]
+         "--config.optim.warmup_steps=50", f"--config.mamba.kernel={kernel}"]
   start = time.perf_counter()
   out = subprocess.run(cmd, capture_output=True, text=True)
   wall = time.perf_counter() - start
@@ -56,7 +56,7 @@ def run_config(name, args, tokenizer, workdir) -> dict:
   peak = [r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r]
   losses = [r["loss"] for r in rows if "loss" in r]
   evals = [r for r in rows if "eval/loss" in r]
-  return {"config": name, "tokens_per_second": rates[len(rates) // 2],
+  return {"config": name, "ssd_kernel": kernel, "tokens_per_second": rates[len(rates) // 2],
           "mfu": mfus[len(mfus) // 2] if mfus else None,
           "peak_memory_gib": peak[-1] if peak else None,
           "loss_first": losses[0], "loss_last": losses[-1],
@@ -78,6 +78,9 @@ def main():
   parser.add_argument("--read_threads", type=int, default=8)
   parser.add_argument("--workdir", default="/tmp/taipan_train_text")
   parser.add_argument("--results_dir", default="benchmarks/results")
+  parser.add_argument("--kernels", default="auto",
+                      help="SSD implementations to run each config with (mamba.kernel), e.g. "
+                           "pallas,reference; results go to train_text_kernels_<device>.json")
   args = parser.parse_args()
 
   os.makedirs(args.workdir, exist_ok=True)
@@ -93,14 +96,16 @@ def main():
 
   results = []
   for name in args.configs.split(","):
-    workdir = os.path.join(args.workdir, f"{name}_{int(time.time())}")
-    results.append(run_config(name, args, prefix + ".model", workdir))
-    print(json.dumps(results[-1]))
+    for kernel in args.kernels.split(","):
+      workdir = os.path.join(args.workdir, f"{name}_{kernel}_{int(time.time())}")
+      results.append(run_config(name, args, prefix + ".model", workdir, kernel))
+      print(json.dumps(results[-1]))
 
   device = jax.devices()[0]
   base = results[0]
   for r in results[1:]:
-    print(f"{base['config']} / {r['config']}: tokens/s ratio "
+    print(f"{base['config']}[{base['ssd_kernel']}] / {r['config']}[{r['ssd_kernel']}]: "
+          "tokens/s ratio "
           f"{base['tokens_per_second'] / r['tokens_per_second']:.3f}")
   record = {"benchmark": "train_text", "device": device.device_kind,
             "platform": device.platform, "jax": jax.__version__,
@@ -111,7 +116,8 @@ def main():
             "grad_accum": args.grad_accum, "results": results}
   os.makedirs(args.results_dir, exist_ok=True)
   kind = device.device_kind.replace(" ", "_").lower()
-  out = os.path.join(args.results_dir, f"train_text_{kind}.json")
+  stem = "train_text" if args.kernels == "auto" else "train_text_kernels"
+  out = os.path.join(args.results_dir, f"{stem}_{kind}.json")
   with open(out, "w") as f:
     json.dump(record, f, indent=2)
   print(f"wrote {out}")

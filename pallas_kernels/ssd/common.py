@@ -16,7 +16,8 @@ class BlockSizes:
   heads_per_program: heads of a group per program of the backward's chunk kernel (GPU; None =
     all). It sums dB and dC over its heads in registers; fewer heads per program mean more
     programs and fp32 partial sums to add up after.
-  num_warps, num_stages: Triton launch parameters (GPU).
+  num_warps, num_stages, num_stages_bwd: Triton launch parameters (GPU; the last for the
+    three backward kernels).
 
   TPU: chunk 128 keeps the [Q, Q] decay matrix and the [Q, head_dim] / [Q, d_state] tiles in
   VMEM with double buffering at head_dim 64 and d_state 128, and fills the 128-wide MXU.
@@ -28,6 +29,7 @@ class BlockSizes:
   heads_per_program: int | None = None
   num_warps: int = 4
   num_stages: int = 2
+  num_stages_bwd: int = 2
 
   def __post_init__(self):
     for name in ("chunk", "chunk_bwd"):
@@ -37,6 +39,7 @@ class BlockSizes:
 
   @classmethod
   def for_backend(cls, backend: str) -> "BlockSizes":
-    if backend == "gpu":      # tuned on an H100 (benchmarks/ssd.py)
-      return cls(chunk=64, chunk_bwd=64, block_p=None, num_warps=4, num_stages=2)
+    if backend == "gpu":      # tuned on an H100 by benchmarks/ssd_tune.py
+      return cls(chunk=64, chunk_bwd=32, block_p=None, heads_per_program=None, num_warps=4,
+                 num_stages=2, num_stages_bwd=1)
     return cls()

@@ -178,16 +178,16 @@ def _chunk_grad_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, states_ref, 
     d_scores = _dot(dy, xdt, trans_b=True)                                # dy_i . xdt_j
     d_cb = d_scores * lmat
     bg = _dot(bm, g_out.astype(dtype), trans_b=True)                      # [Q, p]
-    cs = _dot(cm, s_in.astype(dtype), trans_b=True)                       # [Q, p]
     d_xdt = _dot(scores, dy, trans_a=True) + to_end[:, None] * bg
     d_cb_in = d_cb.astype(dtype)
-    dc += _dot(d_cb_in, bm) + from_state[:, None] * _dot(dy, s_in.astype(dtype))
+    dy_s = _dot(dy, s_in.astype(dtype))                                   # [Q, n]
+    dc += _dot(d_cb_in, bm) + from_state[:, None] * dy_s
     db += _dot(d_cb_in, cm, trans_a=True) + to_end[:, None] * _dot(xdt, g_out.astype(dtype))
     # d/d cum: the intra-chunk decays, the incoming state's decay, the decays to the end.
     m = cb * d_cb
     v = to_end * jnp.sum(xdt32 * bg, axis=1)
     d_cum = (jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
-             + from_state * jnp.sum(dy.astype(_F32) * cs, axis=1) - v)
+             + from_state * jnp.sum(cm.astype(_F32) * dy_s, axis=1) - v)
     d_last = jnp.sum(v) + carry * jnp.sum(g_out.astype(_F32) * s_in.astype(_F32))
     d_cum += jnp.where(r == chunk - 1, d_last, 0.0)
     d_logdecay = jnp.sum(d_cum) - jax.lax.cumsum(d_cum, axis=0) + d_cum   # reverse cumsum
@@ -230,9 +230,9 @@ def _out(shape, dtype):
   return jax.ShapeDtypeStruct((_wide_batch(shape), *shape[1:]), dtype)
 
 
-def _params(block_sizes):
-  return plgpu.CompilerParams(num_warps=block_sizes.num_warps,
-                              num_stages=block_sizes.num_stages)
+def _params(block_sizes, backward=False):
+  stages = block_sizes.num_stages_bwd if backward else block_sizes.num_stages
+  return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=stages)
 
 
 def _check(x, B, block_sizes):
@@ -265,7 +265,7 @@ def ssd_forward_gpu(x, dt, A, B, C, initial_state, segment_ids, *,
   kernel = functools.partial(_forward_kernel, seq_len=l, chunk=q, block_p=bp, rep=h // g,
                              emit_states=emit_states)
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(b, h, p // bp),
-                        compiler_params=_params(block_sizes), interpret=interpret,
+                        compiler_params=_params(block_sizes, emit_states), interpret=interpret,
                         name="ssd_states" if emit_states else "ssd_forward",
                         )(A, *map(_widen, (x, dt, B, C, segment_ids, initial_state)))
   return [o[:b] for o in outs]
@@ -280,8 +280,8 @@ def ssd_state_grads_gpu(dt, A, C, segment_ids, dy, dfinal, *, head_dim, block_si
   bp = _block_p(p, block_sizes)
   kernel = functools.partial(_state_grad_kernel, seq_len=l, chunk=q, block_p=bp, rep=h // g)
   dstates, dinit = pl.pallas_call(
-      kernel, grid=(b, h, p // bp), compiler_params=_params(block_sizes), interpret=interpret,
-      out_shape=[_out((b, h, pl.cdiv(l, q), p, n), dy.dtype), _out((b, h, p, n), _F32)],
+      kernel, grid=(b, h, p // bp), compiler_params=_params(block_sizes, True),
+      interpret=interpret, out_shape=[_out((b, h, pl.cdiv(l, q), p, n), dy.dtype), _out((b, h, p, n), _F32)],
       name="ssd_state_grad",
   )(A, *map(_widen, (dt, C, segment_ids, dy, dfinal.astype(_F32))))
   return dstates[:b], dinit[:b]
@@ -300,7 +300,7 @@ def ssd_chunk_grads_gpu(x, dt, A, B, C, segment_ids, states, dstates, dy, *, blo
   kernel = functools.partial(_chunk_grad_kernel, seq_len=l, chunk=q, rep=rep, heads=heads)
   part = lambda shape: jax.ShapeDtypeStruct((splits, *shape), _F32)
   dx, ddt, da, db, dc = pl.pallas_call(
-      kernel, grid=(b, nc, g * splits), compiler_params=_params(block_sizes),
+      kernel, grid=(b, nc, g * splits), compiler_params=_params(block_sizes, True),
       interpret=interpret,
       out_shape=[_out(x.shape, x.dtype), _out((b, l, h), _F32), _out((b, nc, h), _F32),
                  part(B.shape), part(C.shape)], name="ssd_chunk_grad",

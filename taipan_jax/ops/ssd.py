@@ -50,23 +50,34 @@ def _combine_chunks(left, right):
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 
 
-def resolve_implementation(implementation: str = "auto") -> str:
-  """'auto' defers to $TAIPAN_KERNELS, then to the default for the backend.
+def resolve_implementation(implementation: str = "auto", head_dim: int | None = None,
+                           d_state: int | None = None) -> str:
+  """'auto' defers to $TAIPAN_KERNELS, then to the fastest measured path for the backend.
 
-  The default is the XLA path everywhere until a kernel is measured faster on a backend
-  (the TPU kernel's forward has not run on a TPU yet; there is no GPU kernel yet).
+  GPU: the Pallas Triton kernels where they tile the shape (head_dim and d_state powers of
+  two >= 16), measured faster than XLA on an H100 (benchmarks/ssd.py). TPU and CPU: the XLA
+  path; the TPU kernel's forward has not been timed on a TPU (docs/kernels/ssd.md).
+  Returns 'reference', 'pallas_gpu', 'pallas_tpu' or 'interpret'.
   """
   if implementation == "auto":
     implementation = os.environ.get("TAIPAN_KERNELS", "auto")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"SSD implementation {implementation!r} is unknown; use one of "
                      f"{IMPLEMENTATIONS} (argument, mamba.kernel or $TAIPAN_KERNELS)")
+  backend = jax.default_backend()
+  tiles = all(v is None or (v >= 16 and not v & (v - 1)) for v in (head_dim, d_state))
   if implementation == "auto":
-    return "reference"
-  if implementation == "pallas" and jax.default_backend() != "tpu":
-    raise ValueError(f"no Pallas SSD kernel for backend {jax.default_backend()!r} yet (the "
-                     "Mosaic kernel is TPU-only); use 'reference', or 'interpret' to run the "
-                     "TPU kernel in interpret mode")
+    return "pallas_gpu" if backend == "gpu" and tiles else "reference"
+  if implementation == "pallas":
+    if backend == "gpu":
+      if not tiles:
+        raise ValueError(f"the GPU SSD kernel needs head_dim and d_state powers of two >= 16, "
+                         f"got {head_dim} and {d_state}; use 'reference' or 'auto'")
+      return "pallas_gpu"
+    if backend == "tpu":
+      return "pallas_tpu"
+    raise ValueError(f"no Pallas SSD kernel for backend {backend!r}; use 'reference', or "
+                     "'interpret' to run the TPU kernel in interpret mode")
   return implementation
 
 
@@ -75,7 +86,8 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   """Chunked SSD scan, without the D skip connection.
 
   `implementation` ('auto', 'reference', 'pallas', 'interpret'; see resolve_implementation)
-  picks the XLA path below or the Pallas TPU kernel (forward; its backward is the XLA path's).
+  picks the XLA path below, the Pallas GPU kernels (forward and backward), or the Pallas TPU
+  kernel (forward; its backward is the XLA path's).
 
   Args:
     x: [batch, seq, heads, head_dim] inputs (fp32 or bf16).
@@ -100,10 +112,16 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   if dt.shape != (b, l, h) or A.shape != (h,) or B.shape != C.shape or B.shape[:2] != (b, l):
     raise ValueError(f"ssd shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
                      f"B {B.shape}, C {C.shape}")
-  impl = resolve_implementation(implementation)
+  impl = resolve_implementation(implementation, head_dim=p, d_state=n)
   if impl == "reference":
     return _ssd_xla(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state,
                     return_final_state=return_final_state, segment_ids=segment_ids)
+  if impl == "pallas_gpu":
+    from pallas_kernels.ssd import BlockSizes, ssd_gpu
+    # The kernels tile by their own tuned chunk; the result does not depend on chunk_size.
+    y, final = ssd_gpu(x, dt, A, B, C, initial_state, segment_ids,
+                       block_sizes=BlockSizes.for_backend("gpu"))
+    return (y, final) if return_final_state else y
   init = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state)
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
   y, final = _ssd_pallas(x, dt, A, B, C, init, seg, chunk_size, impl == "interpret")
