@@ -41,6 +41,20 @@ SHAPES = {"first": (8, 4096, 24, 64, 1, 128), "long": (2, 16384, 24, 64, 1, 128)
           "1.3b": (4, 4096, 64, 64, 1, 128)}
 
 
+H100_BF16_FLOPS = 989e12      # dense bf16 tensor-core peak, H100 SXM
+H100_BYTES_PER_S = 3.35e12    # HBM3
+
+
+def roofline_work(shape, chunk=256):
+  """FLOPs and bytes of one forward (the issue's count): C B^T once per group, the
+  intra-chunk product over full chunks, chunk states and the off-diagonal output; reading
+  x, dt, B, C (bf16, dt fp32) and writing y once."""
+  b, l, h, p, g, n = shape
+  flops = 2 * b * l * chunk * n * g + 2 * b * h * l * chunk * p + 4 * b * h * l * p * n
+  bytes_moved = 2 * (2 * b * l * h * p + 2 * b * l * g * n) + 4 * b * l * h
+  return flops, bytes_moved
+
+
 def make_inputs(shape, seed=0):
   b, l, h, p, g, n = shape
   k = jax.random.split(jax.random.PRNGKey(seed), 6)
@@ -184,6 +198,7 @@ def main():
     for impl in ("pallas", "xla"):
       y, fwd_s, fb_s = bench_jax(impl, inputs, args.reps, block_sizes)
       rows.append((impl, fwd_s, fb_s, y))
+      print(f"  {shape_name} {impl}: {fwd_s * 1e3:.3f} / {fb_s * 1e3:.3f} ms", flush=True)
     for name, (fn, _) in peers.items():
       try:
         y, fwd_s, fb_s = bench_torch(name, fn, torch, inputs, args.reps)
@@ -191,7 +206,16 @@ def main():
         print(f"{name} failed at {shape_name}: {type(e).__name__}: {e}")
         continue
       rows.append((name, fwd_s, fb_s, y))
+      print(f"  {shape_name} {name}: {fwd_s * 1e3:.3f} / {fb_s * 1e3:.3f} ms (first calls "
+            "include Triton autotuning; timings are after them)", flush=True)
     ours_f, ours_fb = rows[0][1], rows[0][2]
+    flops, bytes_moved = roofline_work(shape)
+    t_roof = max(flops / H100_BF16_FLOPS, bytes_moved / H100_BYTES_PER_S)
+    print(f"roofline fwd: {flops / 1e9:.1f} GFLOP, {bytes_moved / 1e6:.0f} MB -> "
+          f"{t_roof * 1e3:.3f} ms; ours reaches {t_roof / ours_f:.1%} of it")
+    results.setdefault("roofline", {})[shape_name] = {
+        "gflop": flops / 1e9, "mb": bytes_moved / 1e6, "ms": t_roof * 1e3,
+        "fraction_fwd": t_roof / ours_f}
     print(f"\nshape {shape_name} {shape} bf16; error = max |y - y_fp32_reference| / rms(y_ref)")
     print(f"{'implementation':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd vs ours':>13}"
           f"{'f+b vs ours':>13}{'max error':>11}")
@@ -204,11 +228,11 @@ def main():
                               "fwd_ratio_to_ours": fwd_s / ours_f,
                               "fwd_bwd_ratio_to_ours": fb_s / ours_fb, "max_error": err})
     del inputs, rows
-  name = device.device_kind.lower().replace(" ", "_")
-  out = args.out or os.path.join(os.path.dirname(__file__), "results", f"ssd_{name}.json")
-  with open(out, "w") as f:
-    json.dump(results, f, indent=1)
-  print(f"wrote {out}")
+    name = device.device_kind.lower().replace(" ", "_")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"ssd_{name}.json")
+    with open(out, "w") as f:          # after every shape, so a cut-off run keeps its rows
+      json.dump(results, f, indent=1)
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ class BlockSizes:
   chunk: positions per step of the forward kernel (the SSD chunk Q).
   chunk_bwd: positions per step of the backward kernels; the state entering every such
     chunk is written to memory once, so it is kept >= d_state where registers allow.
-  block_p: head_dim rows of the state per program (GPU; None = all). Rows of the state never
-    mix, so splitting head_dim only adds programs (and recomputes C B^T per split).
+  block_p: head_dim rows of the state per program (GPU; None = all, split further only when
+    batch * heads is too small to fill the GPU). Rows of the state never mix, so splitting
+    head_dim only adds programs (and recomputes C B^T per split).
   heads_per_program: heads of a group per program of the backward's chunk kernel (GPU; None =
     all). It sums dB and dC over its heads in registers; fewer heads per program mean more
     programs and fp32 partial sums to add up after.

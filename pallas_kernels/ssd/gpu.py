@@ -245,8 +245,21 @@ def _check(x, B, block_sizes):
     raise ValueError(f"block_p={block_sizes.block_p} does not divide head_dim={p}")
 
 
-def _block_p(p, block_sizes):
-  return min(block_sizes.block_p or p, p)
+# Sequential kernels run one program per (batch, head, head_dim block); below about 1.5
+# programs per H100 SM they leave SMs idle, so block_p=None halves head_dim blocks until
+# there are this many (measured: 2 x 16384 x 24 heads runs 0.94 ms at block_p 16 against
+# 1.33 ms at 64; 8 x 4096 x 24 heads is fastest at 64; benchmarks/results/ssd_tune_*).
+_MIN_PROGRAMS = 192
+
+
+def _block_p(p, block_sizes, programs):
+  """head_dim rows per program; `programs` = batch * heads."""
+  if block_sizes.block_p:
+    return min(block_sizes.block_p, p)
+  bp = p
+  while programs * (p // bp) < _MIN_PROGRAMS and bp > 16:
+    bp //= 2
+  return bp
 
 
 def ssd_forward_gpu(x, dt, A, B, C, initial_state, segment_ids, *,
@@ -256,7 +269,7 @@ def ssd_forward_gpu(x, dt, A, B, C, initial_state, segment_ids, *,
   b, l, h, p = x.shape
   g, n = B.shape[2:]
   q = block_sizes.chunk_bwd if emit_states else block_sizes.chunk
-  bp = _block_p(p, block_sizes)
+  bp = _block_p(p, block_sizes, b * h)
   nc = pl.cdiv(l, q)
   if emit_states:
     out_shape = [_out((b, h, nc, p, n), x.dtype)]
@@ -277,7 +290,7 @@ def ssd_state_grads_gpu(dt, A, C, segment_ids, dy, dfinal, *, head_dim, block_si
   b, l, h = dt.shape
   g, n = C.shape[2:]
   q, p = block_sizes.chunk_bwd, head_dim
-  bp = _block_p(p, block_sizes)
+  bp = _block_p(p, block_sizes, b * h)
   kernel = functools.partial(_state_grad_kernel, seq_len=l, chunk=q, block_p=bp, rep=h // g)
   dstates, dinit = pl.pallas_call(
       kernel, grid=(b, h, p // bp), compiler_params=_params(block_sizes, True),
