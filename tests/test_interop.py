@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import taipan_jax
 from taipan_jax.interop import InteropError, load_hf_mamba2, upcycle_to_taipan
 from helpers import jit_forward
 

@@ -1,9 +1,9 @@
-"""The Pallas TPU SSD kernel (interpret mode on the CPU) against the sequential reference.
+"""The Pallas TPU SSD kernels, forward and backward (interpret mode on the CPU), against the
+sequential reference.
 
 Interpret mode fills memory the kernel never writes with NaN, so an unwritten output block
 fails the comparison.
 """
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu, ssd_reference
+from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu, ssd_reference, ssd_tpu
 from taipan_jax import ops
 
 # (batch, seq, heads, head_dim, groups, d_state, chunk): awkward lengths, groups, tiny and
@@ -67,6 +67,40 @@ def test_bfloat16_inputs_accumulate_in_fp32(rng):
   rel = float(jnp.abs(y.astype(jnp.float32) - y_ref).max() / jnp.abs(y_ref).max())
   print(f"\nbf16: relative error {rel:.2e}")
   assert rel < 1e-2
+
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_backward_kernels_match_reference_gradients(rng, shape, dtype):
+  """Every gradient (x, dt, A, B, C, initial state) of a loss weighting all of y and the
+  final state, packed documents included."""
+  b, l, h, p, g, n, q = shape
+  args = _inputs(rng, b, l, h, p, g, n, dtype)
+  seg = _segments(rng, b, l)
+  wy = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
+  ws = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
+  up = lambda t: t.astype(jnp.float32)
+
+  def loss(fn):
+    def value(x, dt, A, B, C, init):
+      y, final = fn(x, dt, A, B, C, init)
+      return jnp.sum(up(y) * wy) + jnp.sum(final * ws)
+    return value
+
+  kernel = lambda x, dt, A, B, C, init: ssd_tpu(x, dt, A, B, C, init, seg,
+                                               block_sizes=BlockSizes(q), interpret=True)
+  reference = lambda x, dt, A, B, C, init: ssd_reference(up(x), dt, A, up(B), up(C),
+                                                         initial_state=init, segment_ids=seg)
+  grads = jax.grad(loss(kernel), argnums=range(6))(*args)
+  grads_ref = jax.grad(loss(reference), argnums=range(6))(*args)
+  tol = 2e-5 if dtype == jnp.float32 else 2e-2
+  for name, got, want, primal in zip(("dx", "ddt", "dA", "dB", "dC", "dinit"), grads,
+                                     grads_ref, args):
+    assert got.dtype == primal.dtype, name
+    err = float(jnp.max(jnp.abs(up(got) - want)) / jnp.max(jnp.abs(want)))
+    print(f"{shape} {jnp.dtype(dtype).name} {name}: {err:.1e}")
+    assert err < tol, name   # NaN fails too
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -8,7 +8,7 @@ import pytest
 
 import taipan_jax
 from taipan_jax.data import make_train_iterator
-from trainer_helpers import SMALL, losses, metric_rows, start_taipan, taipan
+from trainer_helpers import SMALL, losses, start_taipan, taipan
 
 STEPS = 24
 

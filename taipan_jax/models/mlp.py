@@ -1,8 +1,6 @@
 """SwiGLU feed-forward and the linear-layer initialisers shared by the models."""
 from __future__ import annotations
 
-import math
-
 import jax
 from flax import nnx
 

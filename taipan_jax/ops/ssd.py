@@ -11,12 +11,10 @@ so it runs in log depth over the chunk axis.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def _matmul_precision(dtype):
@@ -86,8 +84,8 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   """Chunked SSD scan, without the D skip connection.
 
   `implementation` ('auto', 'reference', 'pallas', 'interpret'; see resolve_implementation)
-  picks the XLA path below, the Pallas GPU kernels (forward and backward), or the Pallas TPU
-  kernel (forward; its backward is the XLA path's).
+  picks the XLA path below, the Pallas GPU (Triton) kernels or the Pallas TPU (Mosaic)
+  kernels, each with its own backward kernels.
 
   Args:
     x: [batch, seq, heads, head_dim] inputs (fp32 or bf16).
@@ -122,37 +120,10 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
     y, final = ssd_gpu(x, dt, A, B, C, initial_state, segment_ids,
                        block_sizes=BlockSizes.for_backend("gpu"))
     return (y, final) if return_final_state else y
-  init = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state)
-  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
-  y, final = _ssd_pallas(x, dt, A, B, C, init, seg, chunk_size, impl == "interpret")
+  from pallas_kernels.ssd import BlockSizes, ssd_tpu
+  y, final = ssd_tpu(x, dt, A, B, C, initial_state, segment_ids,
+                     block_sizes=BlockSizes(chunk=chunk_size), interpret=impl == "interpret")
   return (y, final) if return_final_state else y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ssd_pallas(x, dt, A, B, C, init, seg, chunk_size, interpret):
-  from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu
-  return ssd_forward_tpu(x, dt, A, B, C, init, seg, interpret=interpret,
-                         block_sizes=BlockSizes(chunk=chunk_size))
-
-
-def _ssd_pallas_fwd(x, dt, A, B, C, init, seg, chunk_size, interpret):
-  out = _ssd_pallas(x, dt, A, B, C, init, seg, chunk_size, interpret)
-  return out, (x, dt, A, B, C, init, seg)
-
-
-def _ssd_pallas_bwd(chunk_size, interpret, residuals, cotangents):
-  # Until the backward kernels exist, the gradient is the XLA path's (recomputed).
-  x, dt, A, B, C, init, seg = residuals
-  def xla(x, dt, A, B, C, init):
-    return _ssd_xla(x, dt, A, B, C, chunk_size=chunk_size, initial_state=init,
-                    return_final_state=True, segment_ids=seg)
-
-  _, vjp = jax.vjp(xla, x, dt, A, B, C, init)
-  grads = vjp(cotangents)
-  return (*grads, np.zeros(seg.shape, jax.dtypes.float0))
-
-
-_ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
 
 
 def _ssd_xla(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,

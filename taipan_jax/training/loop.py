@@ -13,7 +13,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -22,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import taipan_jax
 from taipan_jax.data import pipeline
 from taipan_jax.training import flops
-from taipan_jax.training.checkpoint import Checkpointer, CheckpointError, write_config
+from taipan_jax.training.checkpoint import Checkpointer, write_config
 from taipan_jax.training.metrics import MetricsWriter, format_eta
 from taipan_jax.training.step import make_steps
 
