@@ -77,6 +77,17 @@ def _data_parallel():
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
+def _jit_under_mesh(fn, mesh, **jit_kwargs):
+  """jax.jit(fn), traced with `mesh` set, so ops that run Pallas kernels see it and split
+  them per batch shard (XLA cannot partition a kernel; it would gather its inputs)."""
+  jitted = jax.jit(fn, **jit_kwargs)
+
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+  return call
+
+
 def _restore_target(state):
   """The abstract state (shapes, dtypes, shardings) a checkpoint is restored into."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -139,8 +150,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=t.seed, gumbel=t.seed + 1))
   steps = make_steps(cfg, model)
   state = jax.device_put(steps.init_state(), replicated)
-  train_step = jax.jit(steps.train_step, donate_argnums=0)
-  eval_step = jax.jit(steps.eval_step)
+  train_step = _jit_under_mesh(steps.train_step, rows.mesh, donate_argnums=0)
+  eval_step = _jit_under_mesh(steps.eval_step, rows.mesh)
 
   checkpointer = None
   start_step = 0
@@ -291,6 +302,7 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
     raise TrainingError(f"no readable checkpoint in {workdir!r}; fix: train first "
                         "(`taipan train --workdir=...`)")
   state, _, step = restored
-  row = _eval_metrics(jax.jit(steps.eval_step), state.params, eval_batches, rows)
+  row = _eval_metrics(_jit_under_mesh(steps.eval_step, rows.mesh), state.params,
+                     eval_batches, rows)
   log(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
   return {"step": step, **row}
