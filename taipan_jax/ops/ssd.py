@@ -98,7 +98,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
     chunk_size: Q; any seq works (the tail is padded with dt = 0, which changes nothing).
     initial_state: optional [batch, heads, head_dim, d_state] state before position 0.
     return_final_state: also return the state after the last position.
-    segment_ids: optional [batch, seq] int, non-decreasing along seq (packed documents):
+    segment_ids: optional [batch, seq] int, each id one contiguous run (packed documents):
       the state resets where the id changes, so no token sees another document. The
       initial state belongs to the first position's segment.
 
