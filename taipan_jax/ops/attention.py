@@ -6,10 +6,15 @@ is the one-query form used when decoding against a cache.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+
+from taipan_jax.ops.kernel_sharding import per_shard
+from taipan_jax.ops.ssd import IMPLEMENTATIONS
 
 _MIN_BLOCK = 64
 
@@ -39,8 +44,34 @@ def _masked_softmax_attend(q, k, v, mask):
   return out
 
 
+def resolve_attention_implementation(implementation: str = "auto",
+                                     head_dim: int | None = None) -> str:
+  """'auto' defers to $TAIPAN_KERNELS, then picks the Pallas GPU kernels on a GPU where they
+  tile the shape (head_dim a power of two >= 16) and the XLA path elsewhere. 'pallas' forces
+  the backend's kernel (GPU only so far), 'interpret' runs the same kernels in Pallas interpret
+  mode (there is no TPU attention kernel yet). Returns 'reference', 'pallas' or 'interpret'."""
+  if implementation == "auto":
+    implementation = os.environ.get("TAIPAN_KERNELS", "auto")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is unknown; use one of "
+                     f"{IMPLEMENTATIONS} (argument or $TAIPAN_KERNELS)")
+  tiles = head_dim is None or (head_dim >= 16 and not head_dim & (head_dim - 1))
+  backend = jax.default_backend()
+  if implementation == "auto":
+    return "pallas" if backend == "gpu" and tiles else "reference"
+  if implementation == "reference":
+    return implementation
+  if not tiles:
+    raise ValueError(f"the selective attention kernels need head_dim a power of two >= 16, "
+                     f"got {head_dim}; use 'reference' or 'auto'")
+  if implementation == "pallas" and backend != "gpu":
+    raise ValueError(f"no Pallas selective attention kernel for backend {backend!r} yet; use "
+                     "'reference', or 'interpret' to run the GPU kernels in interpret mode")
+  return implementation
+
+
 def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
-                               segment_ids=None):
+                               segment_ids=None, implementation: str = "auto"):
   """Causal sliding-window attention computed for the selected query rows.
 
   Query i sees keys j with i - window < j <= i (and kv_select[j], when given); no
@@ -53,6 +84,8 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
     kv_select: optional [batch, seq] bool restricting the keys.
     segment_ids: optional [batch, seq] int (packed documents): a query sees only keys of
       its own segment.
+    implementation: 'auto', 'reference', 'pallas' or 'interpret'
+      (resolve_attention_implementation); the kernels compute only the selected rows.
 
   Returns:
     [batch, seq, heads, head_dim] in q.dtype.
@@ -60,6 +93,16 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
   b, l, h, d = q.shape
   if window < 1:
     raise ValueError(f"window must be >= 1, got {window}")
+  impl = resolve_attention_implementation(implementation, head_dim=d)
+  if impl != "reference":
+    from pallas_kernels.selective_attention import selective_attention_gpu
+    kernel = functools.partial(selective_attention_gpu, window=window,
+                               interpret=impl == "interpret")
+    kv = jnp.ones((b, l), bool) if kv_select is None else kv_select
+    seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
+    call = lambda q, k, v, select, kv, seg: kernel(q, k, v, select, kv_select=kv,
+                                                   segment_ids=seg)
+    return per_shard(call, (), (q, k, v, select, kv, seg), num_outputs=1)
   key_ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
   block = max(window, _MIN_BLOCK)
   if l <= 2 * block:

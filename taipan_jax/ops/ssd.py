@@ -16,8 +16,8 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec as P
+
+from taipan_jax.ops.kernel_sharding import per_shard
 
 
 def _matmul_precision(dtype):
@@ -126,34 +126,9 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
                                interpret=impl == "interpret")
   init = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
-  y, final = _per_batch_shard(kernel, A, x, dt, B, C, init, seg)
-  return (y, final) if return_final_state else y
-
-
-# Mesh axes that split the batch (the trainer's data-parallel axis, and FSDP's).
-BATCH_MESH_AXES = ("data", "fsdp")
-
-
-def _per_batch_shard(kernel, A, *batch_args):
-  """kernel(x, dt, A, B, C, init, seg) on each batch shard of the current mesh.
-
-  XLA cannot partition a Pallas call: under jit with sharded inputs it would gather them
-  and run the whole batch on every device. With a mesh set (jax.set_mesh, as the trainer
-  does), shard_map runs the kernel on each device's rows instead.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty else tuple(
-      a for a in mesh.axis_names if a in BATCH_MESH_AXES and mesh.shape[a] > 1)
   call = lambda A, x, dt, B, C, init, seg: kernel(x, dt, A, B, C, init, seg)
-  if not axes:
-    return call(A, *batch_args)
-  shards = int(np.prod([mesh.shape[a] for a in axes]))
-  if batch_args[0].shape[0] % shards:
-    raise ValueError(f"batch {batch_args[0].shape[0]} does not split over mesh axes {axes} "
-                     f"({shards} shards); fix: a batch divisible by {shards}")
-  rows = P(axes)
-  return jax.shard_map(call, in_specs=(P(),) + (rows,) * len(batch_args),
-                       out_specs=(rows, rows), check_vma=False)(A, *batch_args)
+  y, final = per_shard(call, (A,), (x, dt, B, C, init, seg), num_outputs=2)
+  return (y, final) if return_final_state else y
 
 
 def _ssd_xla(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,

@@ -1,0 +1,203 @@
+r"""Selective sliding-window attention on one GPU: our query-compacted kernels vs the anchors.
+
+Times forward and forward+backward (d q, k, v of sum(out * dout)) of:
+  pallas     taipan_jax's query-compacted Pallas Triton kernels
+  cudnn      dense sliding-window attention, jax.nn.dot_product_attention(local_window_size=,
+             implementation='cudnn'), all rows, masked afterwards (what the SAL costs without
+             a sparse kernel)
+  xla        our dense-blockwise XLA reference (ops.selective_window_attention, 'reference')
+  flex       torch FlexAttention over the compacted selected queries with a sliding-window
+             mask_mod on their original positions (if torch has it)
+at batch 2, seq 16384, 12 heads, head_dim 64, window 2048, bf16, for selected fractions C in
+{0.05, 0.15, 0.3, 1.0}, random and clustered. Errors are max |out - fp32 reference| over the
+selected rows, relative to the reference's max.
+
+    python benchmarks/selective_attention.py [--fractions=0.15 --reps=5]
+Writes benchmarks/results/selective_attention_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")   # leave room for torch
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.selective_attention import selective_attention_gpu
+from taipan_jax import ops
+
+
+def selection(kind, fraction, b, l, seed=0):
+  rng = np.random.default_rng(seed)
+  if kind == "random":
+    return rng.random((b, l)) < fraction
+  # Clustered: runs of 64 selected tokens, placed at random, covering the same fraction.
+  sel = np.zeros((b, l), bool)
+  runs = max(1, int(fraction * l / 64))
+  for r in range(b):
+    for s in rng.choice(l // 64, size=min(runs, l // 64), replace=False):
+      sel[r, s * 64:(s + 1) * 64] = True
+  return sel
+
+
+def median_ms(fn, reps, loops=5):
+  jax.block_until_ready(fn())
+  samples = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    for _ in range(loops):
+      out = fn()
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / loops)
+  return float(np.median(samples)) * 1e3
+
+
+def jax_impl(name, select, window):
+  if name == "pallas":
+    return lambda q, k, v: selective_attention_gpu(q, k, v, select, window=window)
+  if name == "xla":
+    return lambda q, k, v: ops.selective_window_attention(q, k, v, select, window=window,
+                                                          implementation="reference")
+  def cudnn(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       local_window_size=(window - 1, 0),
+                                       implementation="cudnn")
+    return out * select[:, :, None, None].astype(out.dtype)
+  return cudnn
+
+
+def bench_jax(name, q, k, v, dout, select, window, reps):
+  fn = jax_impl(name, select, window)
+  fwd = jax.jit(fn)
+
+  def fwd_bwd(q, k, v, dout):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(dout)
+
+  fb = jax.jit(fwd_bwd)
+  out = fwd(q, k, v)
+  return out, median_ms(lambda: fwd(q, k, v), reps), median_ms(lambda: fb(q, k, v, dout), reps)
+
+
+def bench_flex(q, k, v, dout, select, window, reps):
+  import torch
+  from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+  to = lambda t: torch.from_numpy(np.asarray(t.astype(jnp.float32))).cuda().to(torch.bfloat16)
+  b, l, h, d = q.shape
+  sel = np.asarray(select)
+  counts = sel.sum(1)
+  cap = int(-(-counts.max() // 128) * 128)
+  pos = np.full((b, cap), 2**30, np.int64)
+  for r in range(b):
+    idx = np.nonzero(sel[r])[0]
+    pos[r, :len(idx)] = idx
+  pos_t = torch.from_numpy(pos).cuda()
+  qt, kt, vt, dt = (to(t).transpose(1, 2).contiguous() for t in (q, k, v, dout))  # [b,h,l,d]
+  gather = torch.from_numpy(np.minimum(pos, l - 1)).cuda()
+  qc = torch.stack([qt[r][:, gather[r]] for r in range(b)]).contiguous()
+  dc = torch.stack([dt[r][:, gather[r]] for r in range(b)]).contiguous()
+
+  def mask_mod(bi, hi, qi, kj):
+    p = pos_t[bi, qi]
+    return (kj <= p) & (kj > p - window)
+
+  block_mask = create_block_mask(mask_mod, b, None, cap, l, device="cuda")
+  attend = torch.compile(flex_attention)
+  for t in (qc, kt, vt):
+    t.requires_grad_(True)
+
+  def fwd():
+    with torch.no_grad():
+      out = attend(qc, kt, vt, block_mask=block_mask)
+    torch.cuda.synchronize()
+    return out
+
+  def fwd_bwd():
+    for t in (qc, kt, vt):
+      t.grad = None
+    attend(qc, kt, vt, block_mask=block_mask).backward(dc)
+    torch.cuda.synchronize()
+
+  def timed(f):
+    f()
+    samples = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      for _ in range(5):
+        f()
+      samples.append((time.perf_counter() - start) / 5)
+    return float(np.median(samples)) * 1e3
+
+  out_c = fwd().float().cpu().numpy()                      # [b, h, cap, d]
+  out = np.zeros((b, l, h, d), np.float32)
+  for r in range(b):
+    n = counts[r]
+    out[r, pos[r, :n]] = out_c[r, :, :n].transpose(1, 0, 2)
+  return jnp.asarray(out), timed(fwd), timed(fwd_bwd)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--fractions", default="0.05,0.15,0.3,1.0")
+  parser.add_argument("--kinds", default="random,clustered")
+  parser.add_argument("--shape", default="2,16384,12,64")
+  parser.add_argument("--window", type=int, default=2048)
+  parser.add_argument("--impls", default="pallas,cudnn,xla,flex")
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    raise SystemExit(f"benchmarks/selective_attention.py times GPU kernels; backend is "
+                     f"{device.platform!r}")
+  b, l, h, d = map(int, args.shape.split(","))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, dout = (jax.random.normal(key, (b, l, h, d), jnp.bfloat16) for key in keys)
+  results = {"device": device.device_kind, "jax": jax.__version__, "shape": [b, l, h, d],
+             "window": args.window, "rows": []}
+  name = device.device_kind.lower().replace(" ", "_")
+  out_path = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                      f"selective_attention_{name}.json")
+  for kind in args.kinds.split(","):
+    for fraction in map(float, args.fractions.split(",")):
+      select = jnp.asarray(selection(kind, fraction, b, l))
+      up = lambda t: t.astype(jnp.float32)
+      ref = jax.jit(lambda q, k, v: ops.selective_window_attention(
+          up(q), up(k), up(v), select, window=args.window, implementation="reference"))(q, k, v)
+      scale = float(jnp.max(jnp.abs(ref)))
+      rows = []
+      for impl in args.impls.split(","):
+        try:
+          if impl == "flex":
+            out, f_ms, fb_ms = bench_flex(q, k, v, dout, select, args.window, args.reps)
+          else:
+            out, f_ms, fb_ms = bench_jax(impl, q, k, v, dout, select, args.window, args.reps)
+        except Exception as e:  # noqa: BLE001 -- report the anchor as missing, go on
+          print(f"{impl} failed at {kind} C={fraction}: {type(e).__name__}: {str(e)[:300]}")
+          continue
+        err = float(jnp.max(jnp.abs(up(out) - ref) * select[:, :, None, None])) / scale
+        rows.append((impl, f_ms, fb_ms, err))
+        print(f"  {kind} C={fraction} {impl}: {f_ms:.3f} / {fb_ms:.3f} ms, err {err:.1e}",
+              flush=True)
+      ours = dict((r[0], r) for r in rows).get("pallas")
+      print(f"\n{kind} C={fraction}: {'impl':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}"
+            f"{'fwd/ours':>10}{'f+b/ours':>10}{'max err':>10}")
+      for impl, f_ms, fb_ms, err in rows:
+        rf = f_ms / ours[1] if ours else float("nan")
+        rfb = fb_ms / ours[2] if ours else float("nan")
+        print(f"{'':>16}{impl:<8}{f_ms:>9.3f}{fb_ms:>12.3f}{rf:>10.2f}{rfb:>10.2f}{err:>10.1e}")
+        results["rows"].append({"selection": kind, "fraction": fraction, "implementation": impl,
+                                "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "fwd_ratio_to_ours": rf,
+                                "fwd_bwd_ratio_to_ours": rfb, "max_error": err})
+      with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+  print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+  main()
