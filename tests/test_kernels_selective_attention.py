@@ -69,3 +69,40 @@ def test_forward_and_gradients_match_reference(rng, case, dtype):
     assert err < tol, name            # NaN fails too
   # Unselected rows are exactly zero, not merely small.
   assert not np.asarray(out, np.float32)[~np.asarray(select)].any()
+
+
+def test_ops_dispatch_and_mesh(rng, monkeypatch):
+  """TAIPAN_KERNELS=interpret routes ops.selective_window_attention to the kernels; under an
+  8-device mesh they run per batch shard (shard_map) and equal the unsharded result,
+  gradients included."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  b, l, h, d, window = 8, 40, 2, 16, 12
+  q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32) for _ in range(3))
+  select = jnp.asarray(rng.random((b, l)) < 0.4)
+  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
+  assert ops.resolve_attention_implementation(head_dim=d) == "interpret"
+
+  def loss(q, k, v):
+    out = ops.selective_window_attention(q, k, v, select, window=window)
+    return jnp.sum(out * jnp.sin(out))
+
+  expected = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  reference = ops.selective_window_attention(q, k, v, select, window=window,
+                                             implementation="reference")
+  np.testing.assert_allclose(
+      np.asarray(ops.selective_window_attention(q, k, v, select, window=window)),
+      np.asarray(reference), rtol=2e-5, atol=2e-5)
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  put = lambda t: jax.device_put(t, NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    args = tuple(put(t) for t in (q, k, v))
+    assert "shard_map" in str(jax.make_jaxpr(loss)(*args))
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
+  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
+  with pytest.raises(ValueError, match="no Pallas selective attention kernel for backend"):
+    ops.selective_window_attention(q, k, v, select, window=window)
+  with pytest.raises(ValueError, match="head_dim a power of two >= 16, got 12"):
+    ops.selective_window_attention(q[..., :12], k[..., :12], v[..., :12], select,
+                                   window=window)
