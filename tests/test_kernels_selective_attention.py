@@ -1,6 +1,7 @@
 """The query-compacted selective attention kernels against ops.selective_window_attention.
 
-Interpret mode on the CPU (in CI); compiled on a GPU with JAX_PLATFORMS=cuda. Forward and
+Both kernel families: the Triton one in interpret mode on the CPU (compiled on a GPU with
+JAX_PLATFORMS=cuda) and the Mosaic one in TPU interpret mode. Forward and
 the gradients of q, k and v through a loss that weights every output element.
 """
 import jax
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.selective_attention import BlockSizes, selective_attention_gpu
+from pallas_kernels.selective_attention import (BlockSizes, selective_attention_gpu,
+                                                selective_attention_tpu)
 from taipan_jax import ops
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -38,7 +40,8 @@ def _selection(rng, kind, b, l):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-def test_forward_and_gradients_match_reference(rng, case, dtype):
+@pytest.mark.parametrize("family", ["triton", "mosaic"])
+def test_forward_and_gradients_match_reference(rng, case, dtype, family):
   b, l, h, d, window, kind, use_kv, packed = case
   q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), dtype) for _ in range(3))
   select = jnp.asarray(_selection(rng, kind, b, l))
@@ -48,6 +51,9 @@ def test_forward_and_gradients_match_reference(rng, case, dtype):
   bs = BlockSizes(block_q=16, block_k=16)
 
   def kernel(q, k, v):
+    if family == "mosaic":
+      return selective_attention_tpu(q, k, v, select, window=window, kv_select=kv_select,
+                                     segment_ids=seg, block_sizes=bs, interpret=True)
     return selective_attention_gpu(q, k, v, select, window=window, kv_select=kv_select,
                                    segment_ids=seg, block_sizes=bs, interpret=not ON_GPU)
 
@@ -65,7 +71,7 @@ def test_forward_and_gradients_match_reference(rng, case, dtype):
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref)):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     err = np.abs(got - want).max() / max(np.abs(want).max(), 1.0)
-    print(f"{case} {jnp.dtype(dtype).name} {name}: {err:.1e}")
+    print(f"{family} {case} {jnp.dtype(dtype).name} {name}: {err:.1e}")
     assert err < tol, name            # NaN fails too
   # Unselected rows are exactly zero, not merely small.
   assert not np.asarray(out, np.float32)[~np.asarray(select)].any()
@@ -103,6 +109,6 @@ def test_ops_dispatch_and_mesh(rng, monkeypatch):
   monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
   with pytest.raises(ValueError, match="no Pallas selective attention kernel for backend"):
     ops.selective_window_attention(q, k, v, select, window=window)
-  with pytest.raises(ValueError, match="head_dim a power of two >= 16, got 12"):
-    ops.selective_window_attention(q[..., :12], k[..., :12], v[..., :12], select,
-                                   window=window)
+  monkeypatch.setenv("TAIPAN_KERNELS", "fast")
+  with pytest.raises(ValueError, match="'fast' is unknown"):
+    ops.selective_window_attention(q, k, v, select, window=window)

@@ -1,9 +1,13 @@
 """Selective sliding-window attention kernels: only the selected query rows are computed.
 
 `selective_attention_gpu`: query-compacted Pallas Triton forward and backward kernels (GPU, or
-any backend with interpret=True). The reference is `taipan_jax.ops.selective_window_attention`.
+any backend with interpret=True). `selective_attention_tpu`: the same algorithm on Mosaic
+(TPU, or any backend in TPU interpret mode). The reference is
+`taipan_jax.ops.selective_window_attention(implementation="reference")`.
 """
 from pallas_kernels.selective_attention.gpu import (BlockSizes, compact_selection,
                                                     selective_attention_gpu)
+from pallas_kernels.selective_attention.tpu import selective_attention_tpu
 
-__all__ = ["BlockSizes", "compact_selection", "selective_attention_gpu"]
+__all__ = ["BlockSizes", "compact_selection", "selective_attention_gpu",
+           "selective_attention_tpu"]

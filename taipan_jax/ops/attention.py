@@ -47,9 +47,10 @@ def _masked_softmax_attend(q, k, v, mask):
 def resolve_attention_implementation(implementation: str = "auto",
                                      head_dim: int | None = None) -> str:
   """'auto' defers to $TAIPAN_KERNELS, then picks the Pallas GPU kernels on a GPU where they
-  tile the shape (head_dim a power of two >= 16) and the XLA path elsewhere. 'pallas' forces
-  the backend's kernel (GPU only so far), 'interpret' runs the same kernels in Pallas interpret
-  mode (there is no TPU attention kernel yet). Returns 'reference', 'pallas' or 'interpret'."""
+  tile the shape (head_dim a power of two >= 16) and the XLA path elsewhere (the TPU kernels
+  have not been timed on a TPU). 'pallas' forces the backend's kernels (GPU or TPU),
+  'interpret' runs the TPU kernels in Pallas interpret mode on any backend.
+  Returns 'reference', 'pallas_gpu', 'pallas_tpu' or 'interpret'."""
   if implementation == "auto":
     implementation = os.environ.get("TAIPAN_KERNELS", "auto")
   if implementation not in IMPLEMENTATIONS:
@@ -58,16 +59,18 @@ def resolve_attention_implementation(implementation: str = "auto",
   tiles = head_dim is None or (head_dim >= 16 and not head_dim & (head_dim - 1))
   backend = jax.default_backend()
   if implementation == "auto":
-    return "pallas" if backend == "gpu" and tiles else "reference"
-  if implementation == "reference":
+    return "pallas_gpu" if backend == "gpu" and tiles else "reference"
+  if implementation in ("reference", "interpret"):
     return implementation
+  if backend == "tpu":
+    return "pallas_tpu"
+  if backend != "gpu":
+    raise ValueError(f"no Pallas selective attention kernel for backend {backend!r}; use "
+                     "'reference', or 'interpret' to run the TPU kernels in interpret mode")
   if not tiles:
-    raise ValueError(f"the selective attention kernels need head_dim a power of two >= 16, "
-                     f"got {head_dim}; use 'reference' or 'auto'")
-  if implementation == "pallas" and backend != "gpu":
-    raise ValueError(f"no Pallas selective attention kernel for backend {backend!r} yet; use "
-                     "'reference', or 'interpret' to run the GPU kernels in interpret mode")
-  return implementation
+    raise ValueError(f"the GPU selective attention kernels need head_dim a power of two "
+                     f">= 16, got {head_dim}; use 'reference' or 'auto'")
+  return "pallas_gpu"
 
 
 def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
@@ -95,9 +98,13 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
     raise ValueError(f"window must be >= 1, got {window}")
   impl = resolve_attention_implementation(implementation, head_dim=d)
   if impl != "reference":
-    from pallas_kernels.selective_attention import selective_attention_gpu
-    kernel = functools.partial(selective_attention_gpu, window=window,
-                               interpret=impl == "interpret")
+    from pallas_kernels.selective_attention import (selective_attention_gpu,
+                                                    selective_attention_tpu)
+    if impl == "pallas_gpu":
+      kernel = functools.partial(selective_attention_gpu, window=window)
+    else:
+      kernel = functools.partial(selective_attention_tpu, window=window,
+                                 interpret=impl == "interpret")
     kv = jnp.ones((b, l), bool) if kv_select is None else kv_select
     seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
     call = lambda q, k, v, select, kv, seg: kernel(q, k, v, select, kv_select=kv,

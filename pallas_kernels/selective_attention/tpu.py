@@ -1,0 +1,271 @@
+"""Query-compacted causal sliding-window attention as Pallas TPU (Mosaic) kernels.
+
+The same algorithm as gpu.py (see there): selected rows sorted into slots, each slot block
+reading only its rows' key span. TPU specifics:
+  * the key-block range of every slot block (forward, dq) and the slot-block range of every
+    key block (dk/dv) are computed outside and prefetched into SMEM as scalars, since loop
+    bounds must be scalars and Mosaic reduces vectors to vectors;
+  * per (batch, head), the whole padded sequence of k and v (forward, dq) or of the compacted
+    q and do (dk/dv) is one VMEM block, re-fetched only when (batch, head) changes; a loop
+    inside the kernel slices the blocks it needs. This bounds the sequence by VMEM (at
+    head_dim 64, bf16: 2 x seq x 128 B, 4 MiB at seq 16384); longer sequences need manual
+    DMA of the key span, not done yet.
+  * row statistics are [rows, 1] columns and key facts [1, keys] rows, so masks broadcast.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.selective_attention.gpu import BlockSizes, compact_selection
+
+_F32 = jnp.float32
+
+
+def _dot(a, b, contract):
+  precision = jax.lax.Precision.HIGHEST if a.dtype == _F32 else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                             preferred_element_type=_F32)
+
+
+def _mask(pos, seg_q, start, block_k, ok, seg_k, window):
+  """pos, seg_q: [bq, 1]; ok, seg_k: [1, bk] -> [bq, bk] visibility."""
+  keys = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  return (keys <= pos) & (keys > pos - window) & (ok > 0) & (seg_k == seg_q)
+
+
+def _forward_kernel(ranges_ref, pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref,
+                    o_ref, lse_ref, *, window, block_k, scale, slot_blocks):
+  bi, si = pl.program_id(0), pl.program_id(2)
+  lo = ranges_ref[2 * (bi * slot_blocks + si)]
+  hi = ranges_ref[2 * (bi * slot_blocks + si) + 1]
+  pos, seg_q = pos_ref[0], segq_ref[0]                         # [bq, 1]
+  q = q_ref[0, 0]                                              # [bq, d]
+
+  def body(kb, carry):
+    acc, m, l = carry
+    start = pl.multiple_of(kb * block_k, block_k)
+    k = k_ref[0, 0, pl.ds(start, block_k), :]
+    v = v_ref[0, 0, pl.ds(start, block_k), :]
+    mask = _mask(pos, seg_q, start, block_k, ok_ref[0, :, pl.ds(start, block_k)],
+                 seg_ref[0, :, pl.ds(start, block_k)], window)
+    s = jnp.where(mask, _dot(q, k, ((1,), (1,))) * scale, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.where(mask, jnp.exp(s - m_safe), 0.0)
+    alpha = jnp.exp(jnp.where(m == -jnp.inf, 0.0, m) - m_safe)
+    acc = acc * alpha + _dot(p.astype(v.dtype), v, ((1,), (0,)))
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True)
+
+  bq, d = q.shape
+  init = (jnp.zeros((bq, d), _F32), jnp.full((bq, 1), -jnp.inf, _F32), jnp.zeros((bq, 1), _F32))
+  acc, m, l = jax.lax.fori_loop(lo, hi, body, init)
+  seen = l > 0
+  safe_l = jnp.where(seen, l, 1.0)
+  o_ref[0, 0] = jnp.where(seen, acc / safe_l, 0.0).astype(o_ref.dtype)
+  lse_ref[0, 0] = jnp.where(seen, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(safe_l), jnp.inf)
+
+
+def _dq_kernel(ranges_ref, pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, window, block_k, scale, slot_blocks):
+  bi, si = pl.program_id(0), pl.program_id(2)
+  lo = ranges_ref[2 * (bi * slot_blocks + si)]
+  hi = ranges_ref[2 * (bi * slot_blocks + si) + 1]
+  pos, seg_q = pos_ref[0], segq_ref[0]
+  q, do = q_ref[0, 0], do_ref[0, 0]
+  lse, delta = lse_ref[0, 0], delta_ref[0, 0]                 # [bq, 1]
+
+  def body(kb, dq):
+    start = pl.multiple_of(kb * block_k, block_k)
+    k = k_ref[0, 0, pl.ds(start, block_k), :]
+    v = v_ref[0, 0, pl.ds(start, block_k), :]
+    mask = _mask(pos, seg_q, start, block_k, ok_ref[0, :, pl.ds(start, block_k)],
+                 seg_ref[0, :, pl.ds(start, block_k)], window)
+    p = jnp.where(mask, jnp.exp(_dot(q, k, ((1,), (1,))) * scale - lse), 0.0)
+    ds = p * (_dot(do, v, ((1,), (1,))) - delta)
+    return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
+
+  dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, _F32))
+  dq_ref[0, 0] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(ranges_ref, pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, *, window, block_q, block_k, scale,
+                key_blocks):
+  bi, kb = pl.program_id(0), pl.program_id(2)
+  lo = ranges_ref[2 * (bi * key_blocks + kb)]
+  hi = ranges_ref[2 * (bi * key_blocks + kb) + 1]
+  k, v = k_ref[0, 0], v_ref[0, 0]                              # [bk, d]
+  ok, seg_k = ok_ref[0], seg_ref[0]                            # [1, bk]
+  start = kb * block_k
+
+  def body(sb, carry):
+    dk, dv = carry
+    rows = pl.ds(pl.multiple_of(sb * block_q, block_q), block_q)
+    pos, seg_q = pos_ref[0, rows, :], segq_ref[0, rows, :]
+    q, do = q_ref[0, 0, rows, :], do_ref[0, 0, rows, :]
+    lse, delta = lse_ref[0, 0, rows, :], delta_ref[0, 0, rows, :]
+    mask = _mask(pos, seg_q, start, block_k, ok, seg_k, window)
+    p = jnp.where(mask, jnp.exp(_dot(q, k, ((1,), (1,))) * scale - lse), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, ((0,), (0,)))
+    ds = p * (_dot(do, v, ((1,), (1,))) - delta)
+    dk = dk + _dot(ds.astype(q.dtype), q, ((0,), (0,)))
+    return dk, dv
+
+  zeros = jnp.zeros(k.shape, _F32)
+  dk, dv = jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk_ref[0, 0] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[0, 0] = dv.astype(dv_ref.dtype)
+
+
+def _interpret(interpret):
+  return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def _call(kernel, grid, num_scalars, in_specs, out_specs, out_shape, interpret):
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, interpret=_interpret(interpret),
+      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_scalars, grid=grid,
+                                             in_specs=in_specs, out_specs=out_specs),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel")))
+
+
+def _key_ranges(pos, l, window, bs):
+  """[b * slot_blocks * 2] int32: the key blocks [lo, hi) each slot block reads."""
+  b, slots = pos.shape
+  blocks = pos.reshape(b, slots // bs.block_q, bs.block_q)
+  valid = blocks < l
+  first = jnp.min(jnp.where(valid, blocks, 2**30), axis=-1)
+  last = jnp.max(jnp.where(valid, blocks, -1), axis=-1)
+  lo = jnp.maximum(first - window + 1, 0) // bs.block_k
+  hi = jnp.where(last >= 0, last // bs.block_k + 1, lo)
+  return jnp.stack([lo, hi], axis=-1).astype(jnp.int32).reshape(-1)
+
+
+def _slot_ranges(pos, lp, window, bs):
+  """[b * key_blocks * 2] int32: the slot blocks [lo, hi) whose rows see each key block."""
+  starts = jnp.arange(lp // bs.block_k, dtype=jnp.int32) * bs.block_k
+  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"), in_axes=(0, None))
+  first = search(pos, starts)
+  end = search(pos, starts + bs.block_k - 1 + window)
+  lo = first // bs.block_q
+  hi = jnp.where(end > first, (end - 1) // bs.block_q + 1, lo)
+  return jnp.stack([lo, hi], axis=-1).astype(jnp.int32).reshape(-1)
+
+
+def _layouts(q_c, k, v, pos, seg_q, ok, seg, bs):
+  """Heads-outer views; keys padded to a multiple of block_k (padding is never visible)."""
+  pad = (-k.shape[1]) % bs.block_k
+  padk = lambda t: jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+  heads_outer = lambda t: jnp.transpose(t, (0, 2, 1, 3))
+  return (heads_outer(q_c), heads_outer(padk(k)), heads_outer(padk(v)), pos[:, :, None],
+          seg_q[:, :, None], padk(ok)[:, None], padk(seg)[:, None])
+
+
+def _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
+  b, slots, h, d = q_c.shape
+  l = k.shape[1]
+  qt, kt, vt, pos3, segq3, ok3, seg3 = _layouts(q_c, k, v, pos, seg_q, ok, seg, bs)
+  lp = kt.shape[2]
+  nsb = slots // bs.block_q
+  row = lambda i, j, s, *_: (i, s, 0)
+  slot_block = pl.BlockSpec((1, 1, bs.block_q, d), lambda i, j, s, *_: (i, j, s, 0))
+  whole_keys = pl.BlockSpec((1, 1, lp, d), lambda i, j, s, *_: (i, j, 0, 0))
+  key_facts = pl.BlockSpec((1, 1, lp), lambda i, j, s, *_: (i, 0, 0))
+  kernel = functools.partial(_forward_kernel, window=window, block_k=bs.block_k,
+                             scale=1.0 / math.sqrt(d), slot_blocks=nsb)
+  o, lse = _call(
+      kernel, (b, h, nsb), 1,
+      [pl.BlockSpec((1, bs.block_q, 1), row), pl.BlockSpec((1, bs.block_q, 1), row),
+       slot_block, whole_keys, whole_keys, key_facts, key_facts],
+      [slot_block, pl.BlockSpec((1, 1, bs.block_q, 1), lambda i, j, s, *_: (i, j, s, 0))],
+      [jax.ShapeDtypeStruct(qt.shape, q_c.dtype), jax.ShapeDtypeStruct((b, h, slots, 1), _F32)],
+      interpret)(_key_ranges(pos, l, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3)
+  return jnp.transpose(o, (0, 2, 1, 3)), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attend(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
+  return _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)[0]
+
+
+def _attend_fwd(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
+  o_c, lse = _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)
+  return o_c, (q_c, k, v, pos, seg_q, ok, seg, o_c, lse)
+
+
+def _attend_bwd(window, bs, interpret, residuals, do_c):
+  q_c, k, v, pos, seg_q, ok, seg, o_c, lse = residuals
+  b, slots, h, d = q_c.shape
+  l = k.shape[1]
+  qt, kt, vt, pos3, segq3, ok3, seg3 = _layouts(q_c, k, v, pos, seg_q, ok, seg, bs)
+  lp = kt.shape[2]
+  dot_ = jnp.transpose(do_c.astype(q_c.dtype), (0, 2, 1, 3))
+  delta = jnp.einsum("bshd,bshd->bhs", do_c.astype(_F32), o_c.astype(_F32))[..., None]
+  nsb, nkb = slots // bs.block_q, lp // bs.block_k
+  scale = 1.0 / math.sqrt(d)
+  row = lambda i, j, s, *_: (i, s, 0)
+  slot_block = pl.BlockSpec((1, 1, bs.block_q, d), lambda i, j, s, *_: (i, j, s, 0))
+  slot_stat = pl.BlockSpec((1, 1, bs.block_q, 1), lambda i, j, s, *_: (i, j, s, 0))
+  whole_keys = pl.BlockSpec((1, 1, lp, d), lambda i, j, s, *_: (i, j, 0, 0))
+  key_facts = pl.BlockSpec((1, 1, lp), lambda i, j, s, *_: (i, 0, 0))
+  dq = _call(
+      functools.partial(_dq_kernel, window=window, block_k=bs.block_k, scale=scale,
+                        slot_blocks=nsb), (b, h, nsb), 1,
+      [pl.BlockSpec((1, bs.block_q, 1), row), pl.BlockSpec((1, bs.block_q, 1), row),
+       slot_block, whole_keys, whole_keys, key_facts, key_facts, slot_block, slot_stat,
+       slot_stat],
+      slot_block, jax.ShapeDtypeStruct(qt.shape, q_c.dtype), interpret,
+  )(_key_ranges(pos, l, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3, dot_, lse, delta)
+
+  whole_slots = pl.BlockSpec((1, 1, slots, d), lambda i, j, kb, *_: (i, j, 0, 0))
+  whole_stat = pl.BlockSpec((1, 1, slots, 1), lambda i, j, kb, *_: (i, j, 0, 0))
+  slot_facts = pl.BlockSpec((1, slots, 1), lambda i, j, kb, *_: (i, 0, 0))
+  key_block = pl.BlockSpec((1, 1, bs.block_k, d), lambda i, j, kb, *_: (i, j, kb, 0))
+  key_block_facts = pl.BlockSpec((1, 1, bs.block_k), lambda i, j, kb, *_: (i, 0, kb))
+  dk, dv = _call(
+      functools.partial(_dkv_kernel, window=window, block_q=bs.block_q, block_k=bs.block_k,
+                        scale=scale, key_blocks=nkb), (b, h, nkb), 1,
+      [slot_facts, slot_facts, whole_slots, key_block, key_block, key_block_facts,
+       key_block_facts, whole_slots, whole_stat, whole_stat],
+      [key_block, key_block],
+      [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+      interpret,
+  )(_slot_ranges(pos, lp, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3, dot_, lse, delta)
+  back = lambda t: jnp.transpose(t, (0, 2, 1, 3))[:, :l]
+  zero = lambda t: np.zeros(t.shape, jax.dtypes.float0)
+  return (jnp.transpose(dq, (0, 2, 1, 3)), back(dk), back(dv), zero(pos), zero(seg_q),
+          zero(ok), zero(seg))
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
+                            block_sizes: BlockSizes = BlockSizes(block_q=128, block_k=128),
+                            interpret: bool | pltpu.InterpretParams = False):
+  """As selective_attention_gpu, on the Mosaic kernels (TPU, or any backend in interpret
+  mode). block_q and block_k must be multiples of 8 (128 fills the MXU)."""
+  b, l, h, d = q.shape
+  if window < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  for name in ("block_q", "block_k"):
+    if getattr(block_sizes, name) % 8:
+      raise ValueError(f"BlockSizes.{name}={getattr(block_sizes, name)} must be a multiple "
+                       "of 8 on TPU")
+  pos = compact_selection(select, window, block_sizes.block_q)
+  seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
+         else segment_ids.astype(jnp.int32))
+  ok = (jnp.ones((b, l), jnp.int32) if kv_select is None else kv_select.astype(jnp.int32))
+  gather_at = jnp.clip(pos, 0, l - 1)
+  q_c = jnp.take_along_axis(q, gather_at[:, :, None, None], axis=1)
+  seg_q = jnp.take_along_axis(seg, gather_at, axis=1)
+  o_c = _attend(q_c, k, v, pos, seg_q, ok, seg, window, block_sizes, interpret)
+  return jnp.zeros_like(q).at[jnp.arange(b)[:, None], pos].set(o_c, mode="drop")
