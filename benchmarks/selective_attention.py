@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")   # leave room for torch
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from pallas_kernels.selective_attention import selective_attention_gpu
 from taipan_jax import ops
+from timing import median_ms
 
 
 def selection(kind, fraction, b, l, seed=0):
@@ -43,18 +43,6 @@ def selection(kind, fraction, b, l, seed=0):
     for s in rng.choice(l // 64, size=min(runs, l // 64), replace=False):
       sel[r, s * 64:(s + 1) * 64] = True
   return sel
-
-
-def median_ms(fn, reps, loops=5):
-  jax.block_until_ready(fn())
-  samples = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    for _ in range(loops):
-      out = fn()
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / loops)
-  return float(np.median(samples)) * 1e3
 
 
 def jax_impl(name, select, window):
@@ -113,32 +101,20 @@ def bench_flex(q, k, v, dout, select, window, reps):
 
   def fwd():
     with torch.no_grad():
-      out = attend(qc, kt, vt, block_mask=block_mask)
-    torch.cuda.synchronize()
-    return out
+      return attend(qc, kt, vt, block_mask=block_mask)
 
   def fwd_bwd():
     for t in (qc, kt, vt):
       t.grad = None
     attend(qc, kt, vt, block_mask=block_mask).backward(dc)
-    torch.cuda.synchronize()
 
-  def timed(f):
-    f()
-    samples = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      for _ in range(5):
-        f()
-      samples.append((time.perf_counter() - start) / 5)
-    return float(np.median(samples)) * 1e3
-
+  sync = lambda _: torch.cuda.synchronize()
   out_c = fwd().float().cpu().numpy()                      # [b, h, cap, d]
   out = np.zeros((b, l, h, d), np.float32)
   for r in range(b):
     n = counts[r]
     out[r, pos[r, :n]] = out_c[r, :, :n].transpose(1, 0, 2)
-  return jnp.asarray(out), timed(fwd), timed(fwd_bwd)
+  return jnp.asarray(out), median_ms(fwd, reps, sync=sync), median_ms(fwd_bwd, reps, sync=sync)
 
 
 def main():

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import platform
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")   # leave room for torch
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_reference
+from timing import median_ms
 from taipan_jax import ops
 
 SHAPES = {"first": (8, 4096, 24, 64, 1, 128), "long": (2, 16384, 24, 64, 1, 128),
@@ -68,17 +68,6 @@ def make_inputs(shape, seed=0):
   return x, dt, A, B, C, dy
 
 
-def timed(fn, *args, reps):
-  """Median seconds per call; fn's outputs are synced by the caller-supplied sync."""
-  fn(*args)
-  samples = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn(*args)
-    samples.append(time.perf_counter() - start)
-  return float(np.median(samples))
-
-
 def jax_fns(impl, block_sizes):
   if impl == "pallas":
     forward = lambda x, dt, A, B, C: ssd_gpu(x, dt, A, B, C, block_sizes=block_sizes)[0]
@@ -90,19 +79,15 @@ def jax_fns(impl, block_sizes):
     y, vjp = jax.vjp(forward, x, dt, A, B, C)
     return y, vjp(dy)
 
-  fwd, fb = jax.jit(forward), jax.jit(fwd_bwd)
-  run_fwd = lambda *a: jax.block_until_ready(fwd(*a))
-  run_fb = lambda *a: jax.block_until_ready(fb(*a))
-  return run_fwd, run_fb
+  return jax.jit(forward), jax.jit(fwd_bwd)
 
 
-def bench_jax(impl, inputs, reps, block_sizes, loops=5):
+def bench_jax(impl, inputs, reps, block_sizes):
+  """(y, forward seconds, forward+backward seconds)."""
   x, dt, A, B, C, dy = inputs
-  run_fwd, run_fb = jax_fns(impl, block_sizes)
-  f = lambda: [run_fwd(x, dt, A, B, C) for _ in range(loops)]
-  fb = lambda: [run_fb(x, dt, A, B, C, dy) for _ in range(loops)]
-  y = run_fwd(x, dt, A, B, C)
-  return y, timed(f, reps=reps) / loops, timed(fb, reps=reps) / loops
+  fwd, fb = jax_fns(impl, block_sizes)
+  return (fwd(x, dt, A, B, C), median_ms(lambda: fwd(x, dt, A, B, C), reps) / 1e3,
+          median_ms(lambda: fb(x, dt, A, B, C, dy), reps) / 1e3)
 
 
 def torch_peers():
@@ -126,7 +111,7 @@ def torch_peers():
   return peers, torch
 
 
-def bench_torch(name, fn, torch, inputs, reps, loops=5):
+def bench_torch(name, fn, torch, inputs, reps):
   x, dt, A, B, C, dy = (torch.from_numpy(np.asarray(t.astype(jnp.float32))).cuda()
                         for t in inputs)
   bf = torch.bfloat16
@@ -148,21 +133,17 @@ def bench_torch(name, fn, torch, inputs, reps, loops=5):
 
   def fwd():
     with torch.no_grad():
-      for _ in range(loops):
-        out = call(*args)
-    torch.cuda.synchronize()
-    return out
+      return call(*args)
 
   def fwd_bwd():
-    for _ in range(loops):
-      for t in args:
-        t.grad = None
-      call(*args).backward(dy)
-    torch.cuda.synchronize()
+    for t in args:
+      t.grad = None
+    call(*args).backward(dy)
 
+  sync = lambda _: torch.cuda.synchronize()
   y = fwd()
-  return (jnp.asarray(y.float().cpu().numpy()),
-          timed(fwd, reps=reps) / loops, timed(fwd_bwd, reps=reps) / loops)
+  return (jnp.asarray(y.float().cpu().numpy()), median_ms(fwd, reps, sync=sync) / 1e3,
+          median_ms(fwd_bwd, reps, sync=sync) / 1e3)
 
 
 def reference(inputs):
@@ -183,7 +164,8 @@ def main():
     raise SystemExit(f"benchmarks/ssd.py times GPU kernels; this backend is {device.platform!r}")
   block_sizes = BlockSizes.for_backend("gpu")
   peers, torch = torch_peers()
-  results = {"device": device.device_kind, "jax": jax.__version__, "python": platform.python_version(),
+  results = {"device": device.device_kind, "jax": jax.__version__,
+             "python": platform.python_version(),
              "block_sizes": dataclasses.asdict(block_sizes),
              "versions": {name: v for name, (_, v) in peers.items()}, "rows": []}
   if torch is not None:

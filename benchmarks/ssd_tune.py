@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +21,7 @@ import numpy as np
 
 from pallas_kernels.ssd import BlockSizes
 from pallas_kernels.ssd import gpu
-
-
-def median_ms(fn, reps=10, loops=5):
-  jax.block_until_ready(fn())
-  samples = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    for _ in range(loops):
-      out = fn()
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / loops)
-  return float(np.median(samples)) * 1e3
+from timing import median_ms
 
 
 def main():

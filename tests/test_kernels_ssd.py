@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from helpers import ssd_inputs, ssd_segments
 from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu, ssd_reference, ssd_tpu
 from taipan_jax import ops
 
@@ -24,32 +25,12 @@ SHAPES = [
 ]
 
 
-def _inputs(rng, b, l, h, p, g, n, dtype=jnp.float32):
-  x = jnp.asarray(rng.standard_normal((b, l, h, p)), dtype)
-  dt = jnp.asarray(rng.uniform(0.01, 0.5, (b, l, h)), jnp.float32)
-  A = -jnp.asarray(rng.uniform(0.5, 8.0, (h,)), jnp.float32)
-  B = jnp.asarray(rng.standard_normal((b, l, g, n)) / np.sqrt(n), dtype)
-  C = jnp.asarray(rng.standard_normal((b, l, g, n)), dtype)
-  init = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
-  return x, dt, A, B, C, init
-
-
-def _segments(rng, b, l):
-  """Contiguous runs of ids (packed documents), at random boundaries."""
-  cuts = np.sort(rng.choice(np.arange(1, l), size=(b, 3)), axis=1)
-  seg = np.zeros((b, l), np.int32)
-  for r in range(b):
-    for c in cuts[r]:
-      seg[r, c:] += 1
-  return jnp.asarray(seg + 1)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("packed", [False, True])
 def test_forward_matches_the_recurrence(rng, shape, packed):
   b, l, h, p, g, n, q = shape
-  x, dt, A, B, C, init = _inputs(rng, b, l, h, p, g, n)
-  seg = _segments(rng, b, l) if packed else None
+  x, dt, A, B, C, init = ssd_inputs(rng, b, l, h, p, g, n)
+  seg = ssd_segments(rng, b, l) if packed else None
   y, final = ssd_forward_tpu(x, dt, A, B, C, init, seg, block_sizes=BlockSizes(q),
                              interpret=True)
   y_ref, final_ref = ssd_reference(x, dt, A, B, C, initial_state=init, segment_ids=seg)
@@ -60,7 +41,7 @@ def test_forward_matches_the_recurrence(rng, shape, packed):
 
 
 def test_bfloat16_inputs_accumulate_in_fp32(rng):
-  x, dt, A, B, C, init = _inputs(rng, 2, 40, 4, 16, 2, 32, dtype=jnp.bfloat16)
+  x, dt, A, B, C, init = ssd_inputs(rng, 2, 40, 4, 16, 2, 32, dtype=jnp.bfloat16)
   y, final = ssd_forward_tpu(x, dt, A, B, C, init, block_sizes=BlockSizes(16), interpret=True)
   y_ref, final_ref = ssd_reference(x, dt, A, B, C, initial_state=init)
   assert y.dtype == jnp.bfloat16
@@ -76,8 +57,8 @@ def test_backward_kernels_match_reference_gradients(rng, shape, dtype):
   """Every gradient (x, dt, A, B, C, initial state) of a loss weighting all of y and the
   final state, packed documents included."""
   b, l, h, p, g, n, q = shape
-  args = _inputs(rng, b, l, h, p, g, n, dtype)
-  seg = _segments(rng, b, l)
+  args = ssd_inputs(rng, b, l, h, p, g, n, dtype)
+  seg = ssd_segments(rng, b, l)
   wy = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
   ws = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
   up = lambda t: t.astype(jnp.float32)
@@ -106,8 +87,8 @@ def test_backward_kernels_match_reference_gradients(rng, shape, dtype):
 @pytest.mark.parametrize("packed", [False, True])
 def test_ops_ssd_interpret_forward_and_gradients_match_reference(rng, packed):
   b, l, h, p, g, n = 2, 37, 4, 8, 2, 8
-  x, dt, A, B, C, init = _inputs(rng, b, l, h, p, g, n)
-  seg = _segments(rng, b, l) if packed else None
+  x, dt, A, B, C, init = ssd_inputs(rng, b, l, h, p, g, n)
+  seg = ssd_segments(rng, b, l) if packed else None
   w_y = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
   w_s = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
 
@@ -126,7 +107,7 @@ def test_ops_ssd_interpret_forward_and_gradients_match_reference(rng, packed):
 
 
 def test_environment_variable_forces_the_path(rng, monkeypatch):
-  x, dt, A, B, C, _ = _inputs(rng, 1, 20, 2, 8, 1, 8)
+  x, dt, A, B, C, _ = ssd_inputs(rng, 1, 20, 2, 8, 1, 8)
   monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
   assert ops.ssd.__module__ and ops.resolve_implementation() == "interpret"
   y = ops.ssd(x, dt, A, B, C, chunk_size=8)
@@ -143,7 +124,7 @@ def test_environment_variable_forces_the_path(rng, monkeypatch):
 
 def test_kernel_inside_shard_map_matches_unsharded(rng):
   """Pallas calls are not partitioned by XLA: the batch is split with shard_map."""
-  x, dt, A, B, C, init = _inputs(rng, 8, 24, 2, 8, 1, 8)
+  x, dt, A, B, C, init = ssd_inputs(rng, 8, 24, 2, 8, 1, 8)
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
   row = P("data")
 
@@ -164,7 +145,7 @@ def test_ops_ssd_under_a_mesh_runs_the_kernel_per_batch_shard(rng, monkeypatch):
   """With a mesh set, ops.ssd wraps the kernel in shard_map over the batch axis: forward and
   gradients on 8 simulated devices equal the unsharded kernel's."""
   monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
-  x, dt, A, B, C, init = _inputs(rng, 8, 20, 2, 8, 1, 8)
+  x, dt, A, B, C, init = ssd_inputs(rng, 8, 20, 2, 8, 1, 8)
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
 
   def loss(x, dt, A, B, C, init):

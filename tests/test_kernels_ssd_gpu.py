@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import ssd_inputs, ssd_segments
 from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -31,25 +32,6 @@ SHAPES_GPU = SHAPES_CPU + [
 SHAPES = SHAPES_GPU if ON_GPU else SHAPES_CPU
 
 
-def _inputs(rng, b, l, h, p, g, n, dtype=jnp.float32):
-  x = jnp.asarray(rng.standard_normal((b, l, h, p)), dtype)
-  dt = jnp.asarray(rng.uniform(0.01, 0.5, (b, l, h)), jnp.float32)
-  A = -jnp.asarray(rng.uniform(0.5, 8.0, (h,)), jnp.float32)
-  B = jnp.asarray(rng.standard_normal((b, l, g, n)) / np.sqrt(n), dtype)
-  C = jnp.asarray(rng.standard_normal((b, l, g, n)), dtype)
-  init = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
-  return x, dt, A, B, C, init
-
-
-def _segments(rng, b, l):
-  cuts = np.sort(rng.choice(np.arange(1, l), size=(b, 3)), axis=1)
-  seg = np.zeros((b, l), np.int32)
-  for r in range(b):
-    for c in cuts[r]:
-      seg[r, c:] += 1
-  return jnp.asarray(seg + 7)
-
-
 def _loss(fn, seg, wy, ws):
   def loss(x, dt, A, B, C, init):
     y, final = fn(x, dt, A, B, C, init, seg)
@@ -69,8 +51,8 @@ def _reference(x, dt, A, B, C, init, seg):
 
 def _compare(rng, shape, dtype, packed, rtol):
   b, l, h, p, g, n, q, bp, hpp = shape
-  args = _inputs(rng, b, l, h, p, g, n, dtype)
-  seg = _segments(rng, b, l) if packed else None
+  args = ssd_inputs(rng, b, l, h, p, g, n, dtype)
+  seg = ssd_segments(rng, b, l, first_id=7) if packed else None
   wy = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
   ws = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
   kernel = _kernel(BlockSizes(chunk=q, chunk_bwd=q, block_p=bp, heads_per_program=hpp))
@@ -109,7 +91,7 @@ def test_bf16_forward_and_gradients_within_bf16_error(rng, shape):
 
 
 def test_rejects_shapes_the_kernel_does_not_tile(rng):
-  x, dt, A, B, C, init = _inputs(rng, 1, 16, 2, 12, 1, 16)
+  x, dt, A, B, C, init = ssd_inputs(rng, 1, 16, 2, 12, 1, 16)
   with pytest.raises(ValueError, match="head_dim a power of two >= 16, got 12"):
     ssd_gpu(x, dt, A, B, C, init, interpret=True)
 
@@ -118,7 +100,7 @@ def test_rejects_shapes_the_kernel_does_not_tile(rng):
 def test_bf16_backward_finite_for_adversarial_decays(rng):
   """Large dt, A = -16 and long runs of near-zero decay: exp underflows to exactly 0."""
   b, l, h, p, g, n = 2, 2048, 4, 64, 1, 128
-  x, dt, A, B, C, init = _inputs(rng, b, l, h, p, g, n, jnp.bfloat16)
+  x, dt, A, B, C, init = ssd_inputs(rng, b, l, h, p, g, n, jnp.bfloat16)
   dt = jnp.where(jnp.arange(l)[None, :, None] % 512 < 300, 12.0, 1e-4) * jnp.ones_like(dt)
   A = jnp.full((h,), -16.0)
   wy = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
@@ -141,7 +123,7 @@ def test_offsets_past_2_to_the_31_match(rng):
   window's output must equal the first window's, which is checked against the reference.
   """
   b, l, h, p, g, n, w = 2, 2**20, 24, 64, 1, 128, 4096
-  x, dt, A, B, C, _ = _inputs(rng, 1, w, h, p, g, n, jnp.bfloat16)
+  x, dt, A, B, C, _ = ssd_inputs(rng, 1, w, h, p, g, n, jnp.bfloat16)
   tile = lambda t: jnp.tile(t, (b, l // w) + (1,) * (t.ndim - 2))
   seg = tile(jnp.zeros((1, w), jnp.int32)) + jnp.arange(l)[None, :] // w
   y, final = jax.jit(lambda *a: ssd_gpu(*a, segment_ids=seg))(

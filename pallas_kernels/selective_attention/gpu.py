@@ -15,7 +15,6 @@ block_q selected rows, so about C * seq / block_q blocks of block_q / C + window
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -24,17 +23,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.selective_attention.common import (BlockSizes, make_compacted_attention,
+                                                       slots_seeing_key_blocks)
+
 _F32 = jnp.float32
 _BIG = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """block_q compacted query rows and block_k keys per step; Triton launch parameters."""
-  block_q: int = 64
-  block_k: int = 64
-  num_warps: int = 4
-  num_stages: int = 2
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -61,25 +54,25 @@ def _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, start, block_k, seq_len):
   return keys, k, v, ok, seg
 
 
-def _span(pos, valid, window, block_k):
-  """First and one-past-last key block the rows of a slot block can see."""
-  first = jnp.min(jnp.where(valid, pos, _BIG))
-  last = jnp.max(jnp.where(valid, pos, -1))
-  lo = jnp.maximum(first - window + 1, 0) // block_k
-  hi = jnp.where(last >= 0, last // block_k + 1, lo)
-  return lo, hi
-
-
-def _forward_kernel(pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, o_ref, lse_ref,
-                    *, seq_len, window, block_q, block_k, scale):
+def _slot_block(pos_ref, segq_ref, q_ref, seq_len, window, block_q, block_k):
+  """This program's slot block: its positions, segments and q rows, and the key blocks
+  [lo, hi) its rows can see."""
   bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots = pl.ds(si * block_q, block_q)
   pos = pos_ref[bi, slots]
   valid = pos < seq_len
-  seg_q = segq_ref[bi, slots]
-  q = q_ref[bi, slots, hi, :]
+  first = jnp.min(jnp.where(valid, pos, _BIG))
+  last = jnp.max(jnp.where(valid, pos, -1))
+  lo = jnp.maximum(first - window + 1, 0) // block_k
+  hi_block = jnp.where(last >= 0, last // block_k + 1, lo)
+  return bi, hi, slots, pos, segq_ref[bi, slots], q_ref[bi, slots, hi, :], lo, hi_block
+
+
+def _forward_kernel(pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, o_ref, lse_ref,
+                    *, seq_len, window, block_q, block_k, scale):
+  bi, hi, slots, pos, seg_q, q, lo, hi_block = _slot_block(
+      pos_ref, segq_ref, q_ref, seq_len, window, block_q, block_k)
   d = q.shape[-1]
-  lo, hi_block = _span(pos, valid, window, block_k)
 
   def body(kb, carry):
     acc, m, l = carry
@@ -106,16 +99,11 @@ def _forward_kernel(pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, o_r
 
 def _dq_kernel(pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, lse_ref,
                delta_ref, dq_ref, *, seq_len, window, block_q, block_k, scale):
-  bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  slots = pl.ds(si * block_q, block_q)
-  pos = pos_ref[bi, slots]
-  valid = pos < seq_len
-  seg_q = segq_ref[bi, slots]
-  q = q_ref[bi, slots, hi, :]
+  bi, hi, slots, pos, seg_q, q, lo, hi_block = _slot_block(
+      pos_ref, segq_ref, q_ref, seq_len, window, block_q, block_k)
   do = do_ref[bi, slots, hi, :]
   lse = lse_ref[bi, hi, slots]
   delta = delta_ref[bi, hi, slots]
-  lo, hi_block = _span(pos, valid, window, block_k)
 
   def body(kb, dq):
     keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
@@ -184,53 +172,25 @@ def _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
   )(pos, seg_q, q_c, k, v, ok, seg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
-  return _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)[0]
-
-
-def _attend_fwd(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
-  o_c, lse = _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)
-  return o_c, (q_c, k, v, pos, seg_q, ok, seg, o_c, lse)
-
-
-def _attend_bwd(window, bs, interpret, residuals, do_c):
-  q_c, k, v, pos, seg_q, ok, seg, o_c, lse = residuals
+def _backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, interpret):
   b, slots, h, d = q_c.shape
-  l = k.shape[1]
   statics = _statics(k, window, bs)
-  delta = jnp.einsum("bshd,bshd->bhs", do_c.astype(_F32), o_c.astype(_F32))
   dq_c = pl.pallas_call(
       functools.partial(_dq_kernel, **statics), grid=(b, h, slots // bs.block_q),
       compiler_params=_params(bs), interpret=interpret, name="selective_attention_dq",
       out_shape=jax.ShapeDtypeStruct(q_c.shape, q_c.dtype),
   )(pos, seg_q, q_c, k, v, ok, seg, do_c, lse, delta)
-  # Slots whose rows can see key block kb: positions in [kb*bk, kb*bk + bk - 1 + window).
-  nkb = pl.cdiv(l, bs.block_k)
-  starts = jnp.arange(nkb, dtype=jnp.int32) * bs.block_k
-  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"), in_axes=(0, None))
-  ranges = jnp.stack([search(pos, starts), search(pos, starts + bs.block_k - 1 + window)],
-                     axis=-1).astype(jnp.int32)                       # [b, nkb, 2]
+  nkb = pl.cdiv(k.shape[1], bs.block_k)
+  ranges = slots_seeing_key_blocks(pos, nkb, window, bs.block_k)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **statics), grid=(b, h, nkb),
       compiler_params=_params(bs), interpret=interpret, name="selective_attention_dkv",
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
   )(ranges, pos, seg_q, q_c, k, v, ok, seg, do_c, lse, delta)
-  zero = lambda t: jnp.zeros(t.shape, jax.dtypes.float0)
-  return dq_c, dk, dv, zero(pos), zero(seg_q), zero(ok), zero(seg)
+  return dq_c, dk, dv
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-def compact_selection(select, window: int, block_q: int):
-  """Positions of the selected rows, ascending, then the sentinel seq + window (a row that
-  sees no key), padded to a multiple of block_q: [batch, slots] int32."""
-  b, l = select.shape
-  order = jnp.argsort(~select.astype(bool), axis=1, stable=True).astype(jnp.int32)
-  count = jnp.sum(select.astype(jnp.int32), axis=1, keepdims=True)
-  pos = jnp.where(jnp.arange(l)[None, :] < count, order, l + window)
-  return jnp.pad(pos, ((0, 0), (0, (-l) % block_q)), constant_values=l + window)
+_compacted_attention = make_compacted_attention(_forward, _backward)
 
 
 def selective_attention_gpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
@@ -241,16 +201,6 @@ def selective_attention_gpu(q, k, v, select, *, window: int, kv_select=None, seg
   select [batch, seq] bool; window >= 1; kv_select optional [batch, seq] bool restricting
   keys; segment_ids optional [batch, seq] int. Returns [batch, seq, heads, head_dim], q.dtype.
   """
-  b, l, h, d = q.shape
-  if window < 1:
-    raise ValueError(f"window must be >= 1, got {window}")
-  pos = compact_selection(select, window, block_sizes.block_q)
-  seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
-         else segment_ids.astype(jnp.int32))
-  ok = (jnp.ones((b, l), jnp.int32) if kv_select is None else kv_select.astype(jnp.int32))
-  gather_at = jnp.clip(pos, 0, l - 1)
-  q_c = jnp.take_along_axis(q, gather_at[:, :, None, None], axis=1)
-  seg_q = jnp.take_along_axis(seg, gather_at, axis=1)
-  o_c = _attend(q_c, k, v, pos, seg_q, ok, seg, window, block_sizes, interpret)
-  rows = jnp.arange(b)[:, None]
-  return jnp.zeros_like(q).at[rows, pos].set(o_c, mode="drop")
+  return _compacted_attention(q, k, v, select, window=window, kv_select=kv_select,
+                              segment_ids=segment_ids, block_sizes=block_sizes,
+                              interpret=interpret)

@@ -19,11 +19,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.selective_attention.gpu import BlockSizes, compact_selection
+from pallas_kernels.selective_attention.common import (BlockSizes, make_compacted_attention,
+                                                       slots_seeing_key_blocks)
 
 _F32 = jnp.float32
 
@@ -151,10 +151,8 @@ def _key_ranges(pos, l, window, bs):
 
 def _slot_ranges(pos, lp, window, bs):
   """[b * key_blocks * 2] int32: the slot blocks [lo, hi) whose rows see each key block."""
-  starts = jnp.arange(lp // bs.block_k, dtype=jnp.int32) * bs.block_k
-  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"), in_axes=(0, None))
-  first = search(pos, starts)
-  end = search(pos, starts + bs.block_k - 1 + window)
+  ranges = slots_seeing_key_blocks(pos, lp // bs.block_k, window, bs.block_k)
+  first, end = ranges[..., 0], ranges[..., 1]
   lo = first // bs.block_q
   hi = jnp.where(end > first, (end - 1) // bs.block_q + 1, lo)
   return jnp.stack([lo, hi], axis=-1).astype(jnp.int32).reshape(-1)
@@ -191,24 +189,13 @@ def _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
   return jnp.transpose(o, (0, 2, 1, 3)), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
-  return _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)[0]
-
-
-def _attend_fwd(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
-  o_c, lse = _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)
-  return o_c, (q_c, k, v, pos, seg_q, ok, seg, o_c, lse)
-
-
-def _attend_bwd(window, bs, interpret, residuals, do_c):
-  q_c, k, v, pos, seg_q, ok, seg, o_c, lse = residuals
+def _backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, interpret):
   b, slots, h, d = q_c.shape
   l = k.shape[1]
   qt, kt, vt, pos3, segq3, ok3, seg3 = _layouts(q_c, k, v, pos, seg_q, ok, seg, bs)
   lp = kt.shape[2]
-  dot_ = jnp.transpose(do_c.astype(q_c.dtype), (0, 2, 1, 3))
-  delta = jnp.einsum("bshd,bshd->bhs", do_c.astype(_F32), o_c.astype(_F32))[..., None]
+  dot_ = jnp.transpose(do_c, (0, 2, 1, 3))
+  delta = delta[..., None]
   nsb, nkb = slots // bs.block_q, lp // bs.block_k
   scale = 1.0 / math.sqrt(d)
   row = lambda i, j, s, *_: (i, s, 0)
@@ -240,12 +227,10 @@ def _attend_bwd(window, bs, interpret, residuals, do_c):
       interpret,
   )(_slot_ranges(pos, lp, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3, dot_, lse, delta)
   back = lambda t: jnp.transpose(t, (0, 2, 1, 3))[:, :l]
-  zero = lambda t: np.zeros(t.shape, jax.dtypes.float0)
-  return (jnp.transpose(dq, (0, 2, 1, 3)), back(dk), back(dv), zero(pos), zero(seg_q),
-          zero(ok), zero(seg))
+  return jnp.transpose(dq, (0, 2, 1, 3)), back(dk), back(dv)
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_compacted_attention = make_compacted_attention(_forward, _backward)
 
 
 def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
@@ -253,19 +238,10 @@ def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, seg
                             interpret: bool | pltpu.InterpretParams = False):
   """As selective_attention_gpu, on the Mosaic kernels (TPU, or any backend in interpret
   mode). block_q and block_k must be multiples of 8 (128 fills the MXU)."""
-  b, l, h, d = q.shape
-  if window < 1:
-    raise ValueError(f"window must be >= 1, got {window}")
   for name in ("block_q", "block_k"):
     if getattr(block_sizes, name) % 8:
       raise ValueError(f"BlockSizes.{name}={getattr(block_sizes, name)} must be a multiple "
                        "of 8 on TPU")
-  pos = compact_selection(select, window, block_sizes.block_q)
-  seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
-         else segment_ids.astype(jnp.int32))
-  ok = (jnp.ones((b, l), jnp.int32) if kv_select is None else kv_select.astype(jnp.int32))
-  gather_at = jnp.clip(pos, 0, l - 1)
-  q_c = jnp.take_along_axis(q, gather_at[:, :, None, None], axis=1)
-  seg_q = jnp.take_along_axis(seg, gather_at, axis=1)
-  o_c = _attend(q_c, k, v, pos, seg_q, ok, seg, window, block_sizes, interpret)
-  return jnp.zeros_like(q).at[jnp.arange(b)[:, None], pos].set(o_c, mode="drop")
+  return _compacted_attention(q, k, v, select, window=window, kv_select=kv_select,
+                              segment_ids=segment_ids, block_sizes=block_sizes,
+                              interpret=interpret)

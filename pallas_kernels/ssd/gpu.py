@@ -81,14 +81,18 @@ def _intra_mask(cum, seg, r):
   return jnp.where(inside, jnp.exp(diff), 0.0)                            # [Q, Q]
 
 
+def _sequential_program(a_ref, block_p, rep, chunk):
+  """Grid (batch, head, head_dim block): batch and head ids, the head's group, its head_dim
+  rows, its decay rate A (fp32) and the row offsets of a chunk."""
+  bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  return (bi, hi, hi // rep, pl.ds(pi * block_p, block_p), a_ref[hi].astype(_F32),
+          jnp.arange(chunk, dtype=jnp.int32))
+
+
 def _forward_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, init_ref, *out_refs,
                     seq_len, chunk, block_p, rep, emit_states):
-  bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  gi = hi // rep
-  ps = pl.ds(pi * block_p, block_p)
+  bi, hi, gi, ps, a, r = _sequential_program(a_ref, block_p, rep, chunk)
   dtype = x_ref.dtype
-  a = a_ref[hi].astype(_F32)
-  r = jnp.arange(chunk, dtype=jnp.int32)
   state = plgpu.load(init_ref.at[bi, hi, ps, :]).astype(_F32)             # [Pb, n]
 
   def body(c, state):
@@ -120,12 +124,8 @@ def _forward_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, init_ref, *out_
 
 def _state_grad_kernel(a_ref, dt_ref, c_ref, seg_ref, dy_ref, dfinal_ref, dstates_ref,
                        dinit_ref, *, seq_len, chunk, block_p, rep):
-  bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  gi = hi // rep
-  ps = pl.ds(pi * block_p, block_p)
+  bi, hi, gi, ps, a, r = _sequential_program(a_ref, block_p, rep, chunk)
   dtype = dy_ref.dtype
-  a = a_ref[hi].astype(_F32)
-  r = jnp.arange(chunk, dtype=jnp.int32)
   num_chunks = pl.cdiv(seq_len, chunk)
   grad = plgpu.load(dfinal_ref.at[bi, hi, ps, :]).astype(_F32)            # [Pb, n]
 
@@ -294,7 +294,8 @@ def ssd_state_grads_gpu(dt, A, C, segment_ids, dy, dfinal, *, head_dim, block_si
   kernel = functools.partial(_state_grad_kernel, seq_len=l, chunk=q, block_p=bp, rep=h // g)
   dstates, dinit = pl.pallas_call(
       kernel, grid=(b, h, p // bp), compiler_params=_params(block_sizes, True),
-      interpret=interpret, out_shape=[_out((b, h, pl.cdiv(l, q), p, n), dy.dtype), _out((b, h, p, n), _F32)],
+      interpret=interpret,
+      out_shape=[_out((b, h, pl.cdiv(l, q), p, n), dy.dtype), _out((b, h, p, n), _F32)],
       name="ssd_state_grad",
   )(A, *map(_widen, (dt, C, segment_ids, dy, dfinal.astype(_F32))))
   return dstates[:b], dinit[:b]
