@@ -23,6 +23,12 @@ CASES = [
     (2, 40, 2, 16, 12, "none", False, False),
     (1, 96, 2, 32, 24, "clustered", True, False),
 ]
+# No kv_select and one segment, with BlockSizes.unmasked_interior: the GPU kernels skip the
+# mask on key blocks inside every row's window.
+WINDOW_ONLY_CASES = [
+    (2, 200, 2, 16, 64, "random", False, False),
+    (1, 150, 1, 16, 70, "clustered", False, False),
+]
 
 
 def _selection(rng, kind, b, l):
@@ -38,17 +44,19 @@ def _selection(rng, kind, b, l):
   return rng.random((b, l)) < 0.3
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case,family",
+                         [(c, f) for c in CASES for f in ("triton", "mosaic")]
+                         + [(c, "triton") for c in WINDOW_ONLY_CASES],
+                         ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else c)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["triton", "mosaic"])
-def test_forward_and_gradients_match_reference(rng, case, dtype, family):
+def test_forward_and_gradients_match_reference(rng, case, family, dtype):
   b, l, h, d, window, kind, use_kv, packed = case
   q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), dtype) for _ in range(3))
   select = jnp.asarray(_selection(rng, kind, b, l))
   kv_select = jnp.asarray(rng.random((b, l)) < 0.7) if use_kv else None
   seg = jnp.asarray(np.cumsum(rng.random((b, l)) < 0.05, axis=1)) if packed else None
   weights = jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32)
-  bs = BlockSizes(block_q=16, block_k=16)
+  bs = BlockSizes(block_q=16, block_k=16, unmasked_interior=case in WINDOW_ONLY_CASES)
 
   def kernel(q, k, v):
     if family == "mosaic":

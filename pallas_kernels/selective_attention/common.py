@@ -1,10 +1,11 @@
 """What the GPU and TPU selective attention kernels share: block sizes, the compaction of
-selected rows into slots, the searches that bound each block's loop, and the differentiable
-compact -> attend -> scatter wrapper around a backend's forward and backward."""
+selected rows into slots, the searches that bound each block's loop, row gathers and
+scatters, and the custom_vjp around a backend's forward and backward."""
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,54 +16,108 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """block_q compacted query rows and block_k keys per step; Triton launch parameters."""
+  """block_q compacted query rows and block_k keys per step (forward and dq); the dk/dv
+  kernel's own (None: the same); Triton launch parameters.
+
+  unmasked_interior (GPU kernels): where there is no kv_select and one segment, run the key
+  blocks inside every row's window without a mask (the only mask left is the causal window,
+  which holds there). Checked against the reference in interpret mode; off by default until
+  it has been compiled and timed on a GPU.
+  """
   block_q: int = 64
   block_k: int = 64
+  block_q_dkv: int | None = None
+  block_k_dkv: int | None = None
   num_warps: int = 4
   num_stages: int = 2
+  unmasked_interior: bool = False
+
+  @property
+  def dkv(self) -> "BlockSizes":
+    """The dk/dv kernel's sizes as (block_q, block_k)."""
+    return dataclasses.replace(self, block_q=self.block_q_dkv or self.block_q,
+                               block_k=self.block_k_dkv or self.block_k)
+
+  @property
+  def slot_multiple(self) -> int:
+    """Slots are padded to a multiple of both kernels' block_q."""
+    return math.lcm(self.block_q, self.block_q_dkv or self.block_q)
 
 
 def compact_selection(select, window: int, block_q: int):
   """Positions of the selected rows, ascending, then the sentinel seq + window (a row that
-  sees no key), padded to a multiple of block_q: [batch, slots] int32."""
+  sees no key), padded to a multiple of block_q: [batch, slots] int32.
+
+  A running count gives each selected row its slot, so this is one cumsum and one scatter
+  (a sort of the whole row costs several times more on a GPU)."""
   b, l = select.shape
-  order = jnp.argsort(~select.astype(bool), axis=1, stable=True).astype(jnp.int32)
-  count = jnp.sum(select.astype(jnp.int32), axis=1, keepdims=True)
-  pos = jnp.where(jnp.arange(l)[None, :] < count, order, l + window)
-  return jnp.pad(pos, ((0, 0), (0, (-l) % block_q)), constant_values=l + window)
+  sel = select.astype(bool)
+  slots = l + (-l) % block_q
+  slot = jnp.where(sel, jnp.cumsum(sel, axis=1, dtype=jnp.int32) - 1, slots)
+  pos = jnp.full((b, slots), l + window, jnp.int32)
+  return pos.at[jnp.arange(b)[:, None], slot].set(
+      jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), mode="drop")
 
 
 def slots_seeing_key_blocks(pos, num_key_blocks, window, block_k):
   """[batch, key blocks, 2] int32: the slots [first, end) whose rows can see each key block,
   i.e. whose positions lie in [kb * block_k, kb * block_k + block_k - 1 + window)."""
   starts = jnp.arange(num_key_blocks, dtype=jnp.int32) * block_k
-  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"), in_axes=(0, None))
+  # 'sort' merges the two sorted lists in one pass; the default binary search is a loop
+  # whose steps a GPU runs one kernel launch at a time.
+  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left", method="sort"),
+                    in_axes=(0, None))
   return jnp.stack([search(pos, starts), search(pos, starts + block_k - 1 + window)],
                    axis=-1).astype(jnp.int32)
 
 
-def make_compacted_attention(forward, backward):
-  """The public op from a backend's kernels.
+def gather_rows(t, pos):
+  """t: [batch, seq, ...] -> [batch, slots, ...], the rows at pos (sentinels read row
+  seq - 1, a row nothing uses)."""
+  at = jnp.clip(pos, 0, t.shape[1] - 1)
+  return jnp.take_along_axis(t, at.reshape(at.shape + (1,) * (t.ndim - 2)), axis=1)
 
-  forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret) -> (o_c, lse);
-  backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, interpret)
-    -> (dq_c, dk, dv), with delta = rowsum(do_c * o_c) as [b, h, slots] fp32.
+
+def scatter_rows(t_c, pos, seq_len):
+  """t_c: [batch, slots, ...] -> [batch, seq, ...], row s written at pos[:, s] and zeros
+  elsewhere. Positions are distinct and sentinels fall outside, so this is a plain set: an
+  add (what autodiff would make of gather_rows) piles every sentinel onto one row."""
+  b = t_c.shape[0]
+  out = jnp.zeros((b, seq_len) + t_c.shape[2:], t_c.dtype)
+  return out.at[jnp.arange(b)[:, None], pos].set(t_c, mode="drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Statics:
+  """What the kernels are specialised on. window_only: unmasked_interior is on and there is
+  no kv_select and one segment, so a block inside every row's window needs no mask."""
+  window: int
+  window_only: bool
+  block_sizes: BlockSizes
+  interpret: object
+
+
+def make_selective_attention(forward, backward):
+  """The public op from a backend's kernels, which read and write rows at original positions.
+
+  forward(q, k, v, pos, ok, seg, statics) -> (o, lse): o [b, seq, h, d] with zeros at
+    unselected rows, lse [b, h, slots] fp32 (+inf for rows that see no key);
+  backward(q, k, v, pos, ok, seg, o, lse, do, statics) -> (dq, dk, dv).
+  pos is compact_selection's [b, slots]; ok and seg are [b, seq] int32.
   """
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-  def attend(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
-    return forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)[0]
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+  def attend(q, k, v, pos, ok, seg, statics):
+    return forward(q, k, v, pos, ok, seg, statics)[0]
 
-  def attend_fwd(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
-    o_c, lse = forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret)
-    return o_c, (q_c, k, v, pos, seg_q, ok, seg, o_c, lse)
+  def attend_fwd(q, k, v, pos, ok, seg, statics):
+    o, lse = forward(q, k, v, pos, ok, seg, statics)
+    return o, (q, k, v, pos, ok, seg, o, lse)
 
-  def attend_bwd(window, bs, interpret, residuals, do_c):
-    q_c, k, v, pos, seg_q, ok, seg, o_c, lse = residuals
-    delta = jnp.einsum("bshd,bshd->bhs", do_c.astype(_F32), o_c.astype(_F32))
-    dq_c, dk, dv = backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c.astype(q_c.dtype),
-                            window, bs, interpret)
+  def attend_bwd(statics, residuals, do):
+    q, k, v, pos, ok, seg, o, lse = residuals
+    dq, dk, dv = backward(q, k, v, pos, ok, seg, o, lse, do.astype(q.dtype), statics)
     zero = lambda t: np.zeros(t.shape, jax.dtypes.float0)
-    return dq_c, dk, dv, zero(pos), zero(seg_q), zero(ok), zero(seg)
+    return dq, dk, dv, zero(pos), zero(ok), zero(seg)
 
   attend.defvjp(attend_fwd, attend_bwd)
 
@@ -70,14 +125,13 @@ def make_compacted_attention(forward, backward):
     b, l = q.shape[:2]
     if window < 1:
       raise ValueError(f"window must be >= 1, got {window}")
-    pos = compact_selection(select, window, block_sizes.block_q)
+    pos = compact_selection(select, window, block_sizes.slot_multiple)
     seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
            else segment_ids.astype(jnp.int32))
     ok = jnp.ones((b, l), jnp.int32) if kv_select is None else kv_select.astype(jnp.int32)
-    gather_at = jnp.clip(pos, 0, l - 1)
-    q_c = jnp.take_along_axis(q, gather_at[:, :, None, None], axis=1)
-    seg_q = jnp.take_along_axis(seg, gather_at, axis=1)
-    o_c = attend(q_c, k, v, pos, seg_q, ok, seg, window, block_sizes, interpret)
-    return jnp.zeros_like(q).at[jnp.arange(b)[:, None], pos].set(o_c, mode="drop")
+    window_only = (block_sizes.unmasked_interior and kv_select is None
+                   and segment_ids is None)
+    statics = Statics(window, window_only, block_sizes, interpret)
+    return attend(q, k, v, pos, ok, seg, statics)
 
   return run

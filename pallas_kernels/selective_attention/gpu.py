@@ -1,13 +1,16 @@
 """Query-compacted causal sliding-window attention as Pallas Triton kernels (GPU).
 
-Only selected query rows are computed. The caller compacts them: `positions` [b, slots] holds
+Only selected query rows are computed. `positions` [b, slots] (common.compact_selection) holds
 each selected row's sequence position in ascending order, then a sentinel >= seq + window for
-unused slots (which can see no key). q is gathered into that order, [b, slots, h, d].
+unused slots (which can see no key). The kernels read q, do and o rows at those positions and
+write o and dq rows there (Triton gathers and scatters rows by pointer), so no compacted copy
+is made; unselected rows of o and dq stay as the zeroed buffer each kernel aliases.
 
   _forward_kernel  grid (batch, head, slot block): online softmax over the key blocks that
                    the block's rows can see, [first - window + 1, last]; blocks with no
                    selected row run no iteration. Writes o and the row log-sum-exp (fp32).
-  _dq_kernel       the same grid and key range: dq from the saved statistics.
+  _dq_kernel       the same grid and key range: dq from the saved statistics; also writes
+                   delta = rowsum(do * o) per slot for the next kernel.
   _dkv_kernel      grid (batch, head, key block): the slot blocks whose rows can see the key
                    block, a range the caller finds with a search over the sorted positions.
 Cost follows the key span each compacted block reads: (last - first) + window keys for
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.selective_attention.common import (BlockSizes, make_compacted_attention,
+from pallas_kernels.selective_attention.common import (BlockSizes, make_selective_attention,
                                                        slots_seeing_key_blocks)
 
 _F32 = jnp.float32
@@ -54,97 +57,142 @@ def _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, start, block_k, seq_len):
   return keys, k, v, ok, seg
 
 
-def _slot_block(pos_ref, segq_ref, q_ref, seq_len, window, block_q, block_k):
-  """This program's slot block: its positions, segments and q rows, and the key blocks
-  [lo, hi) its rows can see."""
-  bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  slots = pl.ds(si * block_q, block_q)
+def _slot_rows(pos_ref, bi, slots, seq_len, window, block_k, window_only):
+  """A slot block's positions, which of them are selected rows, the rows to read (0 for
+  sentinels, masked), and its key blocks: [lo, hi) in all, of which [a, b) lie inside every
+  row's window (no mask needed when window_only; else a = b)."""
   pos = pos_ref[bi, slots]
   valid = pos < seq_len
+  rows = jnp.where(valid, pos, 0)
   first = jnp.min(jnp.where(valid, pos, _BIG))
   last = jnp.max(jnp.where(valid, pos, -1))
   lo = jnp.maximum(first - window + 1, 0) // block_k
-  hi_block = jnp.where(last >= 0, last // block_k + 1, lo)
-  return bi, hi, slots, pos, segq_ref[bi, slots], q_ref[bi, slots, hi, :], lo, hi_block
+  hi = jnp.where(last >= 0, last // block_k + 1, lo)
+  if not window_only:
+    return pos, valid, rows, (lo, hi, hi, hi)
+  # Key block kb is inside every row's window when last - window < kb * block_k and
+  # kb * block_k + block_k - 1 <= first.
+  a = jnp.clip(-((window - 1 - last) // block_k), lo, hi)
+  b = jnp.clip((first + 1) // block_k, a, hi)
+  return pos, valid, rows, (lo, a, b, hi)
 
 
-def _forward_kernel(pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, o_ref, lse_ref,
-                    *, seq_len, window, block_q, block_k, scale):
-  bi, hi, slots, pos, seg_q, q, lo, hi_block = _slot_block(
-      pos_ref, segq_ref, q_ref, seq_len, window, block_q, block_k)
+def _three_loops(bounds, body, init):
+  """body(i, carry, masked) over [lo, a) masked, [a, b) unmasked, [b, hi) masked."""
+  lo, a, b, hi = bounds
+  carry = jax.lax.fori_loop(lo, a, functools.partial(body, masked=True), init)
+  carry = jax.lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+  return jax.lax.fori_loop(b, hi, functools.partial(body, masked=True), carry)
+
+
+def _row_index(ref, bi, rows, hi):
+  """Index of the [block_q, d] rows of ref [b, seq, h, d] at `rows` (a gather), in integer
+  arrays only: interpret mode discharges no mix of arrays and slices."""
+  return ref.at[bi, rows[:, None], hi, jnp.arange(ref.shape[-1])[None, :]]
+
+
+def _load_rows(ref, bi, rows, hi, valid):
+  return plgpu.load(_row_index(ref, bi, rows, hi), mask=valid[:, None], other=0.0)
+
+
+def _store_rows(ref, bi, rows, hi, valid, x):
+  plgpu.store(_row_index(ref, bi, rows, hi), x.astype(ref.dtype), mask=valid[:, None])
+
+
+def _forward_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, _, o_ref, lse_ref,
+                    *, seq_len, window, window_only, block_q, block_k, scale):
+  bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  slots = pl.ds(si * block_q, block_q)
+  pos, valid, rows, bounds = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k,
+                                        window_only)
+  q = _load_rows(q_ref, bi, rows, hi, valid)
+  seg_q = seg_ref[bi, rows]
   d = q.shape[-1]
 
-  def body(kb, carry):
+  def body(kb, carry, masked):
     acc, m, l = carry
     keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
                                        block_k, seq_len)
-    mask = _visible(pos, seg_q, keys, ok, seg_k, window)
-    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, -jnp.inf)
+    s = _dot(q, k, trans_b=True) * scale
+    if masked:
+      mask = _visible(pos, seg_q, keys, ok, seg_k, window)
+      s = jnp.where(mask, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.where(mask, jnp.exp(s - m_safe[:, None]), 0.0)
+    p = jnp.exp(s - m_safe[:, None])
+    if masked:
+      p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(jnp.where(m == -jnp.inf, 0.0, m) - m_safe)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
   init = (jnp.zeros((block_q, d), _F32), jnp.full((block_q,), -jnp.inf, _F32),
           jnp.zeros((block_q,), _F32))
-  acc, m, l = jax.lax.fori_loop(lo, hi_block, body, init)
-  seen = l > 0
-  o_ref[bi, slots, hi, :] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None],
-                                      0.0).astype(o_ref.dtype)
+  acc, m, l = _three_loops(bounds, body, init)
+  seen = (l > 0) & valid
+  o = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+  _store_rows(o_ref, bi, rows, hi, valid, o)
   lse_ref[bi, hi, slots] = jnp.where(seen, jnp.where(m == -jnp.inf, 0.0, m)
                                      + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _dq_kernel(pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, seq_len, window, block_q, block_k, scale):
-  bi, hi, slots, pos, seg_q, q, lo, hi_block = _slot_block(
-      pos_ref, segq_ref, q_ref, seq_len, window, block_q, block_k)
-  do = do_ref[bi, slots, hi, :]
+def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse_ref, _,
+               dq_ref, delta_ref, *, seq_len, window, window_only, block_q, block_k, scale):
+  bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  slots = pl.ds(si * block_q, block_q)
+  pos, valid, rows, bounds = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k,
+                                        window_only)
+  q = _load_rows(q_ref, bi, rows, hi, valid)
+  do = _load_rows(do_ref, bi, rows, hi, valid)
+  seg_q = seg_ref[bi, rows]
   lse = lse_ref[bi, hi, slots]
-  delta = delta_ref[bi, hi, slots]
+  # delta = rowsum(do * o) here, once per row, for this kernel and the dk/dv kernel after it.
+  delta = jnp.sum(do.astype(_F32) * _load_rows(o_ref, bi, rows, hi, valid).astype(_F32), axis=1)
+  delta_ref[bi, hi, slots] = delta
 
-  def body(kb, dq):
+  def body(kb, dq, masked):
     keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
                                        block_k, seq_len)
-    mask = _visible(pos, seg_q, keys, ok, seg_k, window)
-    p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+    p = jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None])
+    if masked:
+      p = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window), p, 0.0)
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jax.lax.fori_loop(lo, hi_block, body, jnp.zeros(q.shape, _F32))
-  dq_ref[bi, slots, hi, :] = (dq * scale).astype(dq_ref.dtype)
+  dq = _three_loops(bounds, body, jnp.zeros(q.shape, _F32))
+  _store_rows(dq_ref, bi, rows, hi, valid, dq * scale)
 
 
-def _dkv_kernel(range_ref, pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, *, seq_len, window, block_q, block_k,
+def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, *, seq_len, window, window_only, block_q, block_k,
                 scale):
+  del window_only   # in the ranges
   bi, hi, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
                                      block_k, seq_len)
-  first_slot, end_slot = range_ref[bi, kb, 0], range_ref[bi, kb, 1]
 
-  def body(sb, carry):
+  def body(sb, carry, masked):
     dk, dv = carry
     slots = pl.ds(sb * block_q, block_q)
     pos = pos_ref[bi, slots]
-    seg_q = segq_ref[bi, slots]
-    q = q_ref[bi, slots, hi, :]
-    do = do_ref[bi, slots, hi, :]
+    valid = pos < seq_len
+    rows = jnp.where(valid, pos, 0)
+    q = _load_rows(q_ref, bi, rows, hi, valid)
+    do = _load_rows(do_ref, bi, rows, hi, valid)
     lse = lse_ref[bi, hi, slots]
     delta = delta_ref[bi, hi, slots]
-    mask = _visible(pos, seg_q, keys, ok, seg_k, window)
-    p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+    p = jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None])
+    if masked:
+      p = jnp.where(_visible(pos, seg_ref[bi, rows], keys, ok, seg_k, window), p, 0.0)
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
+  # Slot blocks [lo, hi) see this key block; [a, b) hold rows that see all of it.
+  bounds = tuple(range_ref[bi, kb, i] for i in range(4))
   zeros = jnp.zeros(k.shape, _F32)
-  lo = first_slot // block_q
-  hi_block = jnp.where(end_slot > first_slot, (end_slot - 1) // block_q + 1, lo)
-  dk, dv = jax.lax.fori_loop(lo, hi_block, body, (zeros, zeros))
+  dk, dv = _three_loops(bounds, body, (zeros, zeros))
   inside = keys < seq_len
   plgpu.store(dk_ref.at[bi, pl.ds(kb * block_k, block_k), hi, :],
               (dk * scale).astype(dk_ref.dtype), mask=inside[:, None])
@@ -152,45 +200,80 @@ def _dkv_kernel(range_ref, pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_r
               mask=inside[:, None])
 
 
+def _slot_block_ranges(pos, seq_len, num_key_blocks, st, block_q, block_k):
+  """[b, key blocks, 4] int32: slot blocks lo <= a <= b <= hi, where [lo, hi) hold rows that
+  see key block kb and [a, b) only rows that see all of it (positions in
+  [kb * block_k + block_k - 1, kb * block_k + window)); a = b = hi unless st.window_only."""
+  first, end = jnp.moveaxis(
+      slots_seeing_key_blocks(pos, num_key_blocks, st.window, block_k), -1, 0)
+  lo = first // block_q
+  hi = jnp.where(end > first, (end - 1) // block_q + 1, lo)
+  if not st.window_only:
+    return jnp.stack([lo, hi, hi, hi], axis=-1).astype(jnp.int32)
+  starts = jnp.arange(num_key_blocks, dtype=jnp.int32) * block_k
+  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left", method="sort"),
+                    in_axes=(0, None))
+  full_first = search(pos, starts + block_k - 1)
+  full_end = search(pos, jnp.minimum(starts + st.window, seq_len))
+  a = jnp.clip(-(-full_first // block_q), lo, hi)
+  b = jnp.clip(full_end // block_q, a, hi)
+  return jnp.stack([lo, a, b, hi], axis=-1).astype(jnp.int32)
+
+
 def _params(bs):
   return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def _statics(q, window, bs):
-  return dict(seq_len=q.shape[1], window=window, block_q=bs.block_q, block_k=bs.block_k,
-              scale=1.0 / math.sqrt(q.shape[-1]))
+def _statics(q, st, bs):
+  return dict(seq_len=q.shape[1], window=st.window, window_only=st.window_only,
+              block_q=bs.block_q, block_k=bs.block_k, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
-def _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
-  b, slots, h, d = q_c.shape
-  kernel = functools.partial(_forward_kernel, **_statics(k, window, bs))
+def _forward(q, k, v, pos, ok, seg, st):
+  """The kernels write only selected rows, into a zeroed buffer they alias."""
+  b, l, h, d = q.shape
+  slots, bs = pos.shape[1], st.block_sizes
   return pl.pallas_call(
-      kernel, grid=(b, h, slots // bs.block_q), compiler_params=_params(bs),
-      interpret=interpret, name="selective_attention_forward",
-      out_shape=[jax.ShapeDtypeStruct(q_c.shape, q_c.dtype),
+      functools.partial(_forward_kernel, **_statics(q, st, bs)),
+      grid=(b, h, slots // bs.block_q), compiler_params=_params(bs), interpret=st.interpret,
+      name="selective_attention_forward", input_output_aliases={6: 0},
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, slots), _F32)],
-  )(pos, seg_q, q_c, k, v, ok, seg)
+  )(pos, q, k, v, ok, seg, jnp.zeros_like(q))
 
 
-def _backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, interpret):
-  b, slots, h, d = q_c.shape
-  statics = _statics(k, window, bs)
-  dq_c = pl.pallas_call(
-      functools.partial(_dq_kernel, **statics), grid=(b, h, slots // bs.block_q),
-      compiler_params=_params(bs), interpret=interpret, name="selective_attention_dq",
-      out_shape=jax.ShapeDtypeStruct(q_c.shape, q_c.dtype),
-  )(pos, seg_q, q_c, k, v, ok, seg, do_c, lse, delta)
-  nkb = pl.cdiv(k.shape[1], bs.block_k)
-  ranges = slots_seeing_key_blocks(pos, nkb, window, bs.block_k)
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, **statics), grid=(b, h, nkb),
-      compiler_params=_params(bs), interpret=interpret, name="selective_attention_dkv",
+def _dq(q, k, v, pos, ok, seg, o, lse, do, st):
+  """(dq, delta [b, h, slots] fp32)."""
+  b, l, h, d = q.shape
+  slots, bs = pos.shape[1], st.block_sizes
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, **_statics(q, st, bs)),
+      grid=(b, h, slots // bs.block_q), compiler_params=_params(bs), interpret=st.interpret,
+      name="selective_attention_dq", input_output_aliases={9: 0},
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, slots), _F32)],
+  )(pos, q, k, v, ok, seg, do, o, lse, jnp.zeros_like(q))
+
+
+def _dkv(q, k, v, pos, ok, seg, lse, delta, do, st):
+  b, l, h, d = q.shape
+  bs = st.block_sizes.dkv
+  nkb = pl.cdiv(l, bs.block_k)
+  ranges = _slot_block_ranges(pos, l, nkb, st, bs.block_q, bs.block_k)
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, **_statics(q, st, bs)), grid=(b, h, nkb),
+      compiler_params=_params(bs), interpret=st.interpret, name="selective_attention_dkv",
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-  )(ranges, pos, seg_q, q_c, k, v, ok, seg, do_c, lse, delta)
-  return dq_c, dk, dv
+  )(ranges, pos, q, k, v, ok, seg, do, lse, delta)
 
 
-_compacted_attention = make_compacted_attention(_forward, _backward)
+def _backward(q, k, v, pos, ok, seg, o, lse, do, st):
+  dq, delta = _dq(q, k, v, pos, ok, seg, o, lse, do, st)
+  dk, dv = _dkv(q, k, v, pos, ok, seg, lse, delta, do, st)
+  return dq, dk, dv
+
+
+_selective_attention = make_selective_attention(_forward, _backward)
 
 
 def selective_attention_gpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
@@ -201,6 +284,6 @@ def selective_attention_gpu(q, k, v, select, *, window: int, kv_select=None, seg
   select [batch, seq] bool; window >= 1; kv_select optional [batch, seq] bool restricting
   keys; segment_ids optional [batch, seq] int. Returns [batch, seq, heads, head_dim], q.dtype.
   """
-  return _compacted_attention(q, k, v, select, window=window, kv_select=kv_select,
+  return _selective_attention(q, k, v, select, window=window, kv_select=kv_select,
                               segment_ids=segment_ids, block_sizes=block_sizes,
                               interpret=interpret)

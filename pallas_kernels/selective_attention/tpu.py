@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.selective_attention.common import (BlockSizes, make_compacted_attention,
+from pallas_kernels.selective_attention.common import (BlockSizes, gather_rows,
+                                                       make_selective_attention, scatter_rows,
                                                        slots_seeing_key_blocks)
 
 _F32 = jnp.float32
@@ -230,7 +231,22 @@ def _backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, inte
   return jnp.transpose(dq, (0, 2, 1, 3)), back(dk), back(dv)
 
 
-_compacted_attention = make_compacted_attention(_forward, _backward)
+def _forward_rows(q, k, v, pos, ok, seg, st):
+  """Mosaic has no row gather, so the selected rows are compacted around the kernels."""
+  o_c, lse = _forward(gather_rows(q, pos), k, v, pos, gather_rows(seg, pos), ok, seg,
+                      st.window, st.block_sizes, st.interpret)
+  return scatter_rows(o_c, pos, q.shape[1]), lse
+
+
+def _backward_rows(q, k, v, pos, ok, seg, o, lse, do, st):
+  do_c = gather_rows(do, pos)
+  delta = jnp.einsum("bshd,bshd->bhs", do_c.astype(_F32), gather_rows(o, pos).astype(_F32))
+  dq_c, dk, dv = _backward(gather_rows(q, pos), k, v, pos, gather_rows(seg, pos), ok, seg, lse,
+                           delta, do_c, st.window, st.block_sizes, st.interpret)
+  return scatter_rows(dq_c, pos, q.shape[1]), dk, dv
+
+
+_compacted_attention = make_selective_attention(_forward_rows, _backward_rows)
 
 
 def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
@@ -238,6 +254,9 @@ def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, seg
                             interpret: bool | pltpu.InterpretParams = False):
   """As selective_attention_gpu, on the Mosaic kernels (TPU, or any backend in interpret
   mode). block_q and block_k must be multiples of 8 (128 fills the MXU)."""
+  if block_sizes.block_q_dkv or block_sizes.block_k_dkv:
+    raise ValueError(f"{block_sizes}: block_q_dkv and block_k_dkv are for the GPU kernels; "
+                     "the TPU kernels use block_q and block_k throughout (leave them None)")
   for name in ("block_q", "block_k"):
     if getattr(block_sizes, name) % 8:
       raise ValueError(f"BlockSizes.{name}={getattr(block_sizes, name)} must be a multiple "

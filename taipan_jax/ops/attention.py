@@ -105,11 +105,11 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
     else:
       kernel = functools.partial(selective_attention_tpu, window=window,
                                  interpret=impl == "interpret")
-    kv = jnp.ones((b, l), bool) if kv_select is None else kv_select
-    seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
-    call = lambda q, k, v, select, kv, seg: kernel(q, k, v, select, kv_select=kv,
-                                                   segment_ids=seg)
-    return per_shard(call, (), (q, k, v, select, kv, seg), num_outputs=1)
+    # Masks that are absent stay absent: the kernels then skip masking inside the window.
+    extra = {name: t for name, t in (("kv_select", kv_select), ("segment_ids", segment_ids))
+             if t is not None}
+    call = lambda q, k, v, select, *rest: kernel(q, k, v, select, **dict(zip(extra, rest)))
+    return per_shard(call, (), (q, k, v, select, *extra.values()), num_outputs=1)
   key_ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
   block = max(window, _MIN_BLOCK)
   if l <= 2 * block:
