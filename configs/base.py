@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.sal.selection = "gumbel"           # "gumbel" (Taipan) or "all" (SWA-only hybrid)
   cfg.sal.rope = False                   # decision (g): no positional encoding
   cfg.sal.inference_capacity = config_dict.placeholder(int)  # cap on selected per window
+  cfg.sal.kernel = "auto"                # attention: auto | reference | pallas | interpret
 
   # --- full attention ('a' layers) ----------------------------------------------------------
   cfg.attention = ml_collections.ConfigDict()

@@ -214,6 +214,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail("sal.selection", sal.selection, "unknown selection", "use 'gumbel' or 'all'")
     if sal.rope and sal.head_dim % 2:
       _fail("sal.head_dim", sal.head_dim, "RoPE needs an even head_dim", "use an even value")
+    from taipan_jax.ops.ssd import IMPLEMENTATIONS
+    if sal.kernel not in IMPLEMENTATIONS:
+      _fail("sal.kernel", sal.kernel, "unknown attention implementation",
+            f"use one of {IMPLEMENTATIONS}")
     if sal.inference_capacity is not None:
       if not 1 <= sal.inference_capacity <= sal.window:
         _fail("sal.inference_capacity", sal.inference_capacity, "must be in [1, window]",

@@ -38,6 +38,7 @@ def test_derived_sizes():
     ({"sal.window": 0}, "sal.window"),
     ({"sal.capacity": 1.5}, "sal.capacity"),
     ({"sal.selection": "topk"}, "sal.selection"),
+    ({"sal.kernel": "flash"}, "sal.kernel"),
     ({"model.pattern": "mmx"}, "model.pattern"),
     ({"model.dtype": "float8"}, "model.dtype"),
     ({"optim.final_lr": 1.0}, "optim.final_lr"),

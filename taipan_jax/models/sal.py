@@ -78,6 +78,7 @@ class SelectiveAttentionLayer(nnx.Module):
     self.rope = sal.rope
     self.rope_theta = cfg.attention.rope_theta
     self.inference_capacity = sal.inference_capacity
+    self.kernel = sal.kernel
     self.dtype = jnp.dtype(m.dtype)
     self.deterministic = False
     pdt = jnp.dtype(m.param_dtype)
@@ -152,7 +153,8 @@ class SelectiveAttentionLayer(nnx.Module):
     # left as it was by the mix below (the straight-through gradient there sees o = 0).
     attn = ops.selective_window_attention(
         q, k, v, selected, window=self.window,
-        kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids)
+        kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
+        implementation=self.kernel)
     out = self._mix(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:
