@@ -25,9 +25,8 @@ from taipan_jax.training.step import make_steps
 
 
 def time_steps(cfg, warmup: int, iters: int) -> dict:
-  model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1))
-  steps = make_steps(cfg, model)
-  state = steps.init_state()
+  steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1)))
+  state = jax.jit(steps.init_state)()
   params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
   train_step = jax.jit(steps.train_step, donate_argnums=0)
   data = make_train_iterator(cfg)

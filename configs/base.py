@@ -90,6 +90,18 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.keep_checkpoints = 3
   cfg.train.max_nonfinite_steps = 10     # stop after this many non-finite steps in a row
 
+  # --- parallelism (docs/scaling.md) --------------------------------------------------------
+  cfg.mesh = ml_collections.ConfigDict()
+  cfg.mesh.data = -1                     # -1: the devices the other axes leave
+  cfg.mesh.fsdp = 1                      # batch rows and parameters (ZeRO-3 style)
+  cfg.mesh.tensor = 1                    # heads and hidden widths
+  cfg.mesh.sequence = 1                  # length (context parallelism; evaluation)
+  cfg.mesh.dcn_data = 1                  # slices (or hosts) the data axis spans
+  cfg.sharding = ml_collections.ConfigDict()
+  # logical axis -> mesh axes; logical names without a rule are replicated
+  cfg.sharding.rules = ("batch=data+fsdp, vocab=tensor, embed=fsdp, heads=tensor, mlp=tensor, "
+                        "mamba_inner=tensor, length=sequence")
+
   # --- data ---------------------------------------------------------------------------------
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = "mqar"                 # "mqar", "copy" (induction heads) or "text"

@@ -286,6 +286,24 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if d.num_workers < 0:
     _fail("data.num_workers", d.num_workers, "must be >= 0", "0 reads in the main process")
   positive("data.read_threads", d.read_threads)
+  from taipan_jax.sharding.mesh import MESH_AXES
+  for axis in MESH_AXES:
+    if cfg.mesh[axis] == 0 or cfg.mesh[axis] < -1:
+      _fail(f"mesh.{axis}", cfg.mesh[axis], "must be >= 1, or -1 for the devices left",
+            "set a positive size")
+  if sum(cfg.mesh[a] == -1 for a in MESH_AXES) > 1:
+    _fail("mesh.data", cfg.mesh.data, "more than one mesh axis is -1",
+          "give all but one of them a size")
+  positive("mesh.dcn_data", cfg.mesh.dcn_data)
+  if cfg.mesh.sequence != 1:
+    _fail("mesh.sequence", cfg.mesh.sequence, "training splits batch rows, not the length",
+          "leave it 1 for training; context-parallel evaluation takes its own mesh "
+          "(taipan_jax.sharding.context_parallel)")
+  from taipan_jax.sharding.rules import RulesError, parse_rules
+  try:
+    parse_rules(cfg.sharding.rules)
+  except RulesError as e:
+    raise ConfigError(str(e)) from None
   cfg.lock()
   return cfg
 

@@ -75,7 +75,7 @@ def test_a_nonfinite_state_is_never_checkpointed(tmp_path):
   from taipan_jax.training.checkpoint import Checkpointer
   from taipan_jax.training.step import make_steps
   cfg = _small_cfg()
-  state = make_steps(cfg, taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))).init_state()
+  state = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))).init_state()
   leaves, treedef = __import__("jax").tree.flatten(state.params)
   leaves[0] = leaves[0].at[0].set(jnp.nan)
   bad = state._replace(params=treedef.unflatten(leaves), step=jnp.int32(7))

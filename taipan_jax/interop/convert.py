@@ -23,7 +23,7 @@ def save_workdir(model, cfg, workdir: str) -> str:
     raise FileExistsError(f"workdir {workdir!r} already holds checkpoints; fix: convert into "
                           "a new --workdir")
   os.makedirs(workdir, exist_ok=True)
-  state = make_steps(cfg, model).init_state()
+  state = make_steps(cfg, lambda: model).init_state()
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   try:
     checkpointer.save(jax.device_get(state), data_state=None, cfg=cfg, force=True)

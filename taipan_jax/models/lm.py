@@ -14,6 +14,7 @@ from taipan_jax.models.attention import AttentionBlock
 from taipan_jax.models.mamba2 import Mamba2Block
 from taipan_jax.models.norms import RMSNorm
 from taipan_jax.models.sal import SelectiveAttentionLayer
+from taipan_jax.sharding import constrain
 
 _LAYERS = {"m": Mamba2Block, "s": SelectiveAttentionLayer, "a": AttentionBlock}
 
@@ -52,7 +53,8 @@ class LanguageModel(nnx.Module):
   def _logits(self, h):
     h = self.final_norm(h)
     logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
-    return logits[..., :self.vocab_size].astype(jnp.float32)
+    return constrain(logits[..., :self.vocab_size].astype(jnp.float32),
+                     ("batch", "length", "vocab"))
 
   def __call__(self, tokens, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
                return_masks: bool = False, return_cache: bool = False):
@@ -68,7 +70,9 @@ class LanguageModel(nnx.Module):
       select_masks [num_sal, batch, seq]. With return_cache, also the decode cache after
       the prompt: (logits, aux, cache).
     """
-    h = self.embed(tokens).astype(jnp.float32)
+    # The residual stream: rows over the batch axes, the length over the sequence axis.
+    stream = lambda h: constrain(h, ("batch", "length", None))
+    h = stream(self.embed(tokens).astype(jnp.float32))
     keys = (jax.random.split(gumbel_key, max(self.num_sal, 1)) if gumbel_key is not None
             else [None] * self.num_sal)
     fractions, masks, caches = [], [], []
@@ -77,7 +81,7 @@ class LanguageModel(nnx.Module):
       if kind == "s":
         out = layer(h, token_mask=token_mask, segment_ids=segment_ids,
                     gumbel_key=keys[sal_index], tau=tau, return_cache=return_cache)
-        h, aux = out[0], out[1]
+        h, aux = stream(out[0]), out[1]
         fractions.append(aux["fraction"])
         masks.append(aux["mask"])
         sal_index += 1
@@ -90,6 +94,7 @@ class LanguageModel(nnx.Module):
           caches.append(cache)
         else:
           h = out
+        h = stream(h)
     logits = self._logits(h)
     b = tokens.shape[0]
     fractions = jnp.stack(fractions) if fractions else jnp.zeros((0, b), jnp.float32)

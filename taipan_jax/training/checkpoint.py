@@ -35,6 +35,7 @@ def model_signature(cfg) -> dict:
   """The config sections that shape the parameters; which kernel computes them is not one."""
   sig = {k: cfg[k].to_dict() for k in _MODEL_SECTIONS}
   sig["mamba"].pop("kernel", None)
+  sig["sal"].pop("kernel", None)
   return sig
 
 

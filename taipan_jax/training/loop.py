@@ -16,11 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import taipan_jax
 from taipan_jax.data import pipeline
-from taipan_jax.training import flops
+from taipan_jax.training import flops, partition
 from taipan_jax.training.checkpoint import Checkpointer, write_config
 from taipan_jax.training.metrics import MetricsWriter, format_eta
 from taipan_jax.training.step import make_steps
@@ -39,13 +38,6 @@ def check_workdir(workdir: str) -> None:
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
     raise TrainingError(f"workdir {workdir!r} is not writable ({parent} does not allow it); "
                         "fix: pick a --workdir you can write to")
-
-
-def check_devices(cfg) -> None:
-  n = jax.device_count()
-  if cfg.train.batch_size % n:
-    raise TrainingError(f"train.batch_size={cfg.train.batch_size} does not split over the {n} "
-                        f"devices; fix: use a multiple of {n}")
 
 
 class _Preemption:
@@ -70,22 +62,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _data_parallel():
-  """Shardings for data parallelism over every device: parameters replicated, batch rows
-  split."""
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-
-def _jit_under_mesh(fn, mesh, **jit_kwargs):
-  """jax.jit(fn), traced with `mesh` set, so ops that run Pallas kernels see it and split
-  them per batch shard (XLA cannot partition a kernel; it would gather its inputs)."""
-  jitted = jax.jit(fn, **jit_kwargs)
-
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return jitted(*args)
-  return call
+def _plan(cfg, steps) -> partition.Plan:
+  try:
+    return partition.make_plan(cfg, steps.abstract_state)
+  except partition.PartitionError as e:
+    raise TrainingError(str(e)) from None
 
 
 def _restore_target(state):
@@ -137,7 +118,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   t = cfg.train
   if workdir:
     check_workdir(workdir)
-  check_devices(cfg)
   # Data first: a bad path, an empty corpus or a tokenizer mismatch stops here, before any
   # compilation or any file is written.
   corpus = pipeline.load_corpus(cfg)
@@ -146,12 +126,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   eval_batches = pipeline.make_eval_batches(cfg, t.eval_batches, corpus=corpus,
                                             batch_size=t.batch_size // jax.process_count())
 
-  replicated, rows = _data_parallel()
-  model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=t.seed, gumbel=t.seed + 1))
-  steps = make_steps(cfg, model)
-  state = jax.device_put(steps.init_state(), replicated)
-  train_step = _jit_under_mesh(steps.train_step, rows.mesh, donate_argnums=0)
-  eval_step = _jit_under_mesh(steps.eval_step, rows.mesh)
+  steps = make_steps(cfg, lambda: taipan_jax.build_model(
+      cfg, rngs=nnx.Rngs(params=t.seed, gumbel=t.seed + 1)))
+  plan = _plan(cfg, steps)
+  state = partition.init_state(steps, plan)
+  train_step = partition.jit_train_step(steps, plan)
+  eval_step = partition.jit_eval_step(steps, plan)
+  rows = plan.batch
 
   checkpointer = None
   start_step = 0
@@ -175,7 +156,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   peak = flops.peak_flops_per_second(jax.devices()[0], cfg.model.dtype)
   log(f"{cfg.name}: {n_params:,} parameters, {cfg.model.pattern} x {cfg.model.num_units}, "
       f"task {cfg.data.task}, {t.batch_size} x {cfg.data.seq_len} tokens a step on "
-      f"{jax.device_count()} {jax.devices()[0].platform} device(s), steps {start_step}"
+      f"{jax.device_count()} {jax.devices()[0].platform} device(s), mesh "
+      f"{dict(plan.mesh.shape)}, steps {start_step}"
       f"..{t.steps}, jax {jax.__version__}")
 
   history = []
@@ -289,10 +271,10 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
   eval_batches = pipeline.make_eval_batches(cfg, n, batch_size=cfg.train.batch_size)
   if not eval_batches:
     raise TrainingError(f"no evaluation data for {workdir!r}; fix: pass --data=...")
-  model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1))
-  steps = make_steps(cfg, model)
-  replicated, rows = _data_parallel()
-  state = jax.device_put(steps.init_state(), replicated)
+  steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0,
+                                                                            gumbel=1)))
+  plan = _plan(cfg, steps)
+  state = partition.init_state(steps, plan)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, log=log)
   try:
     restored = checkpointer.restore(_restore_target(state), cfg)
@@ -302,7 +284,7 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
     raise TrainingError(f"no readable checkpoint in {workdir!r}; fix: train first "
                         "(`taipan train --workdir=...`)")
   state, _, step = restored
-  row = _eval_metrics(_jit_under_mesh(steps.eval_step, rows.mesh), state.params,
-                     eval_batches, rows)
+  row = _eval_metrics(partition.jit_eval_step(steps, plan), state.params, eval_batches,
+                     plan.batch)
   log(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
   return {"step": step, **row}

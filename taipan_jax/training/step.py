@@ -18,7 +18,8 @@ from taipan_jax.training.state import TrainState
 
 
 class Steps(NamedTuple):
-  init_state: Callable[[], TrainState]
+  init_state: Callable[[], TrainState]   # pure: jit it with out_shardings to build sharded
+  abstract_state: TrainState             # shapes and dtypes of init_state(), no memory
   train_step: Callable      # (state, batch) -> (state, metrics)
   eval_step: Callable       # (params, batch) -> sums: ce, weight, correct, selected
 
@@ -31,18 +32,21 @@ def _token_sums(logits, batch):
   return (ce * w).sum(), w.sum(), (correct * w).sum()
 
 
-def make_steps(cfg, model) -> Steps:
-  """Splits a freshly built model into graph and parameters and builds its two steps.
+def make_steps(cfg, build: Callable[[], nnx.Module]) -> Steps:
+  """The train and eval steps of the model `build()` makes, and its state's initializer.
 
-  The model is switched to eval mode here for the eval step's graph; training merges the
-  graph captured before the switch.
+  The model is only traced here (nnx.eval_shape): parameters come into being inside
+  `init_state`, which the trainer jits with the state's shardings, so no full copy of them
+  is ever made on one device. The non-parameter state (the Gumbel stream's key) is a few
+  bytes and is made concretely.
   """
   accum = cfg.train.grad_accum_steps
   packed = cfg.data.task == "text"       # only packed text carries document boundaries
-  train_def, params, rest = nnx.split(model, nnx.Param, ...)
+  model = nnx.eval_shape(build)
+  train_def = nnx.graphdef(model)
   model.eval()
   eval_def = nnx.graphdef(model)
-  model.train()
+  rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
   tx = make_optimizer(cfg)
   schedule = learning_rate_schedule(cfg)
   base_key = jax.random.key(cfg.train.seed + 1)
@@ -109,5 +113,8 @@ def make_steps(cfg, model) -> Steps:
     return {"ce_sum": ce_sum, "weight": weight, "correct": correct,
             "selected": jnp.mean(aux["selected_fraction"], axis=-1)}
 
-  return Steps(init_state=lambda: TrainState.create(params, tx), train_step=train_step,
-               eval_step=eval_step)
+  def init_state():
+    return TrainState.create(nnx.state(build(), nnx.Param), tx)
+
+  return Steps(init_state=init_state, abstract_state=jax.eval_shape(init_state),
+               train_step=train_step, eval_step=eval_step)
