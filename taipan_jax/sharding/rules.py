@@ -52,12 +52,13 @@ def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def logical_spec(names, rules: Rules, mesh, shape=None) -> P:
-  """PartitionSpec for logical `names` (None: replicated dim). A mesh axis is used at most
-  once (the first dimension that asks for it); dims the mesh axes do not divide stay whole."""
+  """PartitionSpec for logical `names` (None: replicated dim). Mesh axes of size 1 are left
+  out; a mesh axis is used at most once (the first dimension that asks for it); dims the
+  mesh axes do not divide stay whole."""
   used = set()
   spec = []
   for i, name in enumerate(names):
-    axes = tuple(a for a in rules.get(name, ()) if a in mesh.shape and a not in used) \
+    axes = tuple(a for a in rules.get(name, ()) if mesh.shape.get(a, 1) > 1 and a not in used) \
         if name else ()
     size = math.prod(mesh.shape[a] for a in axes)
     if not axes or (shape is not None and shape[i] % size):

@@ -1,0 +1,129 @@
+"""Meshes and logical-axis sharding: the same training on every mesh, checkpoints that move
+between meshes, and clear errors for meshes and rules that cannot work. 8 simulated CPU
+devices (conftest)."""
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import taipan_jax
+from taipan_jax import sharding
+from taipan_jax.sharding.mesh import MeshError
+from taipan_jax.sharding.rules import RulesError
+from taipan_jax.training import partition
+from taipan_jax.training.step import make_steps
+
+from helpers import tiny_config
+
+MESHES = [(8, 1, 1), (2, 4, 1), (1, 2, 4), (2, 2, 2)]     # (data, fsdp, tensor)
+
+
+def _mesh_overrides(data, fsdp, tensor):
+  return {"mesh__data": data, "mesh__fsdp": fsdp, "mesh__tensor": tensor}
+
+
+def _small(**overrides):
+  return tiny_config(**{"train__batch_size": 8, "data__seq_len": 32, "model__num_units": 1,
+                        "optim__warmup_steps": 2, **overrides})
+
+
+def test_mesh_shape_fills_and_rejects():
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2, sequence=1))
+  assert sharding.mesh_shape(cfg, 8) == (2, 2, 2, 1)
+  cfg.tensor = 3
+  with pytest.raises(MeshError, match=r"leave 8 / 6 devices for mesh.data.*fix"):
+    sharding.mesh_shape(cfg, 8)
+  cfg.data = 2
+  cfg.tensor = 1
+  with pytest.raises(MeshError, match=r"make 4 devices but there are 8.*fix"):
+    sharding.mesh_shape(cfg, 8)
+  cfg.fsdp = -1
+  cfg.data = -1
+  with pytest.raises(MeshError, match="all -1"):
+    sharding.mesh_shape(cfg, 8)
+
+
+def test_rules_parse_and_name_bad_axes():
+  assert sharding.parse_rules("batch=data+fsdp, embed=fsdp, norm=") == {
+      "batch": ("data", "fsdp"), "embed": ("fsdp",), "norm": ()}
+  with pytest.raises(RulesError, match="'embedding=fsdp'.*fix"):
+    sharding.parse_rules("embedding=fsdp")
+  with pytest.raises(RulesError, match=r"mesh axes \['model'\].*fix"):
+    sharding.parse_rules("heads=model")
+  with pytest.raises(taipan_jax.config.ConfigError, match="sharding.rules"):
+    tiny_config(sharding__rules="heads=model")
+
+
+@pytest.mark.parametrize("name", taipan_jax.config.bundled_configs())
+def test_every_parameter_has_logical_axes(name):
+  cfg = taipan_jax.load_config(name, {"model.vocab_size": 100})
+  steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(0)))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(
+      dict(data=2, fsdp=2, tensor=2, sequence=1)))
+  shardings = sharding.tree_shardings(steps.abstract_state, mesh,
+                                      sharding.parse_rules(cfg.sharding.rules))
+  specs = [s.spec for s in jax.tree.leaves(shardings)]
+  assert len(specs) == len(jax.tree.leaves(steps.abstract_state))
+  assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
+
+
+def _run_steps(cfg, devices, num_steps=3):
+  """Losses, gradient norms and final parameters of num_steps training steps."""
+  from taipan_jax.data import make_train_iterator
+  steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0,
+                                                                              gumbel=1)))
+  plan = partition.make_plan(cfg, steps.abstract_state, devices)
+  state = partition.init_state(steps, plan)
+  train_step = partition.jit_train_step(steps, plan)
+  data = make_train_iterator(cfg)
+  out = []
+  for _ in range(num_steps):
+    batch = jax.device_put(next(data), plan.batch)
+    state, metrics = train_step(state, batch)
+    out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  params = jax.tree.map(np.asarray, jax.device_get(state.params))
+  return np.asarray(out), params, state
+
+
+def test_training_is_the_same_on_every_mesh():
+  """Loss and gradient norm of 3 steps, and the parameters after them, on one device and on
+  4 meshes of 8 devices; the parameters really are split as the rules say."""
+  expected, params_ref, _ = _run_steps(_small(mesh__data=1), jax.devices()[:1])
+  for shape in MESHES:
+    got, params, state = _run_steps(_small(**_mesh_overrides(*shape)), jax.devices())
+    print(f"\nmesh {shape}: loss {got[:, 0]} vs {expected[:, 0]}")
+    np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg=str(shape))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(shape))
+    embedding = state.params["embed"]["embedding"]
+    want = [a for a, n in zip(("tensor", "fsdp"), (shape[2], shape[1])) if n > 1]
+    assert [a for a in embedding.sharding.spec if a] == want, embedding.sharding.spec
+
+
+def test_checkpoint_moves_between_meshes(tmp_path):
+  """Train 2 steps on mesh (2, 2, 2), resume on (1, 2, 4) to step 4: the same losses as 4
+  uninterrupted steps on (8, 1, 1)."""
+  from taipan_jax.training.loop import train
+  quiet = lambda *_: None
+  common = dict(train__log_every=1, train__eval_every=0, train__checkpoint_every=2)
+  straight = train(_small(train__steps=4, **common, **_mesh_overrides(8, 1, 1)), None,
+                   log=quiet)
+  workdir = str(tmp_path / "run")
+  train(_small(train__steps=2, **common, **_mesh_overrides(2, 2, 2)), workdir, log=quiet)
+  lines = []
+  resumed = train(_small(train__steps=4, **common, **_mesh_overrides(1, 2, 4)), workdir,
+                  log=lines.append)
+  assert any("resumed from step 2" in line for line in lines), lines
+  want = {r["step"]: r["loss"] for r in straight if "loss" in r}
+  got = {r["step"]: r["loss"] for r in resumed if "loss" in r}
+  assert set(got) == {3, 4}
+  for step in got:
+    np.testing.assert_allclose(got[step], want[step], rtol=2e-5)
+
+
+def test_batch_that_does_not_split_is_refused():
+  from taipan_jax.training.loop import TrainingError, train
+  with pytest.raises(TrainingError, match=r"batch_size=6 does not split over the 4 batch "
+                     r"shards.*fix: use a multiple of 4"):
+    train(_small(train__batch_size=6, **_mesh_overrides(2, 2, 2)), None, log=lambda *_: None)
