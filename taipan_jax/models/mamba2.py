@@ -103,7 +103,9 @@ class Mamba2Mixer(nnx.Module):
     # Causal depthwise convolution: left pad d_conv - 1, one shifted product per tap.
     # Tap i reads position t - (k - 1 - i); zeros before position 0.
     k = self.d_conv
-    padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0))).astype(jnp.float32)
+    # Zeros before position 0; under context parallelism, the previous device's last inputs.
+    extended = jnp.concatenate([ops.left_halo(xbc, k - 1), xbc], axis=1)
+    padded = extended.astype(jnp.float32)
     w = self.conv_weight[...].astype(jnp.float32)
     taps = [padded[:, i:i + l] for i in range(k)]
     if segment_ids is not None:
@@ -122,7 +124,7 @@ class Mamba2Mixer(nnx.Module):
     if not return_cache:
       return out
     # The last d_conv - 1 inputs (zeros before position 0) continue the convolution.
-    tail = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0)))[:, l:]
+    tail = extended[:, l:]
     return out, Mamba2Cache(conv=tail.astype(self.dtype), ssm=state)
 
   def step(self, u, cache: Mamba2Cache):

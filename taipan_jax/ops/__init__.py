@@ -1,4 +1,5 @@
 """Plain-JAX operations the models call. Kernels plug in behind these names."""
+from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
 from taipan_jax.ops.attention import (resolve_attention_implementation,
                                       selective_window_attention, window_decode_attention)
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
@@ -9,5 +10,5 @@ __all__ = [
     "ssd", "ssd_step", "resolve_implementation", "resolve_attention_implementation",
     "selective_window_attention", "window_decode_attention",
     "straight_through_gumbel", "deterministic_selection", "capped_selection",
-    "selected_fraction", "budget_loss",
+    "selected_fraction", "budget_loss", "left_halo", "sequence_axis", "sequence_parallel",
 ]

@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
 from taipan_jax.ops.kernel_sharding import per_shard
 from taipan_jax.ops.ssd import IMPLEMENTATIONS
 
@@ -96,6 +97,9 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
   b, l, h, d = q.shape
   if window < 1:
     raise ValueError(f"window must be >= 1, got {window}")
+  if sequence_axis() is not None and window > 1:
+    return _attention_context_parallel(q, k, v, select, window=window, kv_select=kv_select,
+                                       segment_ids=segment_ids, implementation=implementation)
   impl = resolve_attention_implementation(implementation, head_dim=d)
   if impl != "reference":
     from pallas_kernels.selective_attention import (selective_attention_gpu,
@@ -145,6 +149,26 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
       mask = mask & (segb[:, :, :, None] == with_previous(segb)[:, :, None, :])
     out = _masked_softmax_attend(qb, k2, v2, mask).reshape(b, nb * block, h, d)[:, :l]
   return (out * select[:, :, None, None]).astype(q.dtype)
+
+
+def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_ids,
+                                implementation):
+  """This device's shard of a sequence split over the sequence axis: its rows attend to the
+  previous device's last window - 1 keys as well (a halo; none before the first device).
+  The halo rows join the front as unselected queries and are dropped from the output."""
+  if segment_ids is not None:
+    raise ValueError("context-parallel attention does not take segment_ids (one document per "
+                     "row); fix: evaluate packed documents without context parallelism")
+  b, l = select.shape
+  size = window - 1
+  ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
+  k_ext, v_ext, ok_ext = (jnp.concatenate([left_halo(t, size), t], axis=1) for t in (k, v, ok))
+  q_ext = jnp.concatenate([jnp.zeros((b, size) + q.shape[2:], q.dtype), q], axis=1)
+  select_ext = jnp.concatenate([jnp.zeros((b, size), bool), select.astype(bool)], axis=1)
+  with sequence_parallel(None):
+    out = selective_window_attention(q_ext, k_ext, v_ext, select_ext, window=window,
+                                     kv_select=ok_ext, implementation=implementation)
+  return out[:, size:]
 
 
 def window_decode_attention(q, k_cache, v_cache, valid):

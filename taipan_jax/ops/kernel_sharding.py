@@ -19,7 +19,10 @@ def batch_axes() -> tuple[str, ...]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  return tuple(a for a in mesh.axis_names if a in BATCH_MESH_AXES and mesh.shape[a] > 1)
+  manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types)
+            if t == jax.sharding.AxisType.Manual}     # inside a shard_map already
+  return tuple(a for a in mesh.axis_names
+               if a in BATCH_MESH_AXES and mesh.shape[a] > 1 and a not in manual)
 
 
 def per_shard(kernel, replicated, batched, num_outputs):

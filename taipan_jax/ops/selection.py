@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from taipan_jax.ops.context_parallel import sequence_axis
+
 
 def straight_through_gumbel(scores, key, *, tau: float = 1.0):
   """Hard Gumbel-softmax selection with the straight-through gradient (eq. 1-3).
@@ -48,6 +50,10 @@ def capped_selection(mask, *, window: int, capacity: int, segment_ids=None):
   shape. Runs as a scan over seq; meant for evaluation, where the per-token decode step
   applies the same rule.
   """
+  if sequence_axis() is not None:
+    raise ValueError("sal.inference_capacity counts selections over each window, which "
+                     "context parallelism does not carry across devices; fix: leave it unset "
+                     "for context-parallel evaluation")
   b, l = mask.shape
   if segment_ids is None:
     starts = jnp.zeros((l, b), bool)

@@ -17,6 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from taipan_jax.ops.context_parallel import sequence_axis, sequence_parallel, ssd_incoming_state
 from taipan_jax.ops.kernel_sharding import per_shard
 
 
@@ -106,6 +107,11 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
     y: [batch, seq, heads, head_dim] in x.dtype; with return_final_state also the final
     state [batch, heads, head_dim, d_state] in fp32.
   """
+  if sequence_axis() is not None:
+    return _ssd_context_parallel(x, dt, A, B, C, chunk_size=chunk_size,
+                                 initial_state=initial_state,
+                                 return_final_state=return_final_state,
+                                 segment_ids=segment_ids, implementation=implementation)
   b, l, h, p = x.shape
   g, n = B.shape[-2:]
   if h % g:
@@ -129,6 +135,29 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   call = lambda A, x, dt, B, C, init, seg: kernel(x, dt, A, B, C, init, seg)
   y, final = per_shard(call, (A,), (x, dt, B, C, init, seg), num_outputs=2)
   return (y, final) if return_final_state else y
+
+
+def _ssd_context_parallel(x, dt, A, B, C, *, chunk_size, initial_state, return_final_state,
+                          segment_ids, implementation):
+  """This device's shard of a sequence split over the sequence axis: the local SSD from a
+  zero state, then the state that enters the shard (ops.context_parallel) carried through it:
+  y_t += exp(sum_{r<=t} dt_r A) C_t . S_in."""
+  if segment_ids is not None:
+    raise ValueError("context-parallel SSD does not take segment_ids (one document per row); "
+                     "fix: evaluate packed documents without context parallelism")
+  with sequence_parallel(None):
+    y, local_final = ssd(x, dt, A, B, C, chunk_size=chunk_size, return_final_state=True,
+                         implementation=implementation)
+  h, g = x.shape[2], B.shape[2]
+  log_decay = jnp.cumsum(dt.astype(jnp.float32) * A.astype(jnp.float32), axis=1)  # [b, l, h]
+  incoming = ssd_incoming_state(local_final, log_decay[:, -1], initial_state)
+  C_heads = jnp.repeat(C.astype(jnp.float32), h // g, axis=2)                    # [b, l, h, n]
+  carried = jnp.einsum("blhn,bhpn->blhp", C_heads, incoming,
+                       precision=jax.lax.Precision.HIGHEST)
+  y = (y.astype(jnp.float32) + jnp.exp(log_decay)[..., None] * carried).astype(y.dtype)
+  if not return_final_state:
+    return y
+  return y, local_final + jnp.exp(log_decay[:, -1])[..., None, None] * incoming
 
 
 def _ssd_xla(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,

@@ -1,0 +1,73 @@
+"""Context parallelism inside the ops: the sequence split over a mesh axis.
+
+While `sequence_parallel(axis)` is active (taipan_jax.sharding.context_parallel sets it inside
+a shard_map whose inputs are split along the length on `axis`), the ops that mix tokens
+exchange what crosses a device boundary:
+  * the causal convolution takes a halo of the previous device's last d_conv - 1 inputs;
+  * the SSD scans the devices' final states (a tiny all-gather), then corrects its local
+    output with the state that enters it;
+  * the selective attention takes a halo of the previous device's last window - 1 keys and
+    values.
+Everything else in the model is per token and needs nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+
+_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("taipan_sequence_axis",
+                                                                   default=None)
+
+
+@contextlib.contextmanager
+def sequence_parallel(axis: str):
+  """Inside: the ops treat their inputs as this device's shard of a longer sequence."""
+  token = _AXIS.set(axis)
+  try:
+    yield
+  finally:
+    _AXIS.reset(token)
+
+
+def sequence_axis() -> str | None:
+  return _AXIS.get()
+
+
+def left_halo(x, size: int):
+  """x: [batch, local_seq, ...] -> [batch, size, ...]: the last `size` rows of the previous
+  device's shard (zeros on the first device, as before position 0). Outside
+  sequence_parallel: zeros."""
+  zeros = jnp.zeros((x.shape[0], size) + x.shape[2:], x.dtype)
+  axis = _AXIS.get()
+  if axis is None or size == 0:
+    return zeros
+  n = jax.lax.axis_size(axis)
+  if x.shape[1] < size:
+    raise ValueError(f"context parallelism: each device holds {x.shape[1]} tokens but a halo "
+                     f"of {size} is needed; fix: fewer devices on the '{axis}' axis or a "
+                     "longer sequence")
+  return jax.lax.ppermute(x[:, x.shape[1] - size:], axis,
+                          perm=[(i, i + 1) for i in range(n - 1)])
+
+
+def ssd_incoming_state(local_final, log_decay, initial_state=None):
+  """The state entering this device's shard.
+
+  local_final: [b, h, p, n] this shard's final state from a zero start; log_decay: [b, h],
+  sum over the shard of dt * A (so the shard multiplies an incoming state by its exp);
+  initial_state: the state before the whole sequence (the first device's incoming state).
+  Devices are few, so the scan over their final states is a short loop on every device.
+  """
+  axis = _AXIS.get()
+  finals = jax.lax.all_gather(local_final, axis)        # [devices, b, h, p, n]
+  decays = jax.lax.all_gather(jnp.exp(log_decay), axis)
+  state = (jnp.zeros_like(local_final) if initial_state is None
+           else initial_state.astype(local_final.dtype))
+  incoming = []
+  for j in range(finals.shape[0]):
+    incoming.append(state)
+    state = decays[j][..., None, None] * state + finals[j]
+  return jnp.stack(incoming)[jax.lax.axis_index(axis)]
