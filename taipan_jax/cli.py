@@ -56,7 +56,11 @@ def _maybe_initialize_distributed() -> None:
            or int(os.environ.get("SLURM_NTASKS", "1")) > 1
            or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and multi):
-    jax.distributed.initialize()
+    # A plain multi-process launch names the job by environment (docs/scaling.md); cluster
+    # managers (SLURM, TPU pods) are detected by jax itself.
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=int(count) if count else None,
+                               process_id=int(index) if index else None)
 
 
 _overrides: list[str] = []     # the --config.a.b=v arguments, taken out before absl parses

@@ -1,7 +1,6 @@
 """Context parallelism: a sequence split over 8 simulated CPU devices gives the logits of
 the one-device forward, for Taipan, Mamba-2 and the SWA-only hybrid."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -127,3 +127,40 @@ def test_batch_that_does_not_split_is_refused():
   with pytest.raises(TrainingError, match=r"batch_size=6 does not split over the 4 batch "
                      r"shards.*fix: use a multiple of 4"):
     train(_small(train__batch_size=6, **_mesh_overrides(2, 2, 2)), None, log=lambda *_: None)
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """`taipan train` as 2 processes x 4 CPU devices (jax.distributed, local coordinator, gloo
+  collectives) gives the losses and held-out loss of one process on 8 devices."""
+  import os
+  import socket
+  import subprocess
+  import sys
+  from trainer_helpers import SMALL, losses, metric_rows
+  args = ["train", "--config=tiny", *SMALL, "--config.train.steps=3"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  cmd = [sys.executable, "-m", "taipan_jax.cli"]
+  single = str(tmp_path / "single")
+  done = subprocess.run([*cmd, *args, f"--workdir={single}"], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  multi = str(tmp_path / "multi")
+  procs = [subprocess.Popen(
+      [*cmd, *args, f"--workdir={multi}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                          JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                          JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  assert "8 cpu device(s)" in outs[0][1] + outs[0][0]
+  want, got = losses(single), losses(multi)
+  assert sorted(got) == [1, 2, 3]
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=2e-5)
+  held_out = lambda w: [r["eval/loss"] for r in metric_rows(w) if "eval/loss" in r]
+  np.testing.assert_allclose(held_out(multi), held_out(single), rtol=2e-5)

@@ -4,9 +4,10 @@ Every batch is a dict of [batch_per_process, seq_len] arrays:
   tokens, targets (int32), loss_mask (float32 weights), segment_ids (int32, 0 = padding),
   example_ids (int32: the index of the example or document each token came from).
 
-Training data is an infinite, seeded, deterministic stream: synthetic example i or a shuffled
-epoch-by-epoch order of the training documents, each process reading every
-`process_count`-th element from `process_index` on. The iterator's state (a few integers) is
+Training data is an infinite, seeded, deterministic stream: synthetic example i (each
+process reading its contiguous block of every global batch, so batches do not depend on the
+process count) or a shuffled epoch-by-epoch order of the training documents (each process
+reading every `process_count`-th document from `process_index` on). The iterator's state (a few integers) is
 saved with every checkpoint, so a resumed run continues exactly where it stopped.
 
 Text documents are tokenized in grain workers (`data.num_workers` processes; 0 tokenizes in
@@ -44,11 +45,23 @@ def _synthetic_example(index, *, task: str, seed: int, seq_len: int, num_kv_pair
   return ex
 
 
-def _synthetic_dataset(cfg, seed: int) -> grain.MapDataset:
+def _process_block(i: int, *, rows: int, process_index: int, process_count: int) -> int:
+  """The global example index of this process's i-th example: each global batch is the
+  processes' contiguous blocks of `rows` in process order, so the rows of a batch (and the
+  Gumbel noise each row gets) are the same whatever the number of processes."""
+  return (i // rows) * rows * process_count + process_index * rows + i % rows
+
+
+def _synthetic_dataset(cfg, seed: int, *, rows: int = 1, process_index: int = 0,
+                       process_count: int = 1) -> grain.MapDataset:
   d = cfg.data
   make = functools.partial(_synthetic_example, task=d.task, seed=seed, seq_len=d.seq_len,
                            num_kv_pairs=d.num_kv_pairs, vocab_size=cfg.model.vocab_size)
-  return grain.MapDataset.range(_SYNTHETIC_LENGTH).map(make)
+  ds = grain.MapDataset.range(_SYNTHETIC_LENGTH // process_count)
+  if process_count > 1:
+    ds = ds.map(functools.partial(_process_block, rows=rows, process_index=process_index,
+                                  process_count=process_count))
+  return ds.map(make)
 
 
 class _Tokenize(grain.transforms.Map):
@@ -131,7 +144,8 @@ def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1,
           [process_index::process_count].map(_Tokenize(corpus.documents, d.tokenizer)))
     it = _pack(ds.to_iter_dataset(_read_options(cfg)), d.seq_len)
   else:
-    ds = _synthetic_dataset(cfg, t.seed)[process_index::process_count]
+    ds = _synthetic_dataset(cfg, t.seed, rows=rows, process_index=process_index,
+                            process_count=process_count)
     it = ds.to_iter_dataset(_read_options(cfg))
   it = it.batch(rows, drop_remainder=True)
   if d.num_workers > 0:
@@ -144,11 +158,16 @@ def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1,
 
 
 def make_eval_batches(cfg, num_batches: int, *, batch_size: int | None = None,
-                      corpus: Corpus | None = None) -> list[dict]:
-  """A fixed held-out set: up to num_batches batches (the held-out documents may run out
-  first); the last batch is padded with loss_mask 0 to a full batch."""
+                      corpus: Corpus | None = None, process_index: int = 0,
+                      process_count: int = 1) -> list[dict]:
+  """A fixed held-out set: up to num_batches batches of batch_size (default
+  train.batch_size) rows over all processes (the held-out documents may run out first); the
+  last batch is padded with loss_mask 0 to a full batch. Each process gets its contiguous
+  block of every batch's rows; every process reads the same (small) held-out set, so all of
+  them see the same number of batches."""
   d = cfg.data
-  rows = batch_size or cfg.train.batch_size
+  global_rows = batch_size or cfg.train.batch_size
+  rows = global_rows
   if d.task == "text":
     corpus = corpus or load_corpus(cfg)
     ds = grain.MapDataset.source(corpus.held_out).map(_Tokenize(corpus.documents,
@@ -165,5 +184,7 @@ def make_eval_batches(cfg, num_batches: int, *, batch_size: int | None = None,
     short = rows - batch["tokens"].shape[0]
     if short:
       batch = {k: np.pad(v, [(0, short)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-    batches.append(batch)
+    block = global_rows // process_count
+    batches.append({k: v[process_index * block:(process_index + 1) * block]
+                    for k, v in batch.items()})
   return batches

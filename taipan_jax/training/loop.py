@@ -124,7 +124,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   data_iter = pipeline.make_train_iterator(cfg, process_index=jax.process_index(),
                                            process_count=jax.process_count(), corpus=corpus)
   eval_batches = pipeline.make_eval_batches(cfg, t.eval_batches, corpus=corpus,
-                                            batch_size=t.batch_size // jax.process_count())
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
 
   steps = make_steps(cfg, lambda: taipan_jax.build_model(
       cfg, rngs=nnx.Rngs(params=t.seed, gumbel=t.seed + 1)))
@@ -251,7 +252,7 @@ def _after_step(step, metrics, *, cfg, log):
 
 
 def _peak_memory() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
 
@@ -268,7 +269,8 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
                else None)
   cfg = taipan_jax.load_config(config_path, overrides)
   n = batches or cfg.train.eval_batches
-  eval_batches = pipeline.make_eval_batches(cfg, n, batch_size=cfg.train.batch_size)
+  eval_batches = pipeline.make_eval_batches(cfg, n, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
   if not eval_batches:
     raise TrainingError(f"no evaluation data for {workdir!r}; fix: pass --data=...")
   steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0,
