@@ -57,10 +57,19 @@ def init_state(steps, plan: Plan):
   return _traced_under(plan, jax.jit(steps.init_state, out_shardings=plan.state))()
 
 
+def _train_step_jit(steps, plan: Plan):
+  return jax.jit(steps.train_step, in_shardings=(plan.state, plan.batch),
+                 out_shardings=(plan.state, plan.replicated), donate_argnums=0)
+
+
 def jit_train_step(steps, plan: Plan):
-  return _traced_under(plan, jax.jit(steps.train_step, in_shardings=(plan.state, plan.batch),
-                                     out_shardings=(plan.state, plan.replicated),
-                                     donate_argnums=0))
+  return _traced_under(plan, _train_step_jit(steps, plan))
+
+
+def lower_train_step(steps, plan: Plan, abstract_batch):
+  """The train step lowered for abstract inputs (compile it for XLA's memory analysis)."""
+  with jax.set_mesh(plan.mesh), use_rules(plan.rules):
+    return _train_step_jit(steps, plan).lower(steps.abstract_state, abstract_batch)
 
 
 def jit_eval_step(steps, plan: Plan):
