@@ -229,30 +229,30 @@ def _statics(q, st, bs):
               block_q=bs.block_q, block_k=bs.block_k, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
-def _forward(q, k, v, pos, ok, seg, st):
-  """The kernels write only selected rows, into a zeroed buffer they alias."""
+def _slot_block_call(kernel, name, q, pos, st, inputs):
+  """A (batch, head, slot block) kernel writing rows of a [b, seq, h, d] output into a zeroed
+  buffer it aliases (only selected rows are written), and a [b, h, slots] fp32 statistic."""
   b, l, h, d = q.shape
   slots, bs = pos.shape[1], st.block_sizes
   return pl.pallas_call(
-      functools.partial(_forward_kernel, **_statics(q, st, bs)),
+      functools.partial(kernel, **_statics(q, st, bs)),
       grid=(b, h, slots // bs.block_q), compiler_params=_params(bs), interpret=st.interpret,
-      name="selective_attention_forward", input_output_aliases={6: 0},
+      name=name, input_output_aliases={len(inputs): 0},
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, slots), _F32)],
-  )(pos, q, k, v, ok, seg, jnp.zeros_like(q))
+  )(*inputs, jnp.zeros_like(q))
+
+
+def _forward(q, k, v, pos, ok, seg, st):
+  """(o, lse [b, h, slots] fp32)."""
+  return _slot_block_call(_forward_kernel, "selective_attention_forward", q, pos, st,
+                          (pos, q, k, v, ok, seg))
 
 
 def _dq(q, k, v, pos, ok, seg, o, lse, do, st):
   """(dq, delta [b, h, slots] fp32)."""
-  b, l, h, d = q.shape
-  slots, bs = pos.shape[1], st.block_sizes
-  return pl.pallas_call(
-      functools.partial(_dq_kernel, **_statics(q, st, bs)),
-      grid=(b, h, slots // bs.block_q), compiler_params=_params(bs), interpret=st.interpret,
-      name="selective_attention_dq", input_output_aliases={9: 0},
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, slots), _F32)],
-  )(pos, q, k, v, ok, seg, do, o, lse, jnp.zeros_like(q))
+  return _slot_block_call(_dq_kernel, "selective_attention_dq", q, pos, st,
+                          (pos, q, k, v, ok, seg, do, o, lse))
 
 
 def _dkv(q, k, v, pos, ok, seg, lse, delta, do, st):
