@@ -59,16 +59,20 @@ def compact_selection(select, window: int, block_q: int):
       jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), mode="drop")
 
 
+def slots_before(pos, x):
+  """pos: [batch, slots] sorted; x: [n] -> [batch, n] int32, the slots holding positions
+  below each x. 'sort' merges the two sorted lists in one pass; the default binary search is
+  a loop whose steps a GPU runs one kernel launch at a time."""
+  search = jax.vmap(lambda row: jnp.searchsorted(row, x, side="left", method="sort"))
+  return search(pos).astype(jnp.int32)
+
+
 def slots_seeing_key_blocks(pos, num_key_blocks, window, block_k):
   """[batch, key blocks, 2] int32: the slots [first, end) whose rows can see each key block,
   i.e. whose positions lie in [kb * block_k, kb * block_k + block_k - 1 + window)."""
   starts = jnp.arange(num_key_blocks, dtype=jnp.int32) * block_k
-  # 'sort' merges the two sorted lists in one pass; the default binary search is a loop
-  # whose steps a GPU runs one kernel launch at a time.
-  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left", method="sort"),
-                    in_axes=(0, None))
-  return jnp.stack([search(pos, starts), search(pos, starts + block_k - 1 + window)],
-                   axis=-1).astype(jnp.int32)
+  return jnp.stack([slots_before(pos, starts), slots_before(pos, starts + block_k - 1 + window)],
+                   axis=-1)
 
 
 def gather_rows(t, pos):

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.selective_attention.common import (BlockSizes, make_selective_attention,
-                                                       slots_seeing_key_blocks)
+                                                       slots_before, slots_seeing_key_blocks)
 
 _F32 = jnp.float32
 _BIG = 2**30
@@ -211,10 +211,8 @@ def _slot_block_ranges(pos, seq_len, num_key_blocks, st, block_q, block_k):
   if not st.window_only:
     return jnp.stack([lo, hi, hi, hi], axis=-1).astype(jnp.int32)
   starts = jnp.arange(num_key_blocks, dtype=jnp.int32) * block_k
-  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left", method="sort"),
-                    in_axes=(0, None))
-  full_first = search(pos, starts + block_k - 1)
-  full_end = search(pos, jnp.minimum(starts + st.window, seq_len))
+  full_first = slots_before(pos, starts + block_k - 1)
+  full_end = slots_before(pos, jnp.minimum(starts + st.window, seq_len))
   a = jnp.clip(-(-full_first // block_q), lo, hi)
   b = jnp.clip(full_end // block_q, a, hi)
   return jnp.stack([lo, a, b, hi], axis=-1).astype(jnp.int32)

@@ -7,8 +7,9 @@ Every batch is a dict of [batch_per_process, seq_len] arrays:
 Training data is an infinite, seeded, deterministic stream: synthetic example i (each
 process reading its contiguous block of every global batch, so batches do not depend on the
 process count) or a shuffled epoch-by-epoch order of the training documents (each process
-reading every `process_count`-th document from `process_index` on). The iterator's state (a few integers) is
-saved with every checkpoint, so a resumed run continues exactly where it stopped.
+reading every `process_count`-th document from `process_index` on). The iterator's state
+(a few integers) is saved with every checkpoint, so a resumed run continues exactly where it
+stopped.
 
 Text documents are tokenized in grain workers (`data.num_workers` processes; 0 tokenizes in
 the main process), wrapped as <s> doc </s>, and packed by concatenate-then-split into rows of
@@ -166,8 +167,7 @@ def make_eval_batches(cfg, num_batches: int, *, batch_size: int | None = None,
   block of every batch's rows; every process reads the same (small) held-out set, so all of
   them see the same number of batches."""
   d = cfg.data
-  global_rows = batch_size or cfg.train.batch_size
-  rows = global_rows
+  rows = batch_size or cfg.train.batch_size      # over all processes
   if d.task == "text":
     corpus = corpus or load_corpus(cfg)
     ds = grain.MapDataset.source(corpus.held_out).map(_Tokenize(corpus.documents,
@@ -184,7 +184,7 @@ def make_eval_batches(cfg, num_batches: int, *, batch_size: int | None = None,
     short = rows - batch["tokens"].shape[0]
     if short:
       batch = {k: np.pad(v, [(0, short)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-    block = global_rows // process_count
+    block = rows // process_count
     batches.append({k: v[process_index * block:(process_index + 1) * block]
                     for k, v in batch.items()})
   return batches

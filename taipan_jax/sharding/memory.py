@@ -11,10 +11,12 @@ Two parts:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import numpy as np
+
+from taipan_jax.sharding.rules import shard_count
+from taipan_jax.training import partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,21 +37,13 @@ class MemoryEstimate:
     return self.step_temporaries / max(self.tokens_per_device, 1)
 
 
-def _axes(dim) -> tuple[str, ...]:
-  """The mesh axes of one PartitionSpec entry."""
-  return () if dim is None else (dim,) if isinstance(dim, str) else tuple(dim)
-
-
 def _bytes_on_one_device(abstract, sharding) -> int:
-  size = abstract.size * np.dtype(abstract.dtype).itemsize
-  split = math.prod(sharding.mesh.shape[a] for dim in sharding.spec for a in _axes(dim))
-  return -(-size // split)
+  return -(-abstract.size * np.dtype(abstract.dtype).itemsize // shard_count(sharding))
 
 
 def estimate_training_memory(cfg, steps, plan) -> MemoryEstimate:
   """Per-device bytes of `steps.train_step` under `plan` (training/partition.py) at
   cfg.train.batch_size x cfg.data.seq_len."""
-  from taipan_jax.training import partition
   state, shardings = steps.abstract_state, plan.state
   sizes = lambda tree, sh: sum(jax.tree.leaves(jax.tree.map(_bytes_on_one_device, tree, sh)))
   params = sizes(state.params, shardings.params)
@@ -61,6 +55,5 @@ def estimate_training_memory(cfg, steps, plan) -> MemoryEstimate:
   compiled = partition.lower_train_step(steps, plan, batch).compile()
   analysis = compiled.memory_analysis()
   temp = int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
-  rows = math.prod(plan.mesh.shape[a] for a in _axes(plan.batch.spec[0]))
   return MemoryEstimate(params=params, optimizer=everything - params, step_temporaries=temp,
-                        tokens_per_device=b * l // rows)
+                        tokens_per_device=b * l // shard_count(plan.batch, 0))

@@ -51,6 +51,13 @@ def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
   return rules
 
 
+def shard_count(sharding: NamedSharding, dim: int | None = None) -> int:
+  """How many ways `sharding` splits dimension `dim` (None: the whole array)."""
+  entries = sharding.spec if dim is None else sharding.spec[dim:dim + 1]
+  return math.prod(sharding.mesh.shape[a] for entry in entries if entry
+                   for a in ((entry,) if isinstance(entry, str) else entry))
+
+
 def logical_spec(names, rules: Rules, mesh, shape=None) -> P:
   """PartitionSpec for logical `names` (None: replicated dim). Mesh axes of size 1 are left
   out; a mesh axis is used at most once (the first dimension that asks for it); dims the

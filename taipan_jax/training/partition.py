@@ -8,7 +8,8 @@ from typing import Any, NamedTuple
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from taipan_jax.sharding import logical_spec, make_mesh, parse_rules, tree_shardings, use_rules
+from taipan_jax.sharding import (logical_spec, make_mesh, parse_rules, shard_count,
+                                 tree_shardings, use_rules)
 from taipan_jax.sharding.mesh import MeshError
 
 
@@ -31,9 +32,7 @@ def make_plan(cfg, abstract_state, devices=None) -> Plan:
     raise PartitionError(str(e)) from None
   rules = parse_rules(cfg.sharding.rules)
   batch = NamedSharding(mesh, logical_spec(("batch", "length"), rules, mesh))
-  rows = batch.spec[0]
-  rows = (rows,) if isinstance(rows, str) else (rows or ())
-  shards = math.prod(mesh.shape[a] for a in rows)
+  shards = shard_count(batch, 0)
   if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
     raise PartitionError(
         f"train.batch_size={cfg.train.batch_size} does not split over the {shards} batch "
