@@ -40,7 +40,8 @@ def run_config(name, args, tokenizer, workdir, kernel="auto") -> dict:
          f"--config.train.steps={args.steps}", f"--config.train.log_every={args.log_every}",
          "--config.train.eval_every=0", "--config.train.eval_batches=2",
          "--config.train.checkpoint_every=0", f"--config.data.read_threads={args.read_threads}",
-         "--config.optim.warmup_steps=50", f"--config.mamba.kernel={kernel}"]
+         "--config.optim.warmup_steps=50", f"--config.mamba.kernel={kernel}",
+         f"--config.sal.kernel={kernel}"]
   start = time.perf_counter()
   out = subprocess.run(cmd, capture_output=True, text=True)
   wall = time.perf_counter() - start
@@ -56,7 +57,7 @@ def run_config(name, args, tokenizer, workdir, kernel="auto") -> dict:
   peak = [r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r]
   losses = [r["loss"] for r in rows if "loss" in r]
   evals = [r for r in rows if "eval/loss" in r]
-  return {"config": name, "ssd_kernel": kernel, "tokens_per_second": rates[len(rates) // 2],
+  return {"config": name, "kernel": kernel, "tokens_per_second": rates[len(rates) // 2],
           "mfu": mfus[len(mfus) // 2] if mfus else None,
           "peak_memory_gib": peak[-1] if peak else None,
           "loss_first": losses[0], "loss_last": losses[-1],
@@ -79,7 +80,8 @@ def main():
   parser.add_argument("--workdir", default="/tmp/taipan_train_text")
   parser.add_argument("--results_dir", default="benchmarks/results")
   parser.add_argument("--kernels", default="auto",
-                      help="SSD implementations to run each config with (mamba.kernel), e.g. "
+                      help="kernel implementations to run each config with (mamba.kernel and "
+                           "sal.kernel), e.g. "
                            "pallas,reference; results go to train_text_kernels_<device>.json")
   args = parser.parse_args()
 
@@ -104,7 +106,7 @@ def main():
   device = jax.devices()[0]
   base = results[0]
   for r in results[1:]:
-    print(f"{base['config']}[{base['ssd_kernel']}] / {r['config']}[{r['ssd_kernel']}]: "
+    print(f"{base['config']}[{base['kernel']}] / {r['config']}[{r['kernel']}]: "
           "tokens/s ratio "
           f"{base['tokens_per_second'] / r['tokens_per_second']:.3f}")
   record = {"benchmark": "train_text", "device": device.device_kind,
