@@ -3,7 +3,7 @@
 `configs/` lives at the top level (the design card) and ships inside the wheel as
 `taipan_jax.configs`, so `taipan_jax.load_config("tiny")` works from any install.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
     # 0.10.2 is the newest jax that installs on Python 3.11; the GPU image has 0.11.2.
@@ -23,7 +23,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    # Plots (long-context evaluation, benchmarks, notebooks).
+    "plot": ["matplotlib>=3.8"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "matplotlib>=3.8"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }
@@ -36,17 +38,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=[
-        "pallas_kernels",
-        "pallas_kernels.ssd",
-        "taipan_jax",
-        "taipan_jax.ops",
-        "taipan_jax.models",
-        "taipan_jax.data",
-        "taipan_jax.training",
-        "taipan_jax.interop",
-        "taipan_jax.configs",
-    ],
+    packages=find_packages(include=["taipan_jax", "taipan_jax.*", "pallas_kernels",
+                                    "pallas_kernels.*"]) + ["taipan_jax.configs"],
     package_dir={"taipan_jax.configs": "configs"},
     entry_points={"console_scripts": ["taipan = taipan_jax.cli:main"]},
     install_requires=INSTALL_REQUIRES,

@@ -2,6 +2,8 @@ r"""The `taipan` command: thin subcommands that parse, validate once, and call t
 
     taipan train --config=configs/tiny.py --workdir=/tmp/tiny [--config.train.steps=300]
     taipan eval --workdir=/tmp/tiny [--data=path/or/glob]
+    taipan eval --workdir=/tmp/run --long_context --data=book.txt --max_tokens=1048576
+    taipan generate --workdir=/tmp/run --prompt="def main(" [--temperature=0.8 --top_p=0.95]
     taipan tokenizer train --input='corpus/**/*.txt' --vocab_size=8192 --output=/tmp/spm
     taipan convert --hf_dir=path/to/mamba2 --workdir=/tmp/m2 [--upcycle_sal_every=6]
 
@@ -15,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-_USAGE = ("usage: taipan {train,eval,convert,tokenizer train} [--flags]; "
+_USAGE = ("usage: taipan {train,eval,generate,convert,tokenizer train} [--flags]; "
           "see `taipan train --helpfull`")
 
 _CONFIG = flags.DEFINE_string(
@@ -26,6 +28,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and Tensor
 _DATA = flags.DEFINE_string("data", None, "eval: a file, directory or glob to evaluate on "
                             "instead of the run's held-out documents.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "eval: batches to evaluate.")
+_LONG = flags.DEFINE_bool("long_context", False, "eval: stream one long document (--data) "
+                          "through the model in segments carrying the cache; perplexity per "
+                          "position bucket to JSON and PNG.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "eval --long_context: tokens of "
+                                   "the document to evaluate (it is cut there).")
+_SEGMENT = flags.DEFINE_integer("segment_len", 16384, "eval --long_context: tokens per "
+                                "forward call.")
+_OUT = flags.DEFINE_string("out", None, "eval --long_context: output stem for .json/.png "
+                           "(default <workdir>/long_context/<data name>).")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: text to continue (text models).")
+_PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "generate: comma-separated token ids "
+                                  "instead of --prompt (any model).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "generate: tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus mass (1.0: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 _INPUT = flags.DEFINE_string("input", None, "tokenizer: text to train on (file, dir or glob).")
 _OUTPUT = flags.DEFINE_string("output", None, "tokenizer: output prefix (writes .model/.vocab).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "tokenizer: pieces in the vocabulary.")
@@ -82,8 +101,93 @@ def _eval(argv):
     raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
   if not _WORKDIR.value:
     raise UsageError("eval needs --workdir (the directory `taipan train` wrote)")
+  if _LONG.value:
+    _eval_long_context()
+    return
   _maybe_initialize_distributed()
   evaluate_workdir(_WORKDIR.value, data_path=_DATA.value, batches=_EVAL_BATCHES.value)
+
+
+def _eval_long_context():
+  import time
+  import numpy as np
+  from taipan_jax.data.text import read_document_tokens
+  from taipan_jax.inference import long_context
+  from taipan_jax.inference.load import load_workdir
+  if not _DATA.value:
+    raise UsageError("eval --long_context needs --data=<text file, or a glob of files read as "
+                     "one document, or a .npy of token ids>")
+  if _MAX_TOKENS.value < 2 or _SEGMENT.value < 1:
+    raise UsageError(f"--max_tokens={_MAX_TOKENS.value} must be >= 2 and --segment_len="
+                     f"{_SEGMENT.value} >= 1")
+  try:
+    import matplotlib  # noqa: F401  -- checked before minutes of evaluation, not after
+  except ImportError:
+    raise UsageError("eval --long_context writes a PNG and needs matplotlib; fix: pip install "
+                     "'taipan-jax[plot]'") from None
+  loaded = load_workdir(_WORKDIR.value)
+  tokens = read_document_tokens(_DATA.value, loaded.tokenizer, _MAX_TOKENS.value)
+  print(f"{_DATA.value}: {tokens.size:,} tokens, step {loaded.step}, segments of "
+        f"{_SEGMENT.value:,}", flush=True)
+  start = time.perf_counter()
+  nll = long_context.stream_nll(loaded.model, tokens, segment_len=_SEGMENT.value)
+  seconds = time.perf_counter() - start
+  rows = long_context.bucket_table(nll)
+  print(f"{'positions':>22} {'tokens':>10} {'ppl':>9}")
+  for r in rows:
+    print(f"{r['from']:>10,} - {r['to']:<10,} {r['tokens']:>10,} {r['ppl']:>9.3f}")
+  name = os.path.splitext(os.path.basename(_DATA.value.rstrip("/*")))[0] or "document"
+  stem = _OUT.value or os.path.join(_WORKDIR.value, "long_context", name)
+  train_len = loaded.cfg.data.seq_len
+  meta = {"workdir": os.path.abspath(_WORKDIR.value), "step": loaded.step,
+          "data": _DATA.value, "tokens": int(tokens.size), "segment_len": _SEGMENT.value,
+          "train_seq_len": train_len, "seconds": seconds,
+          "tokens_per_second": tokens.size / seconds, "overall_ppl": float(np.exp(nll.mean()))}
+  paths = long_context.write_report(
+      rows, stem, meta=meta, train_len=train_len,
+      title=f"{loaded.cfg.model.pattern} x {loaded.cfg.model.num_units}, step {loaded.step}: "
+            f"{tokens.size:,} tokens of {name}")
+  print(f"{tokens.size:,} tokens in {seconds:.1f}s; wrote {paths[0]} and {paths[1]}")
+
+
+def _generate(argv):
+  import numpy as np
+  from taipan_jax.data.tokenizer import EOS_ID
+  from taipan_jax.inference import Generator, Sampling
+  from taipan_jax.inference.load import load_workdir
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
+  if not _WORKDIR.value:
+    raise UsageError("generate needs --workdir (the directory `taipan train` wrote)")
+  if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
+    raise UsageError("generate needs exactly one of --prompt=<text> or --prompt_ids=1,2,3")
+  sampling = Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+  loaded = load_workdir(_WORKDIR.value)
+  if _PROMPT.value is not None:
+    if loaded.tokenizer is None:
+      raise UsageError(f"{_WORKDIR.value} holds a {loaded.cfg.data.task!r} model with no "
+                       "tokenizer; fix: pass --prompt_ids=...")
+    ids = loaded.tokenizer.EncodeAsIds(_PROMPT.value)
+  else:
+    try:
+      ids = [int(t) for t in _PROMPT_IDS.value.split(",") if t.strip()]
+    except ValueError:
+      raise UsageError(f"--prompt_ids={_PROMPT_IDS.value!r} is not comma-separated "
+                       "integers") from None
+  gen = Generator(loaded.model)
+  stop = [EOS_ID] if loaded.tokenizer is not None else []
+  emitted = []
+  for new in gen.stream([np.asarray(ids, np.int32)], max_new_tokens=_MAX_NEW.value,
+                        sampling=sampling, stop_tokens=stop, seed=_SEED.value):
+    if loaded.tokenizer is None:
+      if new[0]:
+        print(",".join(map(str, new[0])), end=",", flush=True)
+      continue
+    # Decode the whole continuation each time: pieces join differently than one by one.
+    before = loaded.tokenizer.DecodeIds(emitted)
+    emitted += new[0]
+    print(loaded.tokenizer.DecodeIds(emitted)[len(before):], end="", flush=True)
+  print()
 
 
 def _tokenizer(argv):
@@ -116,7 +220,8 @@ def _convert(argv):
         f"`taipan train --config={path} --workdir={_WORKDIR.value} --config.data...`")
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "convert": _convert, "tokenizer": _tokenizer}
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "convert": _convert,
+             "tokenizer": _tokenizer}
 
 
 def _run(command):
@@ -128,10 +233,11 @@ def _run(command):
     from taipan_jax.training.checkpoint import CheckpointError
     from taipan_jax.interop import InteropError
     from taipan_jax.training.loop import TrainingError
+    from taipan_jax.inference import GenerationError
     try:
       command(argv)
     except (ConfigError, DataError, TrainingError, CheckpointError, UsageError, InteropError,
-            FileExistsError) as e:
+            FileExistsError, GenerationError) as e:
       _fail(str(e))
   return main
 

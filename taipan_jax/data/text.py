@@ -118,3 +118,31 @@ def split_indices(num_documents: int, eval_fraction: float) -> tuple[np.ndarray,
   if eval_fraction > 0 and not held_out.any():
     held_out[-1] = True           # tiny corpora still get one held-out document
   return np.nonzero(~held_out)[0], np.nonzero(held_out)[0]
+
+
+def read_document_tokens(path: str, tokenizer, max_tokens: int) -> np.ndarray:
+  """One long document as token ids [<= max_tokens] int32, for long-context evaluation.
+
+  path: a `.npy` of token ids, or text (a file, directory or glob; several documents are read
+  in sorted order and joined by newlines as one document), encoded with `tokenizer`.
+  """
+  if path.endswith(".npy"):
+    if not os.path.isfile(path):
+      raise DataError(f"token file {path!r} does not exist; fix: check --data")
+    ids = np.load(path)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+      raise DataError(f"{path!r} holds a {ids.dtype} array of shape {ids.shape}; fix: save "
+                      "one document's token ids as a 1-D integer array")
+    return ids[:max_tokens].astype(np.int32)
+  if tokenizer is None:
+    raise DataError(f"--data={path!r} is text but this model has no tokenizer (not a text "
+                    "run); fix: pass a .npy of token ids")
+  docs = TextDocuments(path)
+  ids: list[int] = []
+  for i in range(len(docs)):
+    ids += tokenizer.EncodeAsIds(docs[i] + "\n")
+    if len(ids) >= max_tokens:
+      break
+  if len(ids) < 2:
+    raise DataError(f"--data={path!r} holds fewer than 2 tokens; fix: give a longer document")
+  return np.asarray(ids[:max_tokens], np.int32)

@@ -68,35 +68,46 @@ class AttentionBlock(nnx.Module):
     return KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                    pos=jnp.zeros((batch_size,), jnp.int32))
 
-  def __call__(self, h, *, segment_ids=None, return_cache: bool = False):
+  def __call__(self, h, *, segment_ids=None, cache: KVCache | None = None,
+               return_cache: bool = False):
     """h: [b, l, d_model] -> h (and the KV cache after l).
 
     segment_ids: optional [b, l] int (packed documents): attention stays inside a segment.
     RoPE keeps absolute positions: it only sees differences, so an offset document gets the
-    same scores.
+    same scores. cache: continue from it (the rows also read its keys); it must have room for
+    l more tokens.
     """
-    if segment_ids is not None and return_cache:
-      raise ValueError("return_cache with segment_ids is not supported: a decode cache "
-                       "continues one document, prefill each document in its own row")
+    if segment_ids is not None and (return_cache or cache is not None):
+      raise ValueError("a decode cache continues one document: segment_ids cannot be combined "
+                       "with cache or return_cache; prefill each document in its own row")
     b, l, d = h.shape
-    positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+    if cache is None and return_cache:
+      if l > self.max_len:
+        raise ValueError(f"prompt of {l} tokens exceeds attention.max_cache_len="
+                         f"{self.max_len}; raise attention.max_cache_len")
+      cache = self.init_cache(b)
+    start = jnp.zeros((b,), jnp.int32) if cache is None else cache.pos
+    positions = start[:, None] + jnp.arange(l)[None, :]
     q, k, v = self._qkv(self.norm_attn(h), positions)
     # Full causal attention (the baselines) keeps the XLA path: the query-compacted kernels
     # pay off only when a fraction of the rows is selected.
-    attn = ops.selective_window_attention(q, k, v, jnp.ones((b, l), bool), window=l,
-                                          implementation="reference",
-                                          segment_ids=segment_ids)
+    every = jnp.ones((b, l), bool)
+    if cache is None:
+      attn = ops.selective_window_attention(q, k, v, every, window=l,
+                                            implementation="reference",
+                                            segment_ids=segment_ids)
+    else:
+      # The whole preallocated cache is the prefix; its slots past pos are masked off.
+      written = jnp.arange(self.max_len)[None, :] < cache.pos[:, None]
+      attn = ops.attention_with_prefix(q, k, v, every, k_prefix=cache.k, v_prefix=cache.v,
+                                       prefix_ok=written, window=self.max_len + l,
+                                       implementation="reference")
     h = self._mlp(h + self.o_proj(attn.reshape(b, l, d)).astype(jnp.float32))
     if not return_cache:
       return h
-    if l > self.max_len:
-      raise ValueError(f"prompt of {l} tokens exceeds attention.max_cache_len={self.max_len}; "
-                       "raise attention.max_cache_len")
-    cache = self.init_cache(b)
-    cache = KVCache(k=cache.k.at[:, :l].set(k.astype(self.dtype)),
-                    v=cache.v.at[:, :l].set(v.astype(self.dtype)),
-                    pos=jnp.full((b,), l, jnp.int32))
-    return h, cache
+    write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new, p, axis=0))
+    return h, KVCache(k=write(cache.k, k.astype(self.dtype), cache.pos),
+                      v=write(cache.v, v.astype(self.dtype), cache.pos), pos=cache.pos + l)
 
   def step(self, h, cache: KVCache):
     """h: [batch, d_model] one token per row -> (h, cache)."""
@@ -105,7 +116,7 @@ class AttentionBlock(nnx.Module):
     rows = jnp.arange(b)
     ck = cache.k.at[rows, cache.pos].set(k[:, 0].astype(self.dtype))
     cv = cache.v.at[rows, cache.pos].set(v[:, 0].astype(self.dtype))
-    valid = jnp.arange(self.max_len)[None, :] <= cache.pos[:, None]
+    valid = jnp.arange(ck.shape[1])[None, :] <= cache.pos[:, None]
     attn = ops.window_decode_attention(q[:, 0], ck, cv, valid)
     h = self._mlp(h + self.o_proj(attn.reshape(b, d)).astype(jnp.float32))
     return h, KVCache(k=ck, v=cv, pos=cache.pos + 1)

@@ -50,14 +50,17 @@ class LanguageModel(nnx.Module):
   def num_sal(self) -> int:
     return self.kinds.count("s")
 
-  def _logits(self, h):
+  def logits(self, h):
+    """The residual stream after the last layer -> logits.  h: [..., d_model] -> [..., vocab]
+    fp32."""
     h = self.final_norm(h)
     logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
     return constrain(logits[..., :self.vocab_size].astype(jnp.float32),
                      ("batch", "length", "vocab"))
 
   def __call__(self, tokens, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               return_masks: bool = False, return_cache: bool = False):
+               return_masks: bool = False, cache: tuple | None = None,
+               return_cache: bool = False, return_hidden: bool = False):
     """tokens: [batch, seq] int32 -> logits [batch, seq, vocab_size] fp32, aux.
 
     token_mask: [batch, seq] bool, real tokens (padding does not count in the selected
@@ -69,6 +72,12 @@ class LanguageModel(nnx.Module):
     aux: selected_fraction [num_sal, batch], budget_loss scalar, and with return_masks
       select_masks [num_sal, batch, seq]. With return_cache, also the decode cache after
       the prompt: (logits, aux, cache).
+    cache: continue a sequence (evaluation mode, no segment_ids): the tokens come after what
+      the cache holds (init_cache(), a prefill's or an earlier call's). Streaming a document
+      through in segments this way gives the logits of one call over all of it.
+    return_hidden: the first output is the last layer's residual stream [batch, seq,
+      d_model] instead of the logits; `model.logits(h)` maps any part of it to logits, so a
+      long prefill or evaluation never holds a [seq, vocab] array.
     """
     # The residual stream: rows over the batch axes, the length over the sequence axis.
     stream = lambda h: constrain(h, ("batch", "length", None))
@@ -77,10 +86,14 @@ class LanguageModel(nnx.Module):
             else [None] * self.num_sal)
     fractions, masks, caches = [], [], []
     sal_index = 0
-    for kind, layer in zip(self.kinds, self.layers):
+    if cache is not None and len(cache) != len(self.layers):
+      raise ValueError(f"cache has {len(cache)} entries but the model has {len(self.layers)} "
+                       "layers; fix: build it with this model's init_cache()")
+    for index, (kind, layer) in enumerate(zip(self.kinds, self.layers)):
       if kind == "s":
         out = layer(h, token_mask=token_mask, segment_ids=segment_ids,
-                    gumbel_key=keys[sal_index], tau=tau, return_cache=return_cache)
+                    gumbel_key=keys[sal_index], tau=tau, return_cache=return_cache,
+                    cache=None if cache is None else cache[index])
         h, aux = stream(out[0]), out[1]
         fractions.append(aux["fraction"])
         masks.append(aux["mask"])
@@ -88,14 +101,15 @@ class LanguageModel(nnx.Module):
         if return_cache:
           caches.append(out[2])
       else:
-        out = layer(h, segment_ids=segment_ids, return_cache=return_cache)
+        out = layer(h, segment_ids=segment_ids, return_cache=return_cache,
+                    cache=None if cache is None else cache[index])
         if return_cache:
-          h, cache = out
-          caches.append(cache)
+          h, layer_cache = out
+          caches.append(layer_cache)
         else:
           h = out
         h = stream(h)
-    logits = self._logits(h)
+    logits = h if return_hidden else self.logits(h)
     b = tokens.shape[0]
     fractions = jnp.stack(fractions) if fractions else jnp.zeros((0, b), jnp.float32)
     aux = {"selected_fraction": fractions,
@@ -125,4 +139,4 @@ class LanguageModel(nnx.Module):
       else:
         h, c = layer.step(h, c)
       new_cache.append(c)
-    return self._logits(h), tuple(new_cache)
+    return self.logits(h), tuple(new_cache)

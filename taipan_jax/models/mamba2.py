@@ -89,22 +89,25 @@ class Mamba2Mixer(nnx.Module):
         conv=jnp.zeros((batch_size, self.d_conv - 1, self.conv_dim), self.dtype),
         ssm=jnp.zeros((batch_size, self.heads, self.head_dim, self.d_state), jnp.float32))
 
-  def __call__(self, u, *, segment_ids=None, return_cache: bool = False):
+  def __call__(self, u, *, segment_ids=None, cache: Mamba2Cache | None = None,
+               return_cache: bool = False):
     """u: [batch, seq, d_model] -> out [batch, seq, d_model] (and the cache after seq).
 
     segment_ids: optional [batch, seq] int, contiguous runs = packed documents: neither the
       convolution nor the SSD state crosses a change of id.
+    cache: continue from this cache (its conv inputs and SSM state) instead of zeros.
     """
-    if segment_ids is not None and return_cache:
-      raise ValueError("return_cache with segment_ids is not supported: a decode cache "
-                       "continues one document, prefill each document in its own row")
+    if segment_ids is not None and (return_cache or cache is not None):
+      raise ValueError("a decode cache continues one document: segment_ids cannot be combined "
+                       "with cache or return_cache; prefill each document in its own row")
     b, l, _ = u.shape
     z, xbc, dt = self._split_proj(self.in_proj(u))
     # Causal depthwise convolution: left pad d_conv - 1, one shifted product per tap.
     # Tap i reads position t - (k - 1 - i); zeros before position 0.
     k = self.d_conv
     # Zeros before position 0; under context parallelism, the previous device's last inputs.
-    extended = jnp.concatenate([ops.left_halo(xbc, k - 1), xbc], axis=1)
+    halo = ops.left_halo(xbc, k - 1) if cache is None else cache.conv.astype(xbc.dtype)
+    extended = jnp.concatenate([halo, xbc], axis=1)
     padded = extended.astype(jnp.float32)
     w = self.conv_weight[...].astype(jnp.float32)
     taps = [padded[:, i:i + l] for i in range(k)]
@@ -119,6 +122,7 @@ class Mamba2Mixer(nnx.Module):
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
     y, state = ops.ssd(x, dt, A, B, C, chunk_size=self.chunk_size, return_final_state=True,
+                       initial_state=None if cache is None else cache.ssm,
                        segment_ids=segment_ids, implementation=self.kernel)
     out = self._gate_and_project(y, x, z)
     if not return_cache:
@@ -154,9 +158,12 @@ class Mamba2Block(nnx.Module):
   def init_cache(self, batch_size: int) -> Mamba2Cache:
     return self.mixer.init_cache(batch_size)
 
-  def __call__(self, h, *, segment_ids=None, return_cache: bool = False):
-    """h: [batch, seq, d_model]; segment_ids: optional [batch, seq] int (packed documents)."""
-    out = self.mixer(self.norm(h), segment_ids=segment_ids, return_cache=return_cache)
+  def __call__(self, h, *, segment_ids=None, cache: Mamba2Cache | None = None,
+               return_cache: bool = False):
+    """h: [batch, seq, d_model]; segment_ids: optional [batch, seq] int (packed documents);
+    cache: continue from it (Mamba2Mixer)."""
+    out = self.mixer(self.norm(h), segment_ids=segment_ids, cache=cache,
+                     return_cache=return_cache)
     if return_cache:
       out, cache = out
       return h + out.astype(jnp.float32), cache

@@ -129,46 +129,89 @@ class SelectiveAttentionLayer(nnx.Module):
     return SALCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                     filled=flags, kept=flags, pos=jnp.zeros((batch_size,), jnp.int32))
 
+  def _cache_in_order(self, cache: SALCache):
+    """The ring buffer as the `window` positions before cache.pos, oldest first:
+    k, v [batch, window, heads, head_dim]; filled, kept [batch, window] bool."""
+    w = self.window
+    slots = (cache.pos[:, None] - w + jnp.arange(w)[None, :]) % w          # [b, w]
+    take = lambda t: jnp.take_along_axis(t, slots.reshape(slots.shape + (1,) * (t.ndim - 2)),
+                                         axis=1)
+    return take(cache.k), take(cache.v), take(cache.filled), take(cache.kept)
+
+  def _ring(self, k, v, filled, kept, pos):
+    """The cache after a sequence. k, v, filled, kept: [batch, n, ...] the last n >= window
+    positions, oldest first, ending at position pos - 1 (pos: [batch]); slot = position %
+    window."""
+    w, n = self.window, k.shape[1]
+    first = pos - w                                                         # [b]
+    index = (n - w) + (jnp.arange(w)[None, :] - first[:, None]) % w         # [b, w]
+    take = lambda t: jnp.take_along_axis(t, index.reshape(index.shape + (1,) * (t.ndim - 2)),
+                                         axis=1)
+    return SALCache(k=take(k).astype(self.dtype), v=take(v).astype(self.dtype),
+                    filled=take(filled), kept=take(kept), pos=pos.astype(jnp.int32))
+
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               return_cache: bool = False):
+               cache: SALCache | None = None, return_cache: bool = False):
     """h: [batch, seq, d_model]; token_mask: [batch, seq] bool real tokens (for the fraction).
 
     segment_ids: optional [batch, seq] int (packed documents): attention stays inside a
       segment. RoPE keeps absolute positions: it only sees differences, so an offset
       document gets the same scores.
+    cache: continue a sequence from this cache (evaluation mode): the rows attend to its
+      keys too, and positions start at cache.pos.
     Returns (h, aux) or, with return_cache, (h, aux, cache).
     """
-    if segment_ids is not None and return_cache:
-      raise ValueError("return_cache with segment_ids is not supported: a decode cache "
-                       "continues one document, prefill each document in its own row")
+    if segment_ids is not None and (return_cache or cache is not None):
+      raise ValueError("a decode cache continues one document: segment_ids cannot be combined "
+                       "with cache or return_cache; prefill each document in its own row")
     b, l, _ = h.shape
     x = self.norm_a(h)
     scores = self.gate(x)                                   # [b, l, 2]
-    mask = self._select(scores, gumbel_key=gumbel_key, tau=tau,
-                        segment_ids=segment_ids)
+    if cache is None and not return_cache:
+      mask = self._select(scores, gumbel_key=gumbel_key, tau=tau, segment_ids=segment_ids)
+      selected = mask > 0.5
+      positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+      q, k, v = self._qkv(x, positions)
+      # Only selected rows are attended: unselected rows come back as zeros, and their h is
+      # left as it was by the mix below (the straight-through gradient there sees o = 0).
+      attn = ops.selective_window_attention(
+          q, k, v, selected, window=self.window,
+          kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
+          implementation=self.kernel)
+      out = self._mix(h, mask, scores, attn)
+      return out, {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
+    if not self.deterministic:
+      raise ValueError("cache / return_cache is for evaluation and decoding: call model.eval() "
+                       "first (training selection is random)")
+    if cache is None:
+      cache = self.init_cache(b)
+    k_prev, v_prev, filled_prev, kept_prev = self._cache_in_order(cache)
+    mask = self._select(scores, gumbel_key=None, tau=None)
+    if self.inference_capacity is not None and not self.select_all:
+      # The cap counts the cached window's kept tokens too; re-capping them keeps them all
+      # (they already met the cap with more history), so only the new tokens can change.
+      raw = jnp.concatenate([kept_prev.astype(mask.dtype),
+                             ops.deterministic_selection(scores)], axis=1)
+      mask = ops.capped_selection(raw, window=self.window,
+                                  capacity=self.inference_capacity)[:, self.window:]
     selected = mask > 0.5
-    positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+    positions = cache.pos[:, None] + jnp.arange(l)[None, :]
     q, k, v = self._qkv(x, positions)
-    # Only selected rows are attended: unselected rows come back as zeros, and their h is
-    # left as it was by the mix below (the straight-through gradient there sees o = 0).
-    attn = ops.selective_window_attention(
-        q, k, v, selected, window=self.window,
-        kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
+    prefix_ok = filled_prev & kept_prev if self.kv_selected_only else filled_prev
+    attn = ops.attention_with_prefix(
+        q, k, v, selected, k_prefix=k_prev, v_prefix=v_prev, prefix_ok=prefix_ok,
+        window=self.window, kv_select=selected if self.kv_selected_only else None,
         implementation=self.kernel)
     out = self._mix(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:
       return out, aux
-    # Prefill: position t of the last `window` lands in slot t % window.
-    w = self.window
-    slots = jnp.arange(w)
-    last_pos = slots + w * ((l - 1 - slots) // w)             # newest position in each slot
-    filled = jnp.broadcast_to(last_pos >= 0, (b, w))
-    src = jnp.clip(last_pos, 0, l - 1)
-    cache = SALCache(k=k[:, src].astype(self.dtype), v=v[:, src].astype(self.dtype),
-                     filled=filled, kept=filled & selected[:, src],
-                     pos=jnp.full((b,), l, jnp.int32))
-    return out, aux, cache
+    new = self._ring(jnp.concatenate([k_prev, k.astype(self.dtype)], axis=1),
+                     jnp.concatenate([v_prev, v.astype(self.dtype)], axis=1),
+                     jnp.concatenate([filled_prev, jnp.ones((b, l), bool)], axis=1),
+                     jnp.concatenate([kept_prev & filled_prev, selected], axis=1),
+                     cache.pos + l)
+    return out, aux, new
 
   def step(self, h, cache: SALCache):
     """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache)."""

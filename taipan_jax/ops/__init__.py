@@ -1,6 +1,6 @@
 """Plain-JAX operations the models call. Kernels plug in behind these names."""
 from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
-from taipan_jax.ops.attention import (resolve_attention_implementation,
+from taipan_jax.ops.attention import (attention_with_prefix, resolve_attention_implementation,
                                       selective_window_attention, window_decode_attention)
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
                                       selected_fraction, straight_through_gumbel)
@@ -8,7 +8,7 @@ from taipan_jax.ops.ssd import resolve_implementation, ssd, ssd_step
 
 __all__ = [
     "ssd", "ssd_step", "resolve_implementation", "resolve_attention_implementation",
-    "selective_window_attention", "window_decode_attention",
+    "selective_window_attention", "attention_with_prefix", "window_decode_attention",
     "straight_through_gumbel", "deterministic_selection", "capped_selection",
     "selected_fraction", "budget_loss", "left_halo", "sequence_axis", "sequence_parallel",
 ]

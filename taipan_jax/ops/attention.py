@@ -151,24 +151,46 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
   return (out * select[:, :, None, None]).astype(q.dtype)
 
 
-def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_ids,
-                                implementation):
-  """This device's shard of a sequence split over the sequence axis: its rows attend to the
-  previous device's last window - 1 keys as well (a halo; none before the first device).
-  The halo rows join the front as unselected queries and are dropped from the output."""
-  if segment_ids is not None:
-    raise ValueError("context-parallel attention does not take segment_ids (one document per "
-                     "row); fix: evaluate packed documents without context parallelism")
+def attention_with_prefix(q, k, v, select, *, k_prefix, v_prefix, prefix_ok, window: int,
+                          kv_select=None, implementation: str = "auto"):
+  """selective_window_attention over a sequence whose keys continue `prefix` keys before it.
+
+  q, k, v: [batch, seq, heads, head_dim]; select, kv_select: [batch, seq] bool as in
+  selective_window_attention. k_prefix, v_prefix: [batch, p, heads, head_dim], the p
+  positions just before position 0, oldest first; prefix_ok: [batch, p] bool, the prefix keys
+  that may be read (False for slots before the document started, or not kv-selected).
+  The prefix joins the front as unselected queries and is dropped from the output, so query
+  i sees prefix key j when their distance p - j + i is below the window.
+  Returns [batch, seq, heads, head_dim] in q.dtype.
+  """
   b, l = select.shape
-  size = window - 1
+  size = k_prefix.shape[1]
   ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
-  k_ext, v_ext, ok_ext = (jnp.concatenate([left_halo(t, size), t], axis=1) for t in (k, v, ok))
+  k_ext = jnp.concatenate([k_prefix.astype(k.dtype), k], axis=1)
+  v_ext = jnp.concatenate([v_prefix.astype(v.dtype), v], axis=1)
+  ok_ext = jnp.concatenate([prefix_ok.astype(bool), ok], axis=1)
   q_ext = jnp.concatenate([jnp.zeros((b, size) + q.shape[2:], q.dtype), q], axis=1)
   select_ext = jnp.concatenate([jnp.zeros((b, size), bool), select.astype(bool)], axis=1)
   with sequence_parallel(None):
     out = selective_window_attention(q_ext, k_ext, v_ext, select_ext, window=window,
                                      kv_select=ok_ext, implementation=implementation)
   return out[:, size:]
+
+
+def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_ids,
+                                implementation):
+  """This device's shard of a sequence split over the sequence axis: its rows attend to the
+  previous device's last window - 1 keys as well (a halo; none before the first device)."""
+  if segment_ids is not None:
+    raise ValueError("context-parallel attention does not take segment_ids (one document per "
+                     "row); fix: evaluate packed documents without context parallelism")
+  b, l = select.shape
+  size = window - 1
+  ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
+  return attention_with_prefix(q, k, v, select, k_prefix=left_halo(k, size),
+                               v_prefix=left_halo(v, size), prefix_ok=left_halo(ok, size),
+                               window=window, kv_select=kv_select,
+                               implementation=implementation)
 
 
 def window_decode_attention(q, k_cache, v_cache, valid):

@@ -256,23 +256,18 @@ def _peak_memory() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def evaluate_workdir(workdir: str, *, data_path: str | None = None,
-                     batches: int | None = None, log: Callable[[str], None] = print) -> dict:
-  """Evaluates the newest checkpoint in a workdir on its held-out data (or on `data_path`,
-  every document of it); returns the metrics."""
+def restore_workdir(workdir: str, overrides: dict | None = None,
+                    log: Callable[[str], None] = print):
+  """The newest checkpoint of a training workdir: (cfg, steps, plan, state, step).
+
+  overrides: config fields to change on top of the workdir's config.json (data, kernels;
+  the model fields must match the checkpoint, which its restore checks).
+  """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise TrainingError(f"{workdir!r} holds no config.json: not a training workdir; fix: "
                         "point --workdir at the directory `taipan train` wrote")
-  # With data_path, every document of it is held out.
-  overrides = ({"data.path": data_path, "data.eval_fraction": 1.0 - 1e-9} if data_path
-               else None)
   cfg = taipan_jax.load_config(config_path, overrides)
-  n = batches or cfg.train.eval_batches
-  eval_batches = pipeline.make_eval_batches(cfg, n, process_index=jax.process_index(),
-                                            process_count=jax.process_count())
-  if not eval_batches:
-    raise TrainingError(f"no evaluation data for {workdir!r}; fix: pass --data=...")
   steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0,
                                                                             gumbel=1)))
   plan = _plan(cfg, steps)
@@ -286,6 +281,22 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
     raise TrainingError(f"no readable checkpoint in {workdir!r}; fix: train first "
                         "(`taipan train --workdir=...`)")
   state, _, step = restored
+  return cfg, steps, plan, state, step
+
+
+def evaluate_workdir(workdir: str, *, data_path: str | None = None,
+                     batches: int | None = None, log: Callable[[str], None] = print) -> dict:
+  """Evaluates the newest checkpoint in a workdir on its held-out data (or on `data_path`,
+  every document of it); returns the metrics."""
+  # With data_path, every document of it is held out.
+  overrides = ({"data.path": data_path, "data.eval_fraction": 1.0 - 1e-9} if data_path
+               else None)
+  cfg, steps, plan, state, step = restore_workdir(workdir, overrides, log)
+  n = batches or cfg.train.eval_batches
+  eval_batches = pipeline.make_eval_batches(cfg, n, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  if not eval_batches:
+    raise TrainingError(f"no evaluation data for {workdir!r}; fix: pass --data=...")
   row = _eval_metrics(partition.jit_eval_step(steps, plan), state.params, eval_batches,
                      plan.batch)
   log(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))

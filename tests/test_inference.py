@@ -1,0 +1,203 @@
+"""Generation and long-context evaluation (issue 9): they reproduce the parallel forward."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import build, random_tokens, randomize_gates, tiny_config
+from taipan_jax.data.tokenizer import train_tokenizer
+from taipan_jax.inference import GenerationError, Generator, Sampling, sample_logits
+from taipan_jax.inference.long_context import bucket_table, position_buckets, stream_nll
+from trainer_helpers import SMALL, taipan
+
+LAYER_KINDS = {
+    "mamba2": dict(model__pattern="m"),
+    "attention": dict(model__pattern="a"),
+    "sal": dict(model__pattern="s", sal__window=5),
+    "taipan": dict(sal__window=7),
+    "kv_selected_only": dict(sal__kv_selected_only=True, sal__window=6),
+    "inference_cap": dict(sal__inference_capacity=2, sal__window=6),
+}
+
+
+def _model(rng, variant):
+  model = build(tiny_config(**LAYER_KINDS[variant]))
+  randomize_gates(model, rng)
+  model.eval()
+  return model
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "attention", "sal", "taipan"])
+def test_greedy_generation_is_the_argmax_of_the_parallel_forward(rng, variant):
+  """Prompts of different lengths in one batch: every generated token is the argmax of the
+  parallel forward over prompt + what came before it."""
+  model = _model(rng, variant)
+  prompts = [np.asarray(random_tokens(rng, 1, n)[0]) for n in (9, 1, 4)]
+  out = Generator(model).generate(prompts, max_new_tokens=11)
+  for prompt, new in zip(prompts, out):
+    assert len(new) == 11
+    full = jnp.asarray(np.concatenate([prompt, new]))[None]
+    logits, _ = model(full)
+    argmax = np.asarray(jnp.argmax(logits[0], -1))[prompt.size - 1:-1]
+    np.testing.assert_array_equal(argmax, new)
+
+
+def test_stop_tokens_end_rows_and_stream_chunks_add_up(rng):
+  model = _model(rng, "taipan")
+  prompts = [[3, 4, 5], [6]]
+  gen = Generator(model)
+  free = gen.generate(prompts, max_new_tokens=12)
+  stop = free[0][4]                      # the 5th token of row 0 becomes a stop token
+  stopped = gen.generate(prompts, max_new_tokens=12, stop_tokens=[stop])
+  assert stopped[0] == free[0][:free[0].index(stop) + 1]
+  assert stopped[1] == free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
+  chunks = list(gen.stream(prompts, max_new_tokens=12, chunk=5))
+  assert len(chunks) > 1
+  assert [sum((c[i] for c in chunks), []) for i in range(2)] == free
+
+
+def test_sampling_filters():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000, jnp.float32))
+  key = jax.random.key(0)
+  draw = lambda **kw: np.asarray(sample_logits(logits, key, Sampling(**kw)))
+  assert (draw(temperature=0.0) == 0).all()
+  assert (draw(temperature=1.0, top_k=1) == 0).all()
+  assert set(draw(temperature=1.0, top_k=2)) == {0, 1}
+  # top_p 0.7: tokens 0 and 1 (0.5 < 0.7, 0.8 >= 0.7); top_p 0.85: tokens 0..2.
+  assert set(draw(temperature=1.0, top_p=0.7)) == {0, 1}
+  assert set(draw(temperature=1.0, top_p=0.85)) == {0, 1, 2}
+  freq = np.bincount(draw(temperature=1.0), minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+  with pytest.raises(GenerationError, match="top_p"):
+    Sampling(top_p=0.0)
+
+
+def test_cache_size_is_the_same_after_100_and_10000_tokens(rng):
+  model = _model(rng, "taipan")
+  gen = Generator(model)
+  sizes = {}
+  for n in (100, 10_000):
+    out = gen.generate([[1, 2, 3]], max_new_tokens=n)
+    assert len(out[0]) == n
+    sizes[n] = gen.cache_bytes
+  assert sizes[100] == sizes[10_000] > 0
+
+
+def test_bad_generation_requests_are_refused(rng):
+  model = _model(rng, "taipan")
+  gen = Generator(model, max_prompt_len=8)
+  with pytest.raises(GenerationError, match="prompt 1 is empty"):
+    gen.generate([[1], []], max_new_tokens=2)
+  with pytest.raises(GenerationError, match="max_prompt_len=8"):
+    gen.generate([list(range(9))], max_new_tokens=2)
+  with pytest.raises(GenerationError, match="outside"):
+    gen.generate([[1, 100]], max_new_tokens=2)
+  attention = Generator(_model(rng, "attention"))
+  with pytest.raises(GenerationError, match="max_cache_len"):
+    attention.generate([[1, 2]], max_new_tokens=300)
+
+
+@pytest.mark.parametrize("variant", list(LAYER_KINDS))
+def test_streaming_in_segments_equals_one_shot(rng, variant):
+  model = _model(rng, variant)
+  tokens = np.asarray(random_tokens(rng, 1, 61)[0])
+  logits, _ = model(jnp.asarray(tokens[:-1])[None])
+  direct = np.asarray(jax.nn.logsumexp(logits[0], -1)
+                      - jnp.take_along_axis(logits[0], jnp.asarray(tokens[1:])[:, None], -1)[:, 0])
+  streamed = stream_nll(model, tokens, segment_len=13, log=None)
+  np.testing.assert_allclose(streamed, direct, atol=2e-5, rtol=1e-5)
+
+
+def test_position_buckets():
+  assert position_buckets(5000) == [(0, 1024), (1024, 2048), (2048, 4096), (4096, 5000)]
+  rows = bucket_table(np.log(np.full(3000, 2.0)))
+  assert [r["tokens"] for r in rows] == [1024, 1024, 952]
+  np.testing.assert_allclose([r["ppl"] for r in rows], 2.0)
+
+
+@pytest.fixture(scope="module")
+def text_workdir(tmp_path_factory):
+  """A 2-step text run: a 280-piece tokenizer on a small corpus, the SMALL model."""
+  root = tmp_path_factory.mktemp("text_run")
+  words = [f"word{i}" for i in range(80)]
+  gen = np.random.default_rng(0)
+  corpus = root / "corpus"
+  corpus.mkdir()
+  for i in range(4):
+    (corpus / f"{i}.txt").write_text("\n".join(" ".join(gen.choice(words, 12))
+                                               for _ in range(100)))
+  text = lambda: [p.read_text() for p in sorted(corpus.iterdir())]
+  spm = train_tokenizer(text(), str(root / "spm"), vocab_size=280)
+  workdir = root / "run"
+  result = taipan("train", f"--workdir={workdir}", *SMALL, "--config.train.steps=2",
+                  "--config.data.task=text", f"--config.data.path={corpus}",
+                  f"--config.data.tokenizer={spm}", "--config.model.vocab_size=280",
+                  "--config.data.eval_fraction=0.25")
+  assert result.returncode == 0, result.stderr[-2000:]
+  return root, workdir, corpus
+
+
+def test_generate_and_long_context_commands(text_workdir, tmp_path):
+  root, workdir, corpus = text_workdir
+  result = taipan("generate", f"--workdir={workdir}", "--prompt=word1 word2",
+                  "--max_new_tokens=8", "--temperature=0.7", "--top_p=0.9")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip(), "nothing was generated"
+  stem = tmp_path / "lc"
+  result = taipan("eval", f"--workdir={workdir}", "--long_context", f"--data={corpus}",
+                  "--max_tokens=1500", "--segment_len=512", f"--out={stem}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((tmp_path / "lc.json").read_text())
+  assert report["tokens"] == 1500
+  assert [b["to"] for b in report["buckets"]] == [1024, 1499]
+  assert (tmp_path / "lc.png").stat().st_size > 1000
+
+
+def test_inference_input_errors_are_one_clear_line(text_workdir, tmp_path):
+  root, workdir, corpus = text_workdir
+  # Tokenizer mismatch: the config names a tokenizer of another vocabulary.
+  texts = [p.read_text() for p in sorted(corpus.iterdir())]
+  other = train_tokenizer(texts, str(tmp_path / "other"), vocab_size=278)
+  mismatch = tmp_path / "mismatch"
+  shutil.copytree(workdir, mismatch)
+  cfg = json.loads((mismatch / "config.json").read_text())
+  cfg["data"]["tokenizer"] = other
+  (mismatch / "config.json").write_text(json.dumps(cfg))
+  # No checkpoint: a workdir with its config only.
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  shutil.copy(workdir / "config.json", empty / "config.json")
+  cases = [
+      (["generate", f"--workdir={mismatch}", "--prompt=word1"], "278 pieces"),
+      (["generate", f"--workdir={empty}", "--prompt=word1"], "no readable checkpoint"),
+      (["generate", f"--workdir={tmp_path / 'nowhere'}", "--prompt=x"], "no config.json"),
+      (["generate", f"--workdir={workdir}", "--prompt="], "prompt 0 is empty"),
+      (["eval", f"--workdir={workdir}", "--long_context"], "needs --data"),
+      (["eval", f"--workdir={workdir}", "--long_context", f"--data={tmp_path}/none.txt"],
+       "matches no file"),
+  ]
+  for args, message in cases:
+    result = taipan(*args)
+    assert result.returncode == 2, (args, result.stderr[-1500:])
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("taipan: error:") and message in last, (args, last)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiles the Pallas GPU kernels: run with JAX_PLATFORMS=cuda on a GPU")
+def test_streaming_with_the_gpu_kernels_equals_one_shot(rng):
+  """The segment path feeds the cached window to the selective attention kernel as a
+  kv_select prefix and the SSM state to the SSD kernel as an initial state."""
+  model = build(tiny_config(sal__window=24, sal__kernel="pallas", mamba__kernel="pallas"))
+  randomize_gates(model, rng)
+  model.eval()
+  tokens = np.asarray(random_tokens(rng, 1, 300)[0])
+  logits, _ = model(jnp.asarray(tokens[:-1])[None])
+  direct = np.asarray(jax.nn.logsumexp(logits[0], -1)
+                      - jnp.take_along_axis(logits[0], jnp.asarray(tokens[1:])[:, None], -1)[:, 0])
+  streamed = stream_nll(model, tokens, segment_len=64, log=None)
+  np.testing.assert_allclose(streamed, direct, atol=1e-3, rtol=1e-3)
