@@ -201,3 +201,38 @@ def test_streaming_with_the_gpu_kernels_equals_one_shot(rng):
                       - jnp.take_along_axis(logits[0], jnp.asarray(tokens[1:])[:, None], -1)[:, 0])
   streamed = stream_nll(model, tokens, segment_len=64, log=None)
   np.testing.assert_allclose(streamed, direct, atol=1e-3, rtol=1e-3)
+
+
+def test_lm_eval_adapter_equals_a_direct_computation(text_workdir):
+  """A small offline task: the adapter's three request types against the model's own
+  log-softmax over the unpadded sequence."""
+  from collections import namedtuple
+  from taipan_jax.data.tokenizer import BOS_ID
+  from taipan_jax.inference.lm_eval_adapter import TaipanLM
+  _, workdir, _ = text_workdir
+  lm = TaipanLM.create_from_arg_string(f"workdir={workdir},max_length=64")
+  request = namedtuple("Request", "args")
+  sp, model = lm.tokenizer, lm.model
+
+  def direct(ids, n):
+    lp = jax.nn.log_softmax(model(jnp.asarray([ids], jnp.int32))[0][0], -1)
+    return float(sum(lp[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
+
+  pairs = [("word1 word2", " word3 word4"), ("word7 word8 ", "word9")]
+  got = lm.loglikelihood([request(p) for p in pairs])
+  for (context, continuation), (ll, greedy) in zip(pairs, got):
+    stripped = context.rstrip(" ")
+    cont = sp.EncodeAsIds(context[len(stripped):] + continuation)
+    ids = [BOS_ID] + sp.EncodeAsIds(stripped) + cont
+    assert isinstance(greedy, bool)
+    np.testing.assert_allclose(ll, direct(ids, len(cont)), atol=1e-4, rtol=1e-5)
+  # Rolling: one text short enough for one forward, one longer than max_length (streamed).
+  texts = ["word3 word4 word5", " ".join(f"word{i % 50}" for i in range(60))]
+  rolling = lm.loglikelihood_rolling([request((t,)) for t in texts])
+  for text, ll in zip(texts, rolling):
+    ids = [BOS_ID] + sp.EncodeAsIds(text)
+    assert len(ids) > 64 or text == texts[0]
+    np.testing.assert_allclose(ll, direct(ids, len(ids) - 1), atol=1e-3, rtol=1e-5)
+  [text] = lm.generate_until([request(("word1 word2", {"until": ["word"],
+                                                        "max_gen_toks": 6}))])
+  assert isinstance(text, str) and "word" not in text
