@@ -86,7 +86,7 @@ def decode_sweep(name, contexts, args, record, path):
     try:
       cache = cache_after(model, context, args.steps, jax.random.key(1))
       cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
-      ms = median_ms(lambda: decode(state, cache, token), reps=args.reps, loops=1)
+      ms = median_ms(lambda cache=cache: decode(state, cache, token), reps=args.reps, loops=1)
       stats = jax.devices()[0].memory_stats() or {}
       row = {"model": name, "context": context, "ms_per_token": ms / args.steps,
              "cache_mib": cache_bytes / 2**20,

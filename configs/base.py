@@ -16,36 +16,36 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model = ml_collections.ConfigDict()
   cfg.model.vocab_size = 128256          # Llama-3 vocabulary (SPEC section 6)
   cfg.model.pad_vocab_multiple = 16      # embedding rows padded to a multiple of this
-  cfg.model.d_model = 768
+  cfg.model.d_model = 768                # width of the residual stream
   # One character per layer: 'm' Mamba-2 block, 's' Selective Attention Layer,
   # 'a' full causal attention block with RoPE (Transformer++ / Jamba baselines).
   cfg.model.pattern = "mmmmmms"
   cfg.model.num_units = 3                # the pattern is repeated this many times
-  cfg.model.tie_embeddings = True
-  cfg.model.norm_eps = 1e-5
+  cfg.model.tie_embeddings = True        # the LM head is the embedding matrix
+  cfg.model.norm_eps = 1e-5              # RMSNorm epsilon
   cfg.model.dtype = "float32"            # compute dtype of matmuls ("bfloat16" on accelerators)
-  cfg.model.param_dtype = "float32"
+  cfg.model.param_dtype = "float32"      # storage dtype of parameters and optimizer state
   cfg.model.mlp_hidden = 0               # SwiGLU width of 's' and 'a' layers; 0: 8/3*d to 128
 
   # --- Mamba-2 blocks (SPEC section 2, decision k) ------------------------------------------
   cfg.mamba = ml_collections.ConfigDict()
-  cfg.mamba.d_state = 128
-  cfg.mamba.d_conv = 4
-  cfg.mamba.expand = 2
-  cfg.mamba.head_dim = 64
-  cfg.mamba.n_groups = 1
-  cfg.mamba.chunk_size = 256
+  cfg.mamba.d_state = 128                # SSM state size N per head
+  cfg.mamba.d_conv = 4                   # causal depthwise convolution width
+  cfg.mamba.expand = 2                   # inner width = expand * d_model
+  cfg.mamba.head_dim = 64                # P: channels per SSM head
+  cfg.mamba.n_groups = 1                 # B/C groups shared by the heads
+  cfg.mamba.chunk_size = 256             # SSD chunk length (multiple of 8 for the kernels)
   cfg.mamba.kernel = "auto"              # SSD: auto | reference | pallas | interpret
-  cfg.mamba.a_init_min = 1.0
+  cfg.mamba.a_init_min = 1.0             # A = -exp(A_log) initialised uniformly in [min, max]
   cfg.mamba.a_init_max = 16.0
-  cfg.mamba.dt_min = 1e-3
+  cfg.mamba.dt_min = 1e-3                # initial dt log-uniform in [dt_min, dt_max]
   cfg.mamba.dt_max = 0.1
-  cfg.mamba.dt_init_floor = 1e-4
+  cfg.mamba.dt_init_floor = 1e-4         # lower clip of the initial dt
 
   # --- Selective Attention Layers (SPEC section 3, decisions a-g) ---------------------------
   cfg.sal = ml_collections.ConfigDict()
-  cfg.sal.head_dim = 64
-  cfg.sal.window = 2048
+  cfg.sal.head_dim = 64                  # attention head width (heads = d_model / head_dim)
+  cfg.sal.window = 2048                  # sliding window: a token sees the last `window` tokens
   cfg.sal.capacity = 0.15                # budget C: target selected fraction
   cfg.sal.tau = 1.0                      # Gumbel-softmax temperature
   cfg.sal.tau_final = config_dict.placeholder(float)   # set: anneal tau linearly to this
@@ -58,8 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- full attention ('a' layers) ----------------------------------------------------------
   cfg.attention = ml_collections.ConfigDict()
-  cfg.attention.head_dim = 64
-  cfg.attention.rope_theta = 10000.0
+  cfg.attention.head_dim = 64            # full attention head width
+  cfg.attention.rope_theta = 10000.0     # RoPE base ('a' layers; SAL with sal.rope)
   cfg.attention.max_cache_len = 4096     # KV cache length for token-by-token decoding
 
   # --- loss ---------------------------------------------------------------------------------
@@ -68,26 +68,26 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- optimizer (SPEC section 7, decision j) -----------------------------------------------
   cfg.optim = ml_collections.ConfigDict()
-  cfg.optim.peak_lr = 5e-4
-  cfg.optim.final_lr = 1e-5
-  cfg.optim.warmup_steps = 2000
-  cfg.optim.b1 = 0.9
-  cfg.optim.b2 = 0.95
-  cfg.optim.eps = 1e-8
-  cfg.optim.weight_decay = 0.01
-  cfg.optim.grad_clip = 1.0
+  cfg.optim.peak_lr = 5e-4               # AdamW, linear warmup then cosine decay
+  cfg.optim.final_lr = 1e-5              # learning rate at the last step
+  cfg.optim.warmup_steps = 2000          # linear warmup from 0
+  cfg.optim.b1 = 0.9                     # Adam beta1
+  cfg.optim.b2 = 0.95                    # Adam beta2
+  cfg.optim.eps = 1e-8                   # Adam epsilon
+  cfg.optim.weight_decay = 0.01          # decoupled, on matrices only
+  cfg.optim.grad_clip = 1.0              # global gradient-norm clip
 
   # --- training loop -----------------------------------------------------------------------
   cfg.train = ml_collections.ConfigDict()
   cfg.train.seed = 0                     # parameters, data order and Gumbel noise
-  cfg.train.steps = 51_500
+  cfg.train.steps = 51_500               # optimizer steps
   cfg.train.batch_size = 128             # sequences per optimizer step, over all processes
   cfg.train.grad_accum_steps = 1         # micro-batches per step (batch_size divisible by it)
-  cfg.train.log_every = 50
+  cfg.train.log_every = 50               # steps between progress lines and metric rows
   cfg.train.eval_every = 1000            # 0: evaluate only at the end
-  cfg.train.eval_batches = 8
+  cfg.train.eval_batches = 8             # held-out batches per evaluation
   cfg.train.checkpoint_every = 1000      # 0: only at the end and on SIGTERM
-  cfg.train.keep_checkpoints = 3
+  cfg.train.keep_checkpoints = 3         # newest checkpoints kept
   cfg.train.max_nonfinite_steps = 10     # stop after this many non-finite steps in a row
 
   # --- parallelism (docs/scaling.md) --------------------------------------------------------
@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data ---------------------------------------------------------------------------------
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = "mqar"                 # "mqar", "copy" (induction heads) or "text"
-  cfg.data.seq_len = 4096
+  cfg.data.seq_len = 4096                # training sequence length (tokens per row)
   cfg.data.num_kv_pairs = 8              # MQAR: key-value pairs shown, then queried
   cfg.data.path = ""                     # text: a file, a directory or a glob
   cfg.data.text_field = "text"           # text: the field of a .jsonl record

@@ -84,3 +84,26 @@ def test_wrong_type_is_rejected(tmp_path):
 def test_missing_config_names_the_choices():
   with pytest.raises(ConfigError, match="tiny"):
     taipan_jax.load_config("no_such_config")
+
+
+def test_configuration_reference_is_generated_from_the_configs():
+  """docs/configuration.md is `python -m taipan_jax.config_reference`: regenerate it after
+  changing configs/."""
+  import os
+  from taipan_jax.config_reference import render
+  path = os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")
+  with open(path, encoding="utf-8") as f:
+    assert f.read() == render(), "stale docs/configuration.md: run python -m taipan_jax.config_reference > docs/configuration.md"
+
+
+def test_cli_reference_names_every_flag():
+  import os
+  import re
+  root = os.path.join(os.path.dirname(__file__), "..")
+  with open(os.path.join(root, "taipan_jax", "cli.py"), encoding="utf-8") as f:
+    flags = re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', f.read())
+  with open(os.path.join(root, "docs", "cli.md"), encoding="utf-8") as f:
+    doc = f.read()
+  assert len(flags) > 10
+  missing = [name for name in flags if f"--{name}" not in doc]
+  assert not missing, f"docs/cli.md does not describe {missing}"

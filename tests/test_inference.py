@@ -1,6 +1,5 @@
 """Generation and long-context evaluation (issue 9): they reproduce the parallel forward."""
 import json
-import os
 import shutil
 
 import jax
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import build, random_tokens, randomize_gates, tiny_config
+from taipan_jax import ops
 from taipan_jax.data.tokenizer import train_tokenizer
 from taipan_jax.inference import GenerationError, Generator, Sampling, sample_logits
 from taipan_jax.inference.long_context import bucket_table, position_buckets, stream_nll
@@ -236,3 +236,29 @@ def test_lm_eval_adapter_equals_a_direct_computation(text_workdir):
   [text] = lm.generate_until([request(("word1 word2", {"until": ["word"],
                                                         "max_gen_toks": 6}))])
   assert isinstance(text, str) and "word" not in text
+
+
+@pytest.mark.parametrize("variant", ["taipan", "kv_selected_only"])
+def test_sal_attention_maps_reproduce_the_attention_output(rng, variant):
+  """The maps' weights applied to the values give the SAL's attention output."""
+  from taipan_jax.inference.inspect import sal_attention_maps
+  model = _model(rng, variant)
+  tokens = random_tokens(rng, 2, 40)
+  maps = sal_attention_maps(model, tokens)
+  assert len(maps) == model.num_sal
+  # The first SAL's input: the layers before it, as in the forward pass.
+  h = model.embed(tokens).astype(jnp.float32)
+  first = model.kinds.index("s")
+  for layer in model.layers[:first]:
+    h = layer(h)
+  sal = model.layers[first]
+  x = sal.norm_a(h)
+  l = tokens.shape[1]
+  q, k, v = sal._qkv(x, jnp.broadcast_to(jnp.arange(l), tokens.shape))
+  selected = maps[0]["select"] > 0.5
+  assert 0 < float(selected.mean()) < 1
+  expected = jnp.asarray(ops.selective_window_attention(
+      q, k, v, selected, window=sal.window,
+      kv_select=selected if sal.kv_selected_only else None, implementation="reference"))
+  got = jnp.einsum("bhij,bjhd->bihd", maps[0]["weights"], v.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
