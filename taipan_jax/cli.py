@@ -35,6 +35,8 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "eval --long_context: 
                                    "the document to evaluate (it is cut there).")
 _SEGMENT = flags.DEFINE_integer("segment_len", 16384, "eval --long_context: tokens per "
                                 "forward call.")
+_FIRST_BUCKET = flags.DEFINE_integer("first_bucket", 1024, "eval --long_context: the first "
+                                     "position bucket's size; each next one doubles.")
 _OUT = flags.DEFINE_string("out", None, "eval --long_context: output stem for .json/.png "
                            "(default <workdir>/long_context/<data name>).")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: text to continue (text models).")
@@ -132,11 +134,14 @@ def _eval_long_context():
   start = time.perf_counter()
   nll = long_context.stream_nll(loaded.model, tokens, segment_len=_SEGMENT.value)
   seconds = time.perf_counter() - start
-  rows = long_context.bucket_table(nll)
+  rows = long_context.bucket_table(nll, first=_FIRST_BUCKET.value)
   print(f"{'positions':>22} {'tokens':>10} {'ppl':>9}")
   for r in rows:
     print(f"{r['from']:>10,} - {r['to']:<10,} {r['tokens']:>10,} {r['ppl']:>9.3f}")
-  name = os.path.splitext(os.path.basename(_DATA.value.rstrip("/*")))[0] or "document"
+  base = os.path.basename(_DATA.value.rstrip("/"))
+  if any(c in base for c in "*?["):          # a glob: named after its directory
+    base = os.path.basename(os.path.dirname(_DATA.value.rstrip("/")))
+  name = os.path.splitext(base)[0] or "document"
   stem = _OUT.value or os.path.join(_WORKDIR.value, "long_context", name)
   train_len = loaded.cfg.data.seq_len
   meta = {"workdir": os.path.abspath(_WORKDIR.value), "step": loaded.step,
