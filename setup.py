@@ -25,7 +25,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # Plots (long-context evaluation, benchmarks, notebooks).
     "plot": ["matplotlib>=3.8"],
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "matplotlib>=3.8"],
+    # nbmake runs notebooks/ (small mode) inside the test command.
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "matplotlib>=3.8", "nbmake>=1.5"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }
