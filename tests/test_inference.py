@@ -101,13 +101,18 @@ def test_bad_generation_requests_are_refused(rng):
     attention.generate([[1, 2]], max_new_tokens=300)
 
 
+def _one_shot_nll(model, tokens):
+  """tokens: [n] -> [n - 1] NLL of tokens[1:] from one parallel forward."""
+  logits = model(jnp.asarray(tokens[:-1])[None])[0][0]
+  target = jnp.asarray(tokens[1:])[:, None]
+  return np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, target, -1)[:, 0])
+
+
 @pytest.mark.parametrize("variant", list(LAYER_KINDS))
 def test_streaming_in_segments_equals_one_shot(rng, variant):
   model = _model(rng, variant)
   tokens = np.asarray(random_tokens(rng, 1, 61)[0])
-  logits, _ = model(jnp.asarray(tokens[:-1])[None])
-  direct = np.asarray(jax.nn.logsumexp(logits[0], -1)
-                      - jnp.take_along_axis(logits[0], jnp.asarray(tokens[1:])[:, None], -1)[:, 0])
+  direct = _one_shot_nll(model, tokens)
   streamed = stream_nll(model, tokens, segment_len=13, log=None)
   np.testing.assert_allclose(streamed, direct, atol=2e-5, rtol=1e-5)
 
@@ -196,9 +201,7 @@ def test_streaming_with_the_gpu_kernels_equals_one_shot(rng):
   randomize_gates(model, rng)
   model.eval()
   tokens = np.asarray(random_tokens(rng, 1, 300)[0])
-  logits, _ = model(jnp.asarray(tokens[:-1])[None])
-  direct = np.asarray(jax.nn.logsumexp(logits[0], -1)
-                      - jnp.take_along_axis(logits[0], jnp.asarray(tokens[1:])[:, None], -1)[:, 0])
+  direct = _one_shot_nll(model, tokens)
   streamed = stream_nll(model, tokens, segment_len=64, log=None)
   np.testing.assert_allclose(streamed, direct, atol=1e-3, rtol=1e-3)
 
