@@ -12,7 +12,19 @@ from taipan_jax import ops
 from taipan_jax.data.tokenizer import train_tokenizer
 from taipan_jax.inference import GenerationError, Generator, Sampling, sample_logits
 from taipan_jax.inference.long_context import bucket_table, position_buckets, stream_nll
-from trainer_helpers import SMALL, taipan
+from trainer_helpers import SMALL
+
+
+def _cli(capsys, *args):
+  """`taipan <args>` in this process (no interpreter start): (exit code, stdout, stderr)."""
+  from taipan_jax import cli
+  try:
+    cli.main(["taipan", *args])
+    code = 0
+  except SystemExit as e:
+    code = e.code or 0
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
 
 LAYER_KINDS = {
     "mamba2": dict(model__pattern="m"),
@@ -126,6 +138,7 @@ def test_position_buckets():
 
 @pytest.fixture(scope="module")
 def text_workdir(tmp_path_factory):
+  from taipan_jax import cli
   """A 2-step text run: a 280-piece tokenizer on a small corpus, the SMALL model."""
   root = tmp_path_factory.mktemp("text_run")
   words = [f"word{i}" for i in range(80)]
@@ -138,31 +151,34 @@ def text_workdir(tmp_path_factory):
   text = lambda: [p.read_text() for p in sorted(corpus.iterdir())]
   spm = train_tokenizer(text(), str(root / "spm"), vocab_size=280)
   workdir = root / "run"
-  result = taipan("train", f"--workdir={workdir}", *SMALL, "--config.train.steps=2",
-                  "--config.data.task=text", f"--config.data.path={corpus}",
-                  f"--config.data.tokenizer={spm}", "--config.model.vocab_size=280",
-                  "--config.data.eval_fraction=0.25")
-  assert result.returncode == 0, result.stderr[-2000:]
+  try:
+    cli.main(["taipan", "train", f"--workdir={workdir}", *SMALL, "--config.train.steps=2",
+              "--config.data.task=text", f"--config.data.path={corpus}",
+              f"--config.data.tokenizer={spm}", "--config.model.vocab_size=280",
+              "--config.data.eval_fraction=0.25"])
+  except SystemExit as e:
+    assert not e.code, f"training the fixture's model failed with exit code {e.code}"
   return root, workdir, corpus
 
 
-def test_generate_and_long_context_commands(text_workdir, tmp_path):
+def test_generate_and_long_context_commands(text_workdir, tmp_path, capsys):
   root, workdir, corpus = text_workdir
-  result = taipan("generate", f"--workdir={workdir}", "--prompt=word1 word2",
-                  "--max_new_tokens=8", "--temperature=0.7", "--top_p=0.9")
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.strip(), "nothing was generated"
+  code, out, err = _cli(capsys, "generate", f"--workdir={workdir}", "--prompt=word1 word2",
+                        "--max_new_tokens=8", "--temperature=0.7", "--top_p=0.9")
+  assert code == 0, err[-2000:]
+  assert out.strip(), "nothing was generated"
   stem = tmp_path / "lc"
-  result = taipan("eval", f"--workdir={workdir}", "--long_context", f"--data={corpus}",
-                  "--max_tokens=1500", "--segment_len=512", f"--out={stem}")
-  assert result.returncode == 0, result.stderr[-2000:]
+  code, out, err = _cli(capsys, "eval", f"--workdir={workdir}", "--long_context",
+                        f"--data={corpus}", "--max_tokens=1500", "--segment_len=512",
+                        f"--out={stem}")
+  assert code == 0, err[-2000:]
   report = json.loads((tmp_path / "lc.json").read_text())
   assert report["tokens"] == 1500
   assert [b["to"] for b in report["buckets"]] == [1024, 1499]
   assert (tmp_path / "lc.png").stat().st_size > 1000
 
 
-def test_inference_input_errors_are_one_clear_line(text_workdir, tmp_path):
+def test_inference_input_errors_are_one_clear_line(text_workdir, tmp_path, capsys):
   root, workdir, corpus = text_workdir
   # Tokenizer mismatch: the config names a tokenizer of another vocabulary.
   texts = [p.read_text() for p in sorted(corpus.iterdir())]
@@ -186,9 +202,9 @@ def test_inference_input_errors_are_one_clear_line(text_workdir, tmp_path):
        "matches no file"),
   ]
   for args, message in cases:
-    result = taipan(*args)
-    assert result.returncode == 2, (args, result.stderr[-1500:])
-    last = result.stderr.strip().splitlines()[-1]
+    code, _, err = _cli(capsys, *args)
+    assert code == 2, (args, err[-1500:])
+    last = err.strip().splitlines()[-1]
     assert last.startswith("taipan: error:") and message in last, (args, last)
 
 
