@@ -4,7 +4,7 @@
     tokens = gen.generate([[5, 9, 2], [7]], max_new_tokens=64,
                           sampling=Sampling(temperature=0.8, top_p=0.95), stop_tokens=[3])
     for new in gen.stream(prompts, max_new_tokens=256):   # lists of new tokens per row
-      ...
+      print(new)
 
 Prompts may differ in length. The first min(len) tokens of every row go through the chunked
 parallel forward at once; each longer row's remaining prompt tokens are fed by the decode
@@ -154,13 +154,11 @@ class Generator:
     args = (jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(list(stop_tokens) or [-1],
                                                                    jnp.int32))
     budget = jnp.asarray(max_new_tokens, jnp.int32)
-    emitted = np.zeros(b, np.int64)
     chunk = max(1, min(chunk, max_new_tokens))
     while True:
       loop, out, n_out = self._decode(self.state, loop, *args, limit, budget,
                                       sampling=sampling, chunk=chunk)
       out, n_out = np.asarray(out), np.asarray(n_out)
-      emitted += n_out
       self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(loop.cache))
       yield [out[i, :n_out[i]].tolist() for i in range(b)]
       if bool(np.asarray(loop.done).all()) or int(loop.pos) >= int(limit):

@@ -62,7 +62,7 @@ class TaipanLM(_Base):
     self.model, self.tokenizer = loaded.model, loaded.tokenizer
     self.max_length = int(max_length)
     self.generator = Generator(self.model)
-    graphdef, self._state = nnx.split(self.model)
+    graphdef, self._state = self.generator.graphdef, self.generator.state
 
     def log_probs(state, ids):
       logits, _ = nnx.merge(graphdef, state)(ids)

@@ -98,9 +98,10 @@ class AttentionBlock(nnx.Module):
                                             segment_ids=segment_ids)
     else:
       # The whole preallocated cache is the prefix; its slots past pos are masked off.
-      written = jnp.arange(self.max_len)[None, :] < cache.pos[:, None]
+      slots = cache.k.shape[1]
+      written = jnp.arange(slots)[None, :] < cache.pos[:, None]
       attn = ops.attention_with_prefix(q, k, v, every, k_prefix=cache.k, v_prefix=cache.v,
-                                       prefix_ok=written, window=self.max_len + l,
+                                       prefix_ok=written, window=slots + l,
                                        implementation="reference")
     h = self._mlp(h + self.o_proj(attn.reshape(b, l, d)).astype(jnp.float32))
     if not return_cache:

@@ -14,6 +14,11 @@ from taipan_jax.models.mlp import SwiGLU, dense
 from taipan_jax.models.norms import RMSNorm
 
 
+def _take_rows(t, index):
+  """t: [batch, n, ...], index: [batch, m] -> [batch, m, ...], t[b, index[b, i]]."""
+  return jnp.take_along_axis(t, index.reshape(index.shape + (1,) * (t.ndim - 2)), axis=1)
+
+
 @struct.dataclass
 class SALCache:
   """Ring buffer of the last `window` keys and values; size independent of sequence length.
@@ -134,9 +139,7 @@ class SelectiveAttentionLayer(nnx.Module):
     k, v [batch, window, heads, head_dim]; filled, kept [batch, window] bool."""
     w = self.window
     slots = (cache.pos[:, None] - w + jnp.arange(w)[None, :]) % w          # [b, w]
-    take = lambda t: jnp.take_along_axis(t, slots.reshape(slots.shape + (1,) * (t.ndim - 2)),
-                                         axis=1)
-    return take(cache.k), take(cache.v), take(cache.filled), take(cache.kept)
+    return tuple(_take_rows(t, slots) for t in (cache.k, cache.v, cache.filled, cache.kept))
 
   def _ring(self, k, v, filled, kept, pos):
     """The cache after a sequence. k, v, filled, kept: [batch, n, ...] the last n >= window
@@ -145,10 +148,9 @@ class SelectiveAttentionLayer(nnx.Module):
     w, n = self.window, k.shape[1]
     first = pos - w                                                         # [b]
     index = (n - w) + (jnp.arange(w)[None, :] - first[:, None]) % w         # [b, w]
-    take = lambda t: jnp.take_along_axis(t, index.reshape(index.shape + (1,) * (t.ndim - 2)),
-                                         axis=1)
-    return SALCache(k=take(k).astype(self.dtype), v=take(v).astype(self.dtype),
-                    filled=take(filled), kept=take(kept), pos=pos.astype(jnp.int32))
+    return SALCache(k=_take_rows(k, index).astype(self.dtype),
+                    v=_take_rows(v, index).astype(self.dtype), filled=_take_rows(filled, index),
+                    kept=_take_rows(kept, index), pos=pos.astype(jnp.int32))
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
                cache: SALCache | None = None, return_cache: bool = False):
@@ -186,14 +188,16 @@ class SelectiveAttentionLayer(nnx.Module):
     if cache is None:
       cache = self.init_cache(b)
     k_prev, v_prev, filled_prev, kept_prev = self._cache_in_order(cache)
-    mask = self._select(scores, gumbel_key=None, tau=None)
-    if self.inference_capacity is not None and not self.select_all:
-      # The cap counts the cached window's kept tokens too; re-capping them keeps them all
-      # (they already met the cap with more history), so only the new tokens can change.
-      raw = jnp.concatenate([kept_prev.astype(mask.dtype),
-                             ops.deterministic_selection(scores)], axis=1)
-      mask = ops.capped_selection(raw, window=self.window,
-                                  capacity=self.inference_capacity)[:, self.window:]
+    if self.select_all:
+      mask = jnp.ones((b, l), jnp.float32)
+    else:
+      mask = ops.deterministic_selection(scores)
+      if self.inference_capacity is not None:
+        # The cap counts the cached window's kept tokens too; re-capping them keeps them all
+        # (they already met the cap with more history), so only the new tokens can change.
+        raw = jnp.concatenate([kept_prev.astype(mask.dtype), mask], axis=1)
+        mask = ops.capped_selection(raw, window=self.window,
+                                    capacity=self.inference_capacity)[:, self.window:]
     selected = mask > 0.5
     positions = cache.pos[:, None] + jnp.arange(l)[None, :]
     q, k, v = self._qkv(x, positions)

@@ -67,8 +67,8 @@ def jit_train_step(steps, plan: Plan):
 
 def lower_train_step(steps, plan: Plan, abstract_batch):
   """The train step lowered for abstract inputs (compile it for XLA's memory analysis)."""
-  with jax.set_mesh(plan.mesh), use_rules(plan.rules):
-    return _train_step_jit(steps, plan).lower(steps.abstract_state, abstract_batch)
+  return _traced_under(plan, _train_step_jit(steps, plan).lower)(steps.abstract_state,
+                                                                 abstract_batch)
 
 
 def jit_eval_step(steps, plan: Plan):
