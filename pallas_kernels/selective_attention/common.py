@@ -17,26 +17,31 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """block_q compacted query rows and block_k keys per step (forward and dq); the dk/dv
-  kernel's own (None: the same); Triton launch parameters.
+  kernel's own sizes (None: the same); Triton launch parameters.
 
-  unmasked_interior (GPU kernels): where there is no kv_select and one segment, run the key
-  blocks inside every row's window without a mask (the only mask left is the causal window,
-  which holds there). Checked against the reference in interpret mode; off by default until
-  it has been compiled and timed on a GPU.
+  Defaults from the H100 sweep in docs/kernels/selective_attention.md: 64 x 64 tiles and
+  4 warps for all three kernels, 3 pipeline stages for forward and dq, 2 for dk/dv.
+
+  unmasked_interior (GPU forward and dq kernels): where there is no kv_select and one segment,
+  run the key blocks inside every row's window without a mask (the only mask left is the
+  causal window, which holds there). The dk/dv kernel always masks: on the H100 the split
+  loop made it slower (0.62 -> 0.73 ms at C = 0.15) while forward and dq gained.
   """
   block_q: int = 64
   block_k: int = 64
   block_q_dkv: int | None = None
   block_k_dkv: int | None = None
   num_warps: int = 4
-  num_stages: int = 2
-  unmasked_interior: bool = False
+  num_stages: int = 3
+  num_stages_dkv: int | None = 2
+  unmasked_interior: bool = True
 
   @property
   def dkv(self) -> "BlockSizes":
-    """The dk/dv kernel's sizes as (block_q, block_k)."""
+    """The dk/dv kernel's sizes as (block_q, block_k, num_stages)."""
     return dataclasses.replace(self, block_q=self.block_q_dkv or self.block_q,
-                               block_k=self.block_k_dkv or self.block_k)
+                               block_k=self.block_k_dkv or self.block_k,
+                               num_stages=self.num_stages_dkv or self.num_stages)
 
   @property
   def slot_multiple(self) -> int:

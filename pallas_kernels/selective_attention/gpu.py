@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.selective_attention.common import (BlockSizes, make_selective_attention,
-                                                       slots_before, slots_seeing_key_blocks)
+                                                       slots_seeing_key_blocks)
 
 _F32 = jnp.float32
 _BIG = 2**30
@@ -166,12 +166,12 @@ def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse
 def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, lse_ref,
                 delta_ref, dk_ref, dv_ref, *, seq_len, window, window_only, block_q, block_k,
                 scale):
-  del window_only   # in the ranges
+  del window_only   # forward and dq only
   bi, hi, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
                                      block_k, seq_len)
 
-  def body(sb, carry, masked):
+  def body(sb, carry):
     dk, dv = carry
     slots = pl.ds(sb * block_q, block_q)
     pos = pos_ref[bi, slots]
@@ -182,17 +182,14 @@ def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref
     lse = lse_ref[bi, hi, slots]
     delta = delta_ref[bi, hi, slots]
     p = jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None])
-    if masked:
-      p = jnp.where(_visible(pos, seg_ref[bi, rows], keys, ok, seg_k, window), p, 0.0)
+    p = jnp.where(_visible(pos, seg_ref[bi, rows], keys, ok, seg_k, window), p, 0.0)
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
-  # Slot blocks [lo, hi) see this key block; [a, b) hold rows that see all of it.
-  bounds = tuple(range_ref[bi, kb, i] for i in range(4))
   zeros = jnp.zeros(k.shape, _F32)
-  dk, dv = _three_loops(bounds, body, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(range_ref[bi, kb, 0], range_ref[bi, kb, 1], body, (zeros, zeros))
   inside = keys < seq_len
   plgpu.store(dk_ref.at[bi, pl.ds(kb * block_k, block_k), hi, :],
               (dk * scale).astype(dk_ref.dtype), mask=inside[:, None])
@@ -200,22 +197,16 @@ def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref
               mask=inside[:, None])
 
 
-def _slot_block_ranges(pos, seq_len, num_key_blocks, st, block_q, block_k):
-  """[b, key blocks, 4] int32: slot blocks lo <= a <= b <= hi, where [lo, hi) hold rows that
-  see key block kb and [a, b) only rows that see all of it (positions in
-  [kb * block_k + block_k - 1, kb * block_k + window)); a = b = hi unless st.window_only."""
+def _slot_block_ranges(pos, num_key_blocks, st, block_q, block_k):
+  """[b, key blocks, 2] int32: the slot blocks [lo, hi) holding rows that see key block kb.
+
+  The dk/dv kernel masks every block: splitting off the blocks whose rows see all of kb
+  (as forward and dq do with unmasked_interior) made it slower on the H100."""
   first, end = jnp.moveaxis(
       slots_seeing_key_blocks(pos, num_key_blocks, st.window, block_k), -1, 0)
   lo = first // block_q
   hi = jnp.where(end > first, (end - 1) // block_q + 1, lo)
-  if not st.window_only:
-    return jnp.stack([lo, hi, hi, hi], axis=-1).astype(jnp.int32)
-  starts = jnp.arange(num_key_blocks, dtype=jnp.int32) * block_k
-  full_first = slots_before(pos, starts + block_k - 1)
-  full_end = slots_before(pos, jnp.minimum(starts + st.window, seq_len))
-  a = jnp.clip(-(-full_first // block_q), lo, hi)
-  b = jnp.clip(full_end // block_q, a, hi)
-  return jnp.stack([lo, a, b, hi], axis=-1).astype(jnp.int32)
+  return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
 def _params(bs):
@@ -257,7 +248,7 @@ def _dkv(q, k, v, pos, ok, seg, lse, delta, do, st):
   b, l, h, d = q.shape
   bs = st.block_sizes.dkv
   nkb = pl.cdiv(l, bs.block_k)
-  ranges = _slot_block_ranges(pos, l, nkb, st, bs.block_q, bs.block_k)
+  ranges = _slot_block_ranges(pos, nkb, st, bs.block_q, bs.block_k)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, **_statics(q, st, bs)), grid=(b, h, nkb),
       compiler_params=_params(bs), interpret=st.interpret, name="selective_attention_dkv",
