@@ -296,9 +296,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           "give all but one of them a size")
   positive("mesh.dcn_data", cfg.mesh.dcn_data)
   if cfg.mesh.sequence != 1:
-    _fail("mesh.sequence", cfg.mesh.sequence, "training splits batch rows, not the length",
-          "leave it 1 for training; context-parallel evaluation takes its own mesh "
-          "(taipan_jax.sharding.context_parallel)")
+    _check_context_parallel(cfg)
   from taipan_jax.sharding.rules import RulesError, parse_rules
   try:
     parse_rules(cfg.sharding.rules)
@@ -309,6 +307,32 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # --- sizes derived from a validated config ----------------------------------------------------
+
+def _check_context_parallel(cfg) -> None:
+  """mesh.sequence > 1 splits every row's length over that many devices (training and
+  evaluation); each device's stretch must hold the halo its layers read."""
+  n, l = cfg.mesh.sequence, cfg.data.seq_len
+  kinds = layer_kinds(cfg)
+  if n < 1:
+    _fail("mesh.sequence", n, "needs an explicit size for context parallelism",
+          "set it to the number of devices each row's length is split over")
+  if "a" in kinds:
+    _fail("mesh.sequence", n, f"model.pattern={cfg.model.pattern!r} has full attention, which "
+          "context parallelism does not split", "leave mesh.sequence at 1 for this model")
+  if l % n:
+    _fail("mesh.sequence", n, f"does not divide data.seq_len={l}",
+          f"a data.seq_len divisible by {n}")
+  halo = max(cfg.mamba.d_conv - 1, cfg.sal.window - 1 if "s" in kinds else 0)
+  if l // n < halo:
+    _fail("mesh.sequence", n, f"leaves {l // n} tokens of each row per device, fewer than the "
+          f"{halo} the previous device hands over (sal.window - 1)",
+          f"at most {max(l // max(halo, 1), 1)} devices on the sequence axis, or a longer "
+          "data.seq_len")
+  if cfg.sal.inference_capacity is not None:
+    _fail("sal.inference_capacity", cfg.sal.inference_capacity, "counts selections over each "
+          "window, which context parallelism does not carry across devices",
+          "leave it None with mesh.sequence > 1")
+
 
 def padded_vocab_size(cfg) -> int:
   k = cfg.model.pad_vocab_multiple

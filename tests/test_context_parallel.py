@@ -68,3 +68,70 @@ def test_context_parallel_refuses_what_it_cannot_split(rng):
   attention.eval()
   with pytest.raises(ValueError, match="full attention"):
     context_parallel_forward(attention, random_tokens(rng, 1, SEQ))
+
+
+def _packed_batch(rng, rows, length, vocab):
+  """A text-like batch: each row packs documents as runs of ids 1, 2, ..., one run ending
+  exactly where the second quarter of the row starts (a device edge at 4 devices), and a
+  padded tail (id 0)."""
+  seg = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    cuts = sorted({length // 4, *rng.integers(1, length - 8, size=3)})
+    ids = np.searchsorted(np.asarray(cuts), np.arange(length), side="right") + 1
+    seg[r] = np.where(np.arange(length) < length - 5, ids, 0)
+  tokens = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+  return {"tokens": tokens, "targets": rng.integers(0, vocab, (rows, length)).astype(np.int32),
+          "loss_mask": (seg > 0).astype(np.float32), "segment_ids": seg}
+
+
+def _train(cfg, devices, batches):
+  from flax import nnx
+
+  import taipan_jax
+  from taipan_jax.training import partition
+  from taipan_jax.training.step import make_steps
+  steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0,
+                                                                              gumbel=1)))
+  plan = partition.make_plan(cfg, steps.abstract_state, devices)
+  state = partition.init_state(steps, plan)
+  train_step = partition.jit_train_step(steps, plan)
+  out = []
+  for batch in batches:
+    state, metrics = train_step(state, jax.device_put(batch, plan.batch))
+    out.append([float(metrics[k]) for k in ("loss", "budget_loss", "grad_norm")]
+               + list(np.asarray(metrics["selected"])))
+  lowered = partition.lower_train_step(steps, plan, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.batch), batches[0]))
+  return (np.asarray(out), jax.tree.map(np.asarray, jax.device_get(state.params)),
+          lowered.as_text())
+
+
+def test_training_with_the_length_split_equals_one_device(rng):
+  """Three training steps of Taipan on packed documents (Gumbel selection, budget loss) with
+  mesh data 2 x sequence 4: the losses, gradient norms and parameters of one device."""
+  length = 4 * 64             # each device's quarter holds the SAL's window - 1 = 63 halo
+  common = dict(data__task="text", data__path="unused", data__tokenizer="unused",
+                data__seq_len=length, train__batch_size=4, optim__warmup_steps=1)
+  batches = [_packed_batch(rng, 4, length, 100) for _ in range(3)]
+  want, params_want, _ = _train(tiny_config(**common), jax.devices()[:1], batches)
+  split = tiny_config(**common, mesh__data=2, mesh__sequence=4)
+  got, params, program = _train(split, jax.devices(), batches)
+  assert "collective_permute" in program        # the halos really cross devices
+  print(f"\nloss, budget loss, grad norm, selected per SAL:\n{got}\none device:\n{want}")
+  assert (got[:, 3:] > 0.05).all() and (got[:, 3:] < 0.95).all()   # a real mix is selected
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(model__pattern="ma"), "full attention"),
+    (dict(data__seq_len=4 * 64 + 2), "does not divide data.seq_len"),
+    (dict(data__seq_len=4 * 40), "40 tokens of each row per device, fewer than the 63"),
+    (dict(sal__inference_capacity=8), "sal.inference_capacity"),
+])
+def test_context_parallel_training_config_errors(overrides, message):
+  from taipan_jax.config import ConfigError
+  base = dict(data__seq_len=4 * 64, mesh__sequence=4, mesh__data=2)
+  with pytest.raises(ConfigError, match=f"{message}.*fix"):
+    tiny_config(**{**base, **overrides})

@@ -113,8 +113,9 @@ class Mamba2Mixer(nnx.Module):
     taps = [padded[:, i:i + l] for i in range(k)]
     if segment_ids is not None:
       # A tap reading another document reads zero, as before position 0 of a lone document.
-      # (The pad value is irrelevant: padded inputs are zero already.)
-      seg = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), mode="edge")
+      # The halo's ids come with its inputs (zeros before position 0, where the inputs are
+      # zero already, so their ids do not matter).
+      seg = jnp.concatenate([ops.left_halo(segment_ids, k - 1), segment_ids], axis=1)
       taps = [jnp.where((seg[:, i:i + l] == segment_ids)[..., None], tap, 0.0)
               for i, tap in enumerate(taps)]
     conv = sum(tap * w[i] for i, tap in enumerate(taps)) + self.conv_bias[...]

@@ -152,7 +152,8 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
 
 
 def attention_with_prefix(q, k, v, select, *, k_prefix, v_prefix, prefix_ok, window: int,
-                          kv_select=None, implementation: str = "auto"):
+                          kv_select=None, segment_ids=None, prefix_segment_ids=None,
+                          implementation: str = "auto"):
   """selective_window_attention over a sequence whose keys continue `prefix` keys before it.
 
   q, k, v: [batch, seq, heads, head_dim]; select, kv_select: [batch, seq] bool as in
@@ -161,6 +162,8 @@ def attention_with_prefix(q, k, v, select, *, k_prefix, v_prefix, prefix_ok, win
   that may be read (False for slots before the document started, or not kv-selected).
   The prefix joins the front as unselected queries and is dropped from the output, so query
   i sees prefix key j when their distance p - j + i is below the window.
+  segment_ids: optional [batch, seq] int (packed documents), with prefix_segment_ids
+  [batch, p] the prefix keys' ids: no row reads a key of another document.
   Returns [batch, seq, heads, head_dim] in q.dtype.
   """
   b, l = select.shape
@@ -171,25 +174,29 @@ def attention_with_prefix(q, k, v, select, *, k_prefix, v_prefix, prefix_ok, win
   ok_ext = jnp.concatenate([prefix_ok.astype(bool), ok], axis=1)
   q_ext = jnp.concatenate([jnp.zeros((b, size) + q.shape[2:], q.dtype), q], axis=1)
   select_ext = jnp.concatenate([jnp.zeros((b, size), bool), select.astype(bool)], axis=1)
+  seg_ext = None
+  if segment_ids is not None:
+    seg_ext = jnp.concatenate([prefix_segment_ids.astype(segment_ids.dtype), segment_ids], axis=1)
   with sequence_parallel(None):
     out = selective_window_attention(q_ext, k_ext, v_ext, select_ext, window=window,
-                                     kv_select=ok_ext, implementation=implementation)
+                                     kv_select=ok_ext, segment_ids=seg_ext,
+                                     implementation=implementation)
   return out[:, size:]
 
 
 def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_ids,
                                 implementation):
   """This device's shard of a sequence split over the sequence axis: its rows attend to the
-  previous device's last window - 1 keys as well (a halo; none before the first device)."""
-  if segment_ids is not None:
-    raise ValueError("context-parallel attention does not take segment_ids (one document per "
-                     "row); fix: evaluate packed documents without context parallelism")
+  previous device's last window - 1 keys as well (a halo; none before the first device),
+  those of its own document where segment_ids are given."""
   b, l = select.shape
   size = window - 1
   ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
   return attention_with_prefix(q, k, v, select, k_prefix=left_halo(k, size),
                                v_prefix=left_halo(v, size), prefix_ok=left_halo(ok, size),
-                               window=window, kv_select=kv_select,
+                               window=window, kv_select=kv_select, segment_ids=segment_ids,
+                               prefix_segment_ids=(None if segment_ids is None
+                                                   else left_halo(segment_ids, size)),
                                implementation=implementation)
 
 

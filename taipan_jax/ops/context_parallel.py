@@ -53,21 +53,33 @@ def left_halo(x, size: int):
                           perm=[(i, i + 1) for i in range(n - 1)])
 
 
-def ssd_incoming_state(local_final, log_decay, initial_state=None):
+def first_in_sequence():
+  """True on the device holding the start of the sequence (always, outside
+  sequence_parallel)."""
+  axis = _AXIS.get()
+  return True if axis is None else jax.lax.axis_index(axis) == 0
+
+
+def ssd_incoming_state(local_final, decay, initial_state=None, continues=None):
   """The state entering this device's shard.
 
-  local_final: [b, h, p, n] this shard's final state from a zero start; log_decay: [b, h],
-  sum over the shard of dt * A (so the shard multiplies an incoming state by its exp);
-  initial_state: the state before the whole sequence (the first device's incoming state).
+  local_final: [b, h, p, n] this shard's final state from a zero start; decay: [b, h], the
+  factor the shard applies to a state entering it on the way to its end (exp of the sum of
+  dt * A; zero where a document starts inside the shard); initial_state: the state before
+  the whole sequence (the first device's incoming state); continues: optional [b] bool, the
+  shard's first token is in the previous shard's last document (else it starts from zero).
   Devices are few, so the scan over their final states is a short loop on every device.
   """
   axis = _AXIS.get()
   finals = jax.lax.all_gather(local_final, axis)        # [devices, b, h, p, n]
-  decays = jax.lax.all_gather(jnp.exp(log_decay), axis)
+  decays = jax.lax.all_gather(decay, axis)
+  links = None if continues is None else jax.lax.all_gather(continues, axis)
   state = (jnp.zeros_like(local_final) if initial_state is None
            else initial_state.astype(local_final.dtype))
   incoming = []
   for j in range(finals.shape[0]):
+    if links is not None and j > 0:
+      state = jnp.where(links[j][:, None, None, None], state, 0.0)
     incoming.append(state)
     state = decays[j][..., None, None] * state + finals[j]
   return jnp.stack(incoming)[jax.lax.axis_index(axis)]

@@ -26,11 +26,23 @@ def straight_through_gumbel(scores, key, *, tau: float = 1.0):
     m: [...] fp32 mask.
   """
   scores = scores.astype(jnp.float32)
-  noise = jax.random.gumbel(key, scores.shape, jnp.float32)
+  noise = _gumbel_noise(key, scores.shape)
   y = jax.nn.softmax((scores + noise) / tau, axis=-1)[..., 1]
   hard = (scores[..., 1] + noise[..., 1] > scores[..., 0] + noise[..., 0]).astype(jnp.float32)
   # (y - y) is exactly 0, so the forward value is exactly 0 or 1; hard + y - y is not.
   return hard + (y - jax.lax.stop_gradient(y))
+
+
+def _gumbel_noise(key, shape):
+  """Gumbel noise [..., seq, 2]. Under context parallelism the noise of the whole sequence is
+  drawn and this device's stretch cut out, so a split run selects as the unsplit one does."""
+  axis = sequence_axis()
+  if axis is None:
+    return jax.random.gumbel(key, shape, jnp.float32)
+  l = shape[-2]
+  whole = jax.random.gumbel(key, shape[:-2] + (l * jax.lax.axis_size(axis), shape[-1]),
+                            jnp.float32)
+  return jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(axis) * l, l, axis=-2)
 
 
 def deterministic_selection(scores):
@@ -82,13 +94,16 @@ def selected_fraction(mask, token_mask=None):
   """frac per sequence: selected real tokens / real tokens.
 
   mask: [batch, seq] (straight-through, so gradients flow); token_mask: [batch, seq] bool
-  marking real (non-padding) tokens. Returns [batch] fp32.
+  marking real (non-padding) tokens. Returns [batch] fp32 (under context parallelism, over
+  the whole row).
   """
   mask = mask.astype(jnp.float32)
-  if token_mask is None:
-    return jnp.mean(mask, axis=-1)
-  real = token_mask.astype(jnp.float32)
-  return jnp.sum(mask * real, axis=-1) / jnp.maximum(jnp.sum(real, axis=-1), 1.0)
+  real = jnp.ones_like(mask) if token_mask is None else token_mask.astype(jnp.float32)
+  chosen, count = jnp.sum(mask * real, axis=-1), jnp.sum(real, axis=-1)
+  axis = sequence_axis()
+  if axis is not None:            # this device holds a stretch of each row: sum over all
+    chosen, count = jax.lax.psum((chosen, count), axis)
+  return chosen / jnp.maximum(count, 1.0)
 
 
 def budget_loss(fractions, capacity: float):

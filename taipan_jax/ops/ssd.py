@@ -17,7 +17,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from taipan_jax.ops.context_parallel import sequence_axis, sequence_parallel, ssd_incoming_state
+from taipan_jax.ops.context_parallel import (first_in_sequence, left_halo, sequence_axis,
+                                             sequence_parallel, ssd_incoming_state)
 from taipan_jax.ops.kernel_sharding import per_shard
 
 
@@ -141,23 +142,32 @@ def _ssd_context_parallel(x, dt, A, B, C, *, chunk_size, initial_state, return_f
                           segment_ids, implementation):
   """This device's shard of a sequence split over the sequence axis: the local SSD from a
   zero state, then the state that enters the shard (ops.context_parallel) carried through it:
-  y_t += exp(sum_{r<=t} dt_r A) C_t . S_in."""
-  if segment_ids is not None:
-    raise ValueError("context-parallel SSD does not take segment_ids (one document per row); "
-                     "fix: evaluate packed documents without context parallelism")
+  y_t += exp(sum_{r<=t} dt_r A) C_t . S_in, for the positions of the shard's first document.
+
+  With segment_ids (packed documents), the entering state reaches only the shard's first run
+  of one id, and only if that run continues the previous shard's last document; a shard with
+  a document start inside passes on its own final state alone."""
   with sequence_parallel(None):
     y, local_final = ssd(x, dt, A, B, C, chunk_size=chunk_size, return_final_state=True,
-                         implementation=implementation)
-  h, g = x.shape[2], B.shape[2]
+                         segment_ids=segment_ids, implementation=implementation)
+  b, l, h = dt.shape
+  g = B.shape[2]
   log_decay = jnp.cumsum(dt.astype(jnp.float32) * A.astype(jnp.float32), axis=1)  # [b, l, h]
-  incoming = ssd_incoming_state(local_final, log_decay[:, -1], initial_state)
+  reach = jnp.ones((b, l), bool)
+  continues = None
+  if segment_ids is not None:
+    reach = jnp.cumprod(segment_ids == segment_ids[:, :1], axis=1).astype(bool)
+    continues = first_in_sequence() | (left_halo(segment_ids, 1)[:, 0] == segment_ids[:, 0])
+  decay = jnp.where(reach[:, -1:], jnp.exp(log_decay[:, -1]), 0.0)               # [b, h]
+  incoming = ssd_incoming_state(local_final, decay, initial_state, continues)
   C_heads = jnp.repeat(C.astype(jnp.float32), h // g, axis=2)                    # [b, l, h, n]
   carried = jnp.einsum("blhn,bhpn->blhp", C_heads, incoming,
                        precision=jax.lax.Precision.HIGHEST)
-  y = (y.astype(jnp.float32) + jnp.exp(log_decay)[..., None] * carried).astype(y.dtype)
+  gain = jnp.where(reach[..., None], jnp.exp(log_decay), 0.0)                     # [b, l, h]
+  y = (y.astype(jnp.float32) + gain[..., None] * carried).astype(y.dtype)
   if not return_final_state:
     return y
-  return y, local_final + jnp.exp(log_decay[:, -1])[..., None, None] * incoming
+  return y, local_final + decay[..., None, None] * incoming
 
 
 def _ssd_xla(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,

@@ -1,4 +1,5 @@
-"""Context-parallel forward: one long sequence split along its length over several devices.
+"""Context parallelism: each row's length split over several devices, for evaluation and for
+training.
 
 Each device holds a contiguous stretch of every row. The layers that mix tokens exchange only
 what crosses a boundary (taipan_jax.ops.context_parallel): d_conv - 1 convolution inputs and
@@ -63,3 +64,23 @@ def _compiled(graphdef, mesh, axis):
   split = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(None, axis)),
                         out_specs=P(None, axis), check_vma=False)
   return jax.jit(split)
+
+
+def over_sequence(fn, *, axis: str = "sequence"):
+  """fn(params, tokens, segment_ids, extras) -> (logits, aux), run with the rows' length
+  split over mesh axis `axis` of the mesh in context (`jax.set_mesh`).
+
+  Only `axis` is manual: the other mesh axes stay automatic, so batch, FSDP and tensor
+  sharding compose with it. tokens and segment_ids: [batch, seq], split along seq; params and
+  extras (keys, temperatures) whole on every device of `axis`. Returns logits [batch, seq,
+  vocab] split along seq, and aux, which the ops make whole-row quantities (the selected
+  fraction sums over the devices; the Gumbel noise is cut from the whole row's), so the
+  result and its gradients equal the unsplit call's.
+  """
+  def body(params, tokens, segment_ids, extras):
+    with sequence_parallel(axis):
+      return fn(params, tokens, segment_ids, extras)
+
+  return jax.shard_map(body, in_specs=(P(), P(None, axis), P(None, axis), P()),
+                       out_specs=(P(None, axis), P()), axis_names=frozenset({axis}),
+                       check_vma=False)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from taipan_jax.sharding.context_parallel import over_sequence
 from taipan_jax.training.optimizer import gumbel_tau, learning_rate_schedule, make_optimizer
 from taipan_jax.training.state import TrainState
 
@@ -52,9 +53,13 @@ def make_steps(cfg, build: Callable[[], nnx.Module]) -> Steps:
   base_key = jax.random.key(cfg.train.seed + 1)
 
   def forward(graphdef, params, batch, **kw):
-    seg = batch["segment_ids"]
-    return nnx.merge(graphdef, params, rest)(
-        batch["tokens"], token_mask=seg > 0, segment_ids=seg if packed else None, **kw)
+    def call(params, tokens, seg, kw):
+      return nnx.merge(graphdef, params, rest)(
+          tokens, token_mask=seg > 0, segment_ids=seg if packed else None, **kw)
+
+    if cfg.mesh.sequence > 1:      # context parallelism: the length over the sequence axis
+      call = over_sequence(call)
+    return call(params, batch["tokens"], batch["segment_ids"], kw)
 
   def micro_loss(params, micro, key, tau, total_weight):
     logits, aux = forward(train_def, params, micro, gumbel_key=key, tau=tau)
