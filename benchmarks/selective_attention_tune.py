@@ -44,7 +44,7 @@ def main():
   ok = jnp.ones((b, l), jnp.int32)
   seg = jnp.zeros((b, l), jnp.int32)
   blocks = tuple(map(int, args.blocks.split(",")))
-  sweep = [BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns,
+  sweep = [BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, num_stages_dkv=ns,
                       unmasked_interior=bool(int(ui)))
            for bq, bk, nw, ns, ui in itertools.product(
                blocks, blocks, map(int, args.warps.split(",")), map(int, args.stages.split(",")),

@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.mesh.data = -1                     # -1: the devices the other axes leave
   cfg.mesh.fsdp = 1                      # batch rows and parameters (ZeRO-3 style)
   cfg.mesh.tensor = 1                    # heads and hidden widths
-  cfg.mesh.sequence = 1                  # length (context parallelism; evaluation)
+  cfg.mesh.sequence = 1                  # each row's length (context parallelism)
   cfg.mesh.dcn_data = 1                  # slices (or hosts) the data axis spans
   cfg.sharding = ml_collections.ConfigDict()
   # logical axis -> mesh axes; logical names without a rule are replicated
