@@ -166,6 +166,19 @@ def test_ops_ssd_under_a_mesh_runs_the_kernel_per_batch_shard(rng, monkeypatch):
     ops.ssd(x[:4], dt[:4], A, B[:4], C[:4], chunk_size=8)
 
 
+def test_per_shard_takes_a_kernel_that_returns_a_list():
+  """A pallas_call with several outputs returns a list (the GPU SSD kernel does): per_shard
+  must accept it. (Two-GPU training failed on exactly this.)"""
+  from taipan_jax.ops.kernel_sharding import per_shard
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  x = jax.device_put(jnp.arange(48.0).reshape(16, 3), NamedSharding(mesh, P("data")))
+  kernel = lambda a, x: [x * a, x + a]
+  with jax.set_mesh(mesh):
+    y, z = jax.jit(lambda a, x: per_shard(kernel, (a,), (x,), num_outputs=2))(2.0, x)
+  np.testing.assert_array_equal(np.asarray(y), np.arange(48.0).reshape(16, 3) * 2)
+  np.testing.assert_array_equal(np.asarray(z), np.arange(48.0).reshape(16, 3) + 2)
+
+
 def test_taipan_forward_with_the_kernel_matches_reference(rng):
   """mamba.kernel='interpret' end to end: the whole tiny Taipan's logits."""
   from helpers import build, jit_forward, random_tokens, tiny_config

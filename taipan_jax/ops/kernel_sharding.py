@@ -40,5 +40,7 @@ def per_shard(kernel, replicated, batched, num_outputs):
                      f"({shards} shards); fix: a batch divisible by {shards}")
   rows = P(axes)
   out_specs = rows if num_outputs == 1 else (rows,) * num_outputs
+  if num_outputs > 1:             # a pallas_call returns a list; the specs are a tuple
+    kernel = (lambda k: lambda *args: tuple(k(*args)))(kernel)
   return jax.shard_map(kernel, in_specs=(P(),) * len(replicated) + (rows,) * len(batched),
                        out_specs=out_specs, check_vma=False)(*replicated, *batched)
