@@ -135,3 +135,24 @@ def test_context_parallel_training_config_errors(overrides, message):
   base = dict(data__seq_len=4 * 64, mesh__sequence=4, mesh__data=2)
   with pytest.raises(ConfigError, match=f"{message}.*fix"):
     tiny_config(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(sal__window=7),                                   # Taipan
+    dict(sal__window=6, sal__kv_selected_only=True),
+    dict(model__pattern="m"),                              # Mamba-2
+], ids=["taipan", "kv_selected_only", "mamba2"])
+def test_streamed_evaluation_split_over_devices_equals_one_device(rng, overrides):
+  """stream_nll with each 64-token segment split over 8 devices (8 tokens each, more than
+  the window's halo) and the cache carried between segments: the NLL of one device. The
+  last segment (21 tokens) is too short to split and runs on one device."""
+  from taipan_jax.inference.long_context import stream_nll
+  model = build(tiny_config(**overrides))
+  randomize_gates(model, rng)
+  model.eval()
+  tokens = np.asarray(random_tokens(rng, 1, 150)[0])
+  want = stream_nll(model, tokens, segment_len=64, mesh=None, log=None)
+  lines = []
+  got = stream_nll(model, tokens, segment_len=64, log=lines.append)     # "auto": 8 devices
+  assert "split over 8 devices" in lines[0]
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)

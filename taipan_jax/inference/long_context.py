@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from taipan_jax.ops.context_parallel import sequence_parallel
 
 _LOGIT_SLICE = 2048
 
@@ -33,38 +36,70 @@ def position_buckets(n: int, first: int = 1024) -> list[tuple[int, int]]:
 _SEGMENT_FNS: dict = {}
 
 
-def _segment_fn(graphdef):
+def _segment_nll(model, tokens, targets, cache):
+  """(nll [1, L] fp32, cache) of one segment continuing from cache."""
+  h, _, cache = model(tokens, cache=cache, return_cache=True, return_hidden=True)
+  l = tokens.shape[1]
+  piece = min(l, _LOGIT_SLICE)
+  pad = -l % piece              # the hidden states (not the tokens) are padded
+  hs = jnp.pad(h[0], ((0, pad), (0, 0))).reshape(-1, piece, h.shape[-1])
+  ts = jnp.pad(targets[0], (0, pad)).reshape(-1, piece)
+
+  def nll(args):
+    hp, tp = args
+    logits = model.logits(hp)
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tp[:, None], -1)[:, 0]
+
+  return jax.lax.map(nll, (hs, ts)).reshape(1, -1)[:, :l], cache
+
+
+def _segment_fn(graphdef, mesh: Mesh | None):
   """(state, tokens [1, L], targets [1, L], cache) -> (nll [1, L] fp32, cache), jitted once
-  per model structure."""
-  if graphdef in _SEGMENT_FNS:
-    return _SEGMENT_FNS[graphdef]
+  per model structure and mesh. With a mesh, the segment's length is split over its
+  'sequence' axis (context parallelism); the cache goes in and comes out whole."""
+  if (graphdef, mesh) in _SEGMENT_FNS:
+    return _SEGMENT_FNS[graphdef, mesh]
 
   def run(state, tokens, targets, cache):
-    model = nnx.merge(graphdef, state)
-    h, _, cache = model(tokens, cache=cache, return_cache=True, return_hidden=True)
-    l = tokens.shape[1]
-    piece = min(l, _LOGIT_SLICE)
-    pad = -l % piece              # the hidden states (not the tokens) are padded
-    hs = jnp.pad(h[0], ((0, pad), (0, 0))).reshape(-1, piece, h.shape[-1])
-    ts = jnp.pad(targets[0], (0, pad)).reshape(-1, piece)
+    return _segment_nll(nnx.merge(graphdef, state), tokens, targets, cache)
 
-    def nll(args):
-      hp, tp = args
-      logits = model.logits(hp)
-      return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tp[:, None], -1)[:, 0]
+  if mesh is None:
+    fn = jax.jit(run)
+  else:
+    def shard(state, tokens, targets, cache):
+      with sequence_parallel("sequence"):
+        return run(state, tokens, targets, cache)
 
-    return jax.lax.map(nll, (hs, ts)).reshape(1, -1)[:, :l], cache
-
-  _SEGMENT_FNS[graphdef] = jax.jit(run)
-  return _SEGMENT_FNS[graphdef]
+    split = P(None, "sequence")
+    fn = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(P(), split, split, P()),
+                               out_specs=(split, P()), check_vma=False))
+  _SEGMENT_FNS[graphdef, mesh] = fn
+  return fn
 
 
-def stream_nll(model, tokens, *, segment_len: int = 16384,
+def _context_parallel_mesh(model, mesh):
+  """The mesh to split segments over: `mesh` itself, or for "auto" every device when there
+  are several and the model can be split (no full attention, no inference cap)."""
+  if mesh != "auto":
+    return mesh
+  splittable = "a" not in model.kinds and model.config.sal.inference_capacity is None
+  if jax.device_count() < 2 or not splittable:
+    return None
+  return Mesh(np.asarray(jax.devices()), ("sequence",))
+
+
+def stream_nll(model, tokens, *, segment_len: int = 16384, mesh: Mesh | None | str = "auto",
                log: Callable[[str], None] | None = print) -> np.ndarray:
   """Negative log-likelihood of tokens[1:] given everything before, one segment at a time.
 
   tokens: [n] int ids of one document (n >= 2). Returns [n - 1] float32: entry t is the NLL
   of tokens[t + 1].
+  mesh: a Mesh with a 'sequence' axis splits each segment's length over its devices
+    (context parallelism: memory per device follows segment_len / devices); "auto" (the
+    default) uses every device when there are several and the model allows it (no full
+    attention, no sal.inference_capacity); None runs on one device. A segment whose share
+    per device would be shorter than the halo a device takes from its predecessor (the SAL
+    window) runs on one device.
   """
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or tokens.size < 2:
@@ -77,18 +112,31 @@ def stream_nll(model, tokens, *, segment_len: int = 16384,
     raise ValueError(f"{tokens.size - 1} tokens exceed the full-attention cache "
                      f"(attention.max_cache_len={model.config.attention.max_cache_len}); fix: "
                      "raise it or evaluate fewer tokens")
+  mesh = _context_parallel_mesh(model, mesh)
   graphdef, state = nnx.split(model)
-  run = _segment_fn(graphdef)
+  one_device = _segment_fn(graphdef, None)
+  halo = max(model.config.mamba.d_conv - 1,
+             model.config.sal.window if "s" in model.kinds else 0)
+  split, ways = None, 1
+  if mesh is not None and -(-segment_len // mesh.shape["sequence"]) >= halo:
+    split, ways = _segment_fn(graphdef, mesh), mesh.shape["sequence"]
+    segment_len = -(-segment_len // ways) * ways      # full segments split evenly
   inputs, targets = tokens[:-1], tokens[1:]
   n = inputs.size
   cache = model.init_cache(1)
   out = np.empty(n, np.float32)
   start_time, last_log = time.perf_counter(), 0.0
+  if log and ways > 1:
+    log(f"  each segment of {segment_len:,} tokens split over {ways} devices")
   for start in range(0, n, segment_len):
     stop = min(start + segment_len, n)
-    nll, cache = run(state, jnp.asarray(inputs[None, start:stop], jnp.int32),
-                     jnp.asarray(targets[None, start:stop], jnp.int32), cache)
-    out[start:stop] = np.asarray(nll[0])
+    pad = -(stop - start) % ways                      # only the last segment: its end
+    run = split if split is not None and (stop - start + pad) // ways >= halo else one_device
+    if run is one_device:
+      pad = 0
+    seg = lambda t: jnp.asarray(np.pad(t[start:stop], (0, pad))[None], jnp.int32)
+    nll, cache = run(state, seg(inputs), seg(targets), cache)
+    out[start:stop] = np.asarray(nll[0, :stop - start])
     elapsed = time.perf_counter() - start_time
     if log and (elapsed - last_log > 10 or stop == n):
       last_log = elapsed

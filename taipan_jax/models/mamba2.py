@@ -106,7 +106,9 @@ class Mamba2Mixer(nnx.Module):
     # Tap i reads position t - (k - 1 - i); zeros before position 0.
     k = self.d_conv
     # Zeros before position 0; under context parallelism, the previous device's last inputs.
-    halo = ops.left_halo(xbc, k - 1) if cache is None else cache.conv.astype(xbc.dtype)
+    # On the first device, the cached inputs when continuing (context parallelism: each
+    # further device takes its predecessor's last inputs).
+    halo = ops.left_halo(xbc, k - 1, before=None if cache is None else cache.conv)
     extended = jnp.concatenate([halo, xbc], axis=1)
     padded = extended.astype(jnp.float32)
     w = self.conv_weight[...].astype(jnp.float32)
@@ -130,7 +132,8 @@ class Mamba2Mixer(nnx.Module):
       return out
     # The last d_conv - 1 inputs (zeros before position 0) continue the convolution.
     tail = extended[:, l:]
-    return out, Mamba2Cache(conv=tail.astype(self.dtype), ssm=state)
+    return out, Mamba2Cache(conv=ops.from_last_device(tail.astype(self.dtype)),
+                            ssm=ops.from_last_device(state))
 
   def step(self, u, cache: Mamba2Cache):
     """One token.  u: [batch, d_model] -> (out [batch, d_model], new cache)."""

@@ -199,12 +199,19 @@ class SelectiveAttentionLayer(nnx.Module):
         mask = ops.capped_selection(raw, window=self.window,
                                     capacity=self.inference_capacity)[:, self.window:]
     selected = mask > 0.5
-    positions = cache.pos[:, None] + jnp.arange(l)[None, :]
+    positions = cache.pos[:, None] + ops.tokens_before(l) + jnp.arange(l)[None, :]
     q, k, v = self._qkv(x, positions)
+    # The `window` tokens before these: the cache, or under context parallelism (on every
+    # device but the first) the previous device's last `window` tokens.
+    w = self.window
+    k_prev = ops.left_halo(k.astype(self.dtype), w, before=k_prev)
+    v_prev = ops.left_halo(v.astype(self.dtype), w, before=v_prev)
+    kept_prev = ops.left_halo(selected, w, before=kept_prev & filled_prev)
+    filled_prev = ops.left_halo(jnp.ones((b, l), bool), w, before=filled_prev)
     prefix_ok = filled_prev & kept_prev if self.kv_selected_only else filled_prev
     attn = ops.attention_with_prefix(
         q, k, v, selected, k_prefix=k_prev, v_prefix=v_prev, prefix_ok=prefix_ok,
-        window=self.window, kv_select=selected if self.kv_selected_only else None,
+        window=w, kv_select=selected if self.kv_selected_only else None,
         implementation=self.kernel)
     out = self._mix(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
@@ -214,8 +221,8 @@ class SelectiveAttentionLayer(nnx.Module):
                      jnp.concatenate([v_prev, v.astype(self.dtype)], axis=1),
                      jnp.concatenate([filled_prev, jnp.ones((b, l), bool)], axis=1),
                      jnp.concatenate([kept_prev & filled_prev, selected], axis=1),
-                     cache.pos + l)
-    return out, aux, new
+                     cache.pos + ops.rows_length(l))
+    return out, aux, jax.tree.map(ops.from_last_device, new)
 
   def step(self, h, cache: SALCache):
     """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache)."""

@@ -1,5 +1,6 @@
 """Plain-JAX operations the models call. Kernels plug in behind these names."""
-from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
+from taipan_jax.ops.context_parallel import (from_last_device, left_halo, rows_length,
+                                             sequence_axis, sequence_parallel, tokens_before)
 from taipan_jax.ops.attention import (attention_with_prefix, resolve_attention_implementation,
                                       selective_window_attention, window_decode_attention)
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
@@ -11,4 +12,5 @@ __all__ = [
     "selective_window_attention", "attention_with_prefix", "window_decode_attention",
     "straight_through_gumbel", "deterministic_selection", "capped_selection",
     "selected_fraction", "budget_loss", "left_halo", "sequence_axis", "sequence_parallel",
+    "from_last_device", "tokens_before", "rows_length",
 ]

@@ -36,21 +36,47 @@ def sequence_axis() -> str | None:
   return _AXIS.get()
 
 
-def left_halo(x, size: int):
+def left_halo(x, size: int, before=None):
   """x: [batch, local_seq, ...] -> [batch, size, ...]: the last `size` rows of the previous
-  device's shard (zeros on the first device, as before position 0). Outside
-  sequence_parallel: zeros."""
-  zeros = jnp.zeros((x.shape[0], size) + x.shape[2:], x.dtype)
+  device's shard. On the first device (and outside sequence_parallel): `before`, what
+  precedes position 0 ([batch, size, ...], e.g. a decode cache), or zeros."""
+  start = (jnp.zeros((x.shape[0], size) + x.shape[2:], x.dtype) if before is None
+           else before.astype(x.dtype))
   axis = _AXIS.get()
   if axis is None or size == 0:
-    return zeros
+    return start
   n = jax.lax.axis_size(axis)
   if x.shape[1] < size:
     raise ValueError(f"context parallelism: each device holds {x.shape[1]} tokens but a halo "
                      f"of {size} is needed; fix: fewer devices on the '{axis}' axis or a "
                      "longer sequence")
-  return jax.lax.ppermute(x[:, x.shape[1] - size:], axis,
-                          perm=[(i, i + 1) for i in range(n - 1)])
+  received = jax.lax.ppermute(x[:, x.shape[1] - size:], axis,
+                              perm=[(i, i + 1) for i in range(n - 1)])
+  return received if before is None else jnp.where(first_in_sequence(), start, received)
+
+
+def from_last_device(x):
+  """The last device's x on every device (x itself outside sequence_parallel): what a
+  sequence leaves behind (its final state, its last inputs) comes from the last shard."""
+  axis = _AXIS.get()
+  if axis is None:
+    return x
+  last = jax.lax.axis_index(axis) == jax.lax.axis_size(axis) - 1
+  if x.dtype == jnp.bool_:
+    return jax.lax.psum(jnp.where(last, x, False).astype(jnp.int32), axis) > 0
+  return jax.lax.psum(jnp.where(last, x, jnp.zeros_like(x)), axis)
+
+
+def tokens_before(local_len: int):
+  """Tokens of each row held by the devices before this one (0 outside sequence_parallel)."""
+  axis = _AXIS.get()
+  return 0 if axis is None else jax.lax.axis_index(axis) * local_len
+
+
+def rows_length(local_len: int):
+  """The whole row's length in this call (local_len outside sequence_parallel)."""
+  axis = _AXIS.get()
+  return local_len if axis is None else local_len * jax.lax.axis_size(axis)
 
 
 def first_in_sequence():
