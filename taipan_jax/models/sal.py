@@ -172,7 +172,8 @@ class SelectiveAttentionLayer(nnx.Module):
     if cache is None and not return_cache:
       mask = self._select(scores, gumbel_key=gumbel_key, tau=tau, segment_ids=segment_ids)
       selected = mask > 0.5
-      positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+      # Under context parallelism, positions in the whole row (the halo keys carry theirs).
+      positions = jnp.broadcast_to(ops.tokens_before(l) + jnp.arange(l), (b, l))
       q, k, v = self._qkv(x, positions)
       # Only selected rows are attended: unselected rows come back as zeros, and their h is
       # left as it was by the mix below (the straight-through gradient there sees o = 0).
