@@ -26,3 +26,24 @@ def rng(request):
   # crc32, not hash(): str hashes are salted per process, which made seeds differ per run.
   seed = zlib.crc32(request.node.nodeid.encode())
   return np.random.default_rng(seed)
+
+
+# The longest tests (30 s to 2 min each on the 2-core CI machine), longest first. Moved to the
+# front, both pytest-xdist workers start on them and short tests fill the end; in collection
+# order one of them could run alone at the end while the other worker sits idle.
+_LONGEST_FIRST = (
+    "test_tiny_taipan_learns_mqar", "test_checkpoint_moves_between_meshes",
+    "test_training_is_the_same_on_every_mesh", "test_two_processes_train_like_one",
+    "test_training_with_the_length_split_equals_one_device", "02_long_context.ipynb",
+    "04_compare_architectures.ipynb", "01_quickstart.ipynb",
+    "test_lm_eval_adapter_equals_a_direct_computation",
+    "test_kill_and_resume_matches_an_uninterrupted_run_bitwise",
+    "test_upcycled_taipan_starts_equal_to_its_mamba2",
+    "test_corrupt_latest_checkpoint_falls_back_to_the_previous",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(getattr(item, "originalname", None) or item.name,
+                                       len(rank)))
