@@ -197,13 +197,13 @@ def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref
               mask=inside[:, None])
 
 
-def _slot_block_ranges(pos, num_key_blocks, st, block_q, block_k):
+def _slot_block_ranges(pos, num_key_blocks, window, block_q, block_k):
   """[b, key blocks, 2] int32: the slot blocks [lo, hi) holding rows that see key block kb.
 
   The dk/dv kernel masks every block: splitting off the blocks whose rows see all of kb
   (as forward and dq do with unmasked_interior) made it slower on the H100."""
   first, end = jnp.moveaxis(
-      slots_seeing_key_blocks(pos, num_key_blocks, st.window, block_k), -1, 0)
+      slots_seeing_key_blocks(pos, num_key_blocks, window, block_k), -1, 0)
   lo = first // block_q
   hi = jnp.where(end > first, (end - 1) // block_q + 1, lo)
   return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
@@ -248,7 +248,7 @@ def _dkv(q, k, v, pos, ok, seg, lse, delta, do, st):
   b, l, h, d = q.shape
   bs = st.block_sizes.dkv
   nkb = pl.cdiv(l, bs.block_k)
-  ranges = _slot_block_ranges(pos, nkb, st, bs.block_q, bs.block_k)
+  ranges = _slot_block_ranges(pos, nkb, st.window, bs.block_q, bs.block_k)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, **_statics(q, st, bs)), grid=(b, h, nkb),
       compiler_params=_params(bs), interpret=st.interpret, name="selective_attention_dkv",

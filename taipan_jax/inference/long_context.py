@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from taipan_jax.ops.context_parallel import sequence_parallel
+from taipan_jax.sharding.context_parallel import split_refusal
 
 _LOGIT_SLICE = 2048
 
@@ -79,11 +80,10 @@ def _segment_fn(graphdef, mesh: Mesh | None):
 
 def _context_parallel_mesh(model, mesh):
   """The mesh to split segments over: `mesh` itself, or for "auto" every device when there
-  are several and the model can be split (no full attention, no inference cap)."""
+  are several and the model can be split (sharding.context_parallel.split_refusal)."""
   if mesh != "auto":
     return mesh
-  splittable = "a" not in model.kinds and model.config.sal.inference_capacity is None
-  if jax.device_count() < 2 or not splittable:
+  if jax.device_count() < 2 or split_refusal(model) is not None:
     return None
   return Mesh(np.asarray(jax.devices()), ("sequence",))
 

@@ -207,9 +207,9 @@ class SelectiveAttentionLayer(nnx.Module):
     w = self.window
     k_prev = ops.left_halo(k.astype(self.dtype), w, before=k_prev)
     v_prev = ops.left_halo(v.astype(self.dtype), w, before=v_prev)
-    kept_prev = ops.left_halo(selected, w, before=kept_prev & filled_prev)
+    kept_prev = ops.left_halo(selected, w, before=kept_prev & filled_prev)   # implies filled
     filled_prev = ops.left_halo(jnp.ones((b, l), bool), w, before=filled_prev)
-    prefix_ok = filled_prev & kept_prev if self.kv_selected_only else filled_prev
+    prefix_ok = kept_prev if self.kv_selected_only else filled_prev
     attn = ops.attention_with_prefix(
         q, k, v, selected, k_prefix=k_prev, v_prefix=v_prev, prefix_ok=prefix_ok,
         window=w, kv_select=selected if self.kv_selected_only else None,
@@ -221,7 +221,7 @@ class SelectiveAttentionLayer(nnx.Module):
     new = self._ring(jnp.concatenate([k_prev, k.astype(self.dtype)], axis=1),
                      jnp.concatenate([v_prev, v.astype(self.dtype)], axis=1),
                      jnp.concatenate([filled_prev, jnp.ones((b, l), bool)], axis=1),
-                     jnp.concatenate([kept_prev & filled_prev, selected], axis=1),
+                     jnp.concatenate([kept_prev, selected], axis=1),
                      cache.pos + ops.rows_length(l))
     return out, aux, jax.tree.map(ops.from_last_device, new)
 

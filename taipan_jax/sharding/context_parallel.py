@@ -20,15 +20,27 @@ from jax.sharding import Mesh, PartitionSpec as P
 from taipan_jax.ops.context_parallel import sequence_parallel
 
 
-def _check_model(model):
-  kinds = getattr(model, "kinds", ())
-  if "a" in kinds:
-    raise ValueError("context-parallel forward covers Mamba-2 and SAL layers; full attention "
-                     "('a' in model.pattern) is not split; fix: evaluate it on one device")
+def split_refusal(model) -> str | None:
+  """Why `model`'s length cannot be split over devices as it stands (None: it can)."""
+  if "a" in getattr(model, "kinds", ()):
+    return ("context-parallel forward covers Mamba-2 and SAL layers; full attention "
+            "('a' in model.pattern) is not split; fix: evaluate it on one device")
   for layer in getattr(model, "layers", ()):
-    if hasattr(layer, "gate") and not layer.deterministic:
-      raise ValueError("context-parallel forward needs deterministic selection; fix: call "
-                       "model.eval() first")
+    if not hasattr(layer, "gate"):
+      continue
+    if not layer.deterministic:
+      return ("context-parallel forward needs deterministic selection; fix: call "
+              "model.eval() first")
+    if layer.inference_capacity is not None:
+      return ("sal.inference_capacity counts selections over each window, which context "
+              "parallelism does not carry across devices; fix: leave it unset")
+  return None
+
+
+def _check_model(model):
+  reason = split_refusal(model)
+  if reason:
+    raise ValueError(reason)
 
 
 def context_parallel_forward(model, tokens, *, mesh: Mesh | None = None,
