@@ -10,6 +10,10 @@ a decode step's cost depends on the shapes, not on the values. The timed call is
 excludes Python dispatch. A model that runs out of memory at L is recorded as such, and its
 larger contexts are skipped.
 
+A config may carry `@pallas` (or another kernel choice) to set mamba.kernel and sal.kernel:
+`taipan_190m@pallas` decodes through the Triton kernels of pallas_kernels/decode, which
+'auto' does not pick.
+
 `--eval_tokens=N` also streams N random tokens through the 190M Taipan in segments with
 `taipan_jax.inference.long_context.stream_nll` (the `taipan eval --long_context` path) and
 reports the wall time.
@@ -32,6 +36,7 @@ from flax import nnx
 
 import taipan_jax
 from taipan_jax.inference.long_context import stream_nll
+from taipan_jax.inference.weights import cast_matmul_weights
 from taipan_jax.models.attention import KVCache
 from taipan_jax.models.mamba2 import Mamba2Cache
 from taipan_jax.models.sal import SALCache
@@ -64,14 +69,18 @@ def cache_after(model, context: int, room: int, key) -> tuple:
 def decode_sweep(name, contexts, args, record, path):
   """Times every context for one model; stops at the first that runs out of memory."""
   # The model's own max_cache_len only sizes init_cache; the timed caches are made here.
-  cfg = taipan_jax.load_config(name, {"model.dtype": "bfloat16"})
+  config, _, kernel = name.partition("@")
+  overrides = {"model.dtype": "bfloat16"}
+  if kernel:          # e.g. taipan_190m@pallas: the decode kernels of pallas_kernels/decode
+    overrides.update({"mamba.kernel": kernel, "sal.kernel": kernel})
+  cfg = taipan_jax.load_config(config, overrides)
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
   model.eval()
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def decode(state, cache, token):
-    m = nnx.merge(graphdef, state)
+    m = cast_matmul_weights(nnx.merge(graphdef, state))     # as Generator's loop does
 
     def step(carry, _):
       cache, token = carry
@@ -145,7 +154,8 @@ def plot(rows, path):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", default="taipan_190m,transformer_190m,mamba2_190m")
+  parser.add_argument("--configs",
+                      default="taipan_190m,transformer_190m,mamba2_190m,taipan_190m@pallas")
   parser.add_argument("--contexts", default=",".join(str(1024 << i) for i in range(11)))
   parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
   parser.add_argument("--reps", type=int, default=5)

@@ -1,4 +1,4 @@
-"""taipan_jax.ops.ssd / ssd_step against a float64 sequential recurrence."""
+"""taipan_jax.ops.ssd against a float64 sequential recurrence."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,19 +113,6 @@ def test_long_sequence_decay_stays_finite(rng):
   y = ops.ssd(*(jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C)), chunk_size=128)
   assert np.isfinite(np.asarray(y)).all()
   np.testing.assert_allclose(np.asarray(y), y_ref, atol=1e-4)
-
-
-def test_step_continues_parallel_scan(rng):
-  b, l, h, p, g, n = 2, 21, 4, 8, 2, 6
-  x, dt, A, B, C, s0 = make_inputs(rng, b, l, h, p, g, n)
-  f32 = lambda t: jnp.asarray(t, jnp.float32)
-  y_ref, s_ref = ssd_sequential(x, dt, A, B, C, s0)
-  state = f32(s0)
-  for t in range(l):
-    y_t, state = ops.ssd_step(state, f32(x[:, t]), f32(dt[:, t]), f32(A), f32(B[:, t]),
-                              f32(C[:, t]))
-    np.testing.assert_allclose(np.asarray(y_t), y_ref[:, t], atol=2e-5 * np.abs(y_ref).max())
-  np.testing.assert_allclose(np.asarray(state), s_ref, atol=2e-5 * np.abs(s_ref).max())
 
 
 def test_mismatched_groups_raise(rng):

@@ -135,19 +135,29 @@ class Mamba2Mixer(nnx.Module):
     return out, Mamba2Cache(conv=ops.from_last_device(tail.astype(self.dtype)),
                             ssm=ops.from_last_device(state))
 
-  def step(self, u, cache: Mamba2Cache):
-    """One token.  u: [batch, d_model] -> (out [batch, d_model], new cache)."""
-    z, xbc, dt = self._split_proj(self.in_proj(u))
-    window = jnp.concatenate([cache.conv, xbc[:, None].astype(cache.conv.dtype)], axis=1)
-    conv = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32),
-                      self.conv_weight[...].astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST) + self.conv_bias[...]
-    x, B, C = self._split_xbc(jax.nn.silu(conv).astype(self.dtype))
-    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    y, ssm = ops.ssd_step(cache.ssm, x, dt, A, B, C)
-    out = self._gate_and_project(y, x, z)
-    return out, Mamba2Cache(conv=window[:, 1:], ssm=ssm)
+  def step(self, u, cache: Mamba2Cache, *, norm=None):
+    """One token.  u: [batch, d_model] -> (out [batch, d_model], new cache).
+
+    norm: the block's RMSNorm, applied to u inside the in-projection's kernel; with it the
+    block's residual is added by the out-projection's kernel as well (u is then the residual
+    stream h, fp32, and the result is h + out). See ops.decode.
+    """
+    impl = self.kernel
+    if norm is None:
+      zxbcdt = self.in_proj(u)
+    else:
+      zxbcdt = ops.norm_matvec(u, norm.weight[...], self.in_proj.kernel[...], eps=norm.eps,
+                               dtype=self.dtype, implementation=impl)
+    y, conv, ssm = ops.mamba2_decode_step(
+        zxbcdt, cache.conv, cache.ssm, self.conv_weight[...], self.conv_bias[...],
+        self.dt_bias[...], self.A_log[...], self.D[...], heads=self.heads,
+        head_dim=self.head_dim, n_groups=self.n_groups, d_state=self.d_state,
+        implementation=impl)
+    out = ops.norm_matvec(y, self.norm.weight[...], self.out_proj.kernel[...], eps=self.norm.eps,
+                          dtype=self.dtype, gate=zxbcdt,        # z: its first d_inner columns
+                          group_size=self.norm.group_size,
+                          residual=None if norm is None else u, implementation=impl)
+    return out, Mamba2Cache(conv=conv, ssm=ssm)
 
 
 class Mamba2Block(nnx.Module):
@@ -174,5 +184,5 @@ class Mamba2Block(nnx.Module):
     return h + out.astype(jnp.float32)
 
   def step(self, h, cache: Mamba2Cache):
-    out, cache = self.mixer.step(self.norm(h), cache)
-    return h + out.astype(jnp.float32), cache
+    """One token.  h: [batch, d_model] fp32 -> (h + mixer(norm(h)), new cache)."""
+    return self.mixer.step(h, cache, norm=self.norm)

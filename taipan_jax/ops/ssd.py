@@ -1,4 +1,5 @@
-"""Mamba-2's structured state-space duality (SSD) scan: chunked parallel form and decode step.
+"""Mamba-2's structured state-space duality (SSD) scan in its chunked parallel form (the decode
+step is ops.decode.mamba2_decode_step).
 
 Per head h the recurrence (SPEC section 2) is
     S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t (outer) B_t        S: [head_dim, d_state]
@@ -247,26 +248,3 @@ def _ssd_xla(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   if return_final_state:
     return y, states[:, -1].reshape(b, h, p, n)
   return y
-
-
-def ssd_step(state, x, dt, A, B, C):
-  """One token of the SSD recurrence, for decoding.
-
-  Args:
-    state: [batch, heads, head_dim, d_state] (fp32).
-    x: [batch, heads, head_dim]; dt: [batch, heads] (softplus'd); A: [heads].
-    B, C: [batch, groups, d_state].
-
-  Returns:
-    y: [batch, heads, head_dim] in x.dtype, new_state: [batch, heads, head_dim, d_state] fp32.
-  """
-  h = x.shape[1]
-  g = B.shape[1]
-  dt = dt.astype(jnp.float32)
-  Bh = jnp.repeat(B.astype(jnp.float32), h // g, axis=1)     # [b, h, n]
-  Ch = jnp.repeat(C.astype(jnp.float32), h // g, axis=1)
-  decay = jnp.exp(dt * A.astype(jnp.float32))[..., None, None]
-  xdt = x.astype(jnp.float32) * dt[..., None]
-  new_state = decay * state.astype(jnp.float32) + xdt[..., :, None] * Bh[..., None, :]
-  y = jnp.einsum("bhpn,bhn->bhp", new_state, Ch, precision=jax.lax.Precision.HIGHEST)
-  return y.astype(x.dtype), new_state

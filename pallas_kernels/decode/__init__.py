@@ -1,0 +1,13 @@
+"""Decode-step kernels (one token per row) and the plain references they are tested against.
+
+`norm_matvec_gpu`: RMSNorm (optionally gated, grouped) then a matrix-vector product, with an
+optional residual, one Pallas Triton kernel. `mamba2_step_gpu`: a Mamba-2 mixer's token
+between its projections (convolution, softplus dt, state update, y = S C + D x). Both run on
+any backend with interpret=True. Inference-only: no gradients.
+"""
+from pallas_kernels.decode.mamba2_step import mamba2_step_gpu
+from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
+from pallas_kernels.decode.reference import mamba2_step_reference, norm_matvec_reference
+
+__all__ = ["mamba2_step_gpu", "mamba2_step_reference", "norm_matvec_gpu",
+           "norm_matvec_reference"]

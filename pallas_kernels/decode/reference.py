@@ -1,0 +1,72 @@
+"""Plain jnp forms of the decode kernels: the ground truth they are tested against, and the
+path every backend without the kernels takes (their numerics are the model's own layers')."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+
+
+def _normalize(u, weight, eps, group_size):
+  """u: [b, k] fp32 -> RMS-normalised in groups of group_size, times weight, fp32."""
+  b, k = u.shape
+  grouped = u.reshape(b, k // group_size, group_size)
+  grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
+  return grouped.reshape(b, k) * weight.astype(_F32)
+
+
+def norm_matvec_reference(x, norm_weight, w, *, eps: float, dtype, gate=None,
+                          group_size: int | None = None, residual=None):
+  """(residual +) RMSNorm(x [* silu(gate)]) @ w, for one token per row.
+
+  x: [b, k]; gate: [b, >= k] (its first k columns); norm_weight: [k]; w: [k, n];
+  residual: [b, n] fp32.
+  The normalised row is rounded to `dtype` and multiplied in `dtype` (an nnx.Linear with that
+  dtype); groups of group_size channels (default k) are normalised separately.
+  Returns [b, n]: in `dtype`, or fp32 (residual + the product) with a residual.
+  """
+  u = x.astype(_F32)
+  if gate is not None:
+    u = u * jax.nn.silu(gate[:, :u.shape[1]].astype(_F32))
+  xn = _normalize(u, norm_weight, eps, group_size or u.shape[-1]).astype(dtype)
+  y = jax.lax.dot_general(xn, w.astype(dtype), (((1,), (0,)), ((), ())))
+  if residual is None:
+    return y
+  return residual.astype(_F32) + y.astype(_F32)
+
+
+def mamba2_step_reference(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log,
+                          D, *, heads: int, head_dim: int, n_groups: int, d_state: int):
+  """One token of a Mamba-2 mixer between its two projections.
+
+  zxbcdt: [b, d_inner + conv_dim + heads] the in-projection, split z | x B C | dt.
+  conv_state: [b, d_conv - 1, conv_dim] the last inputs of the causal convolution.
+  ssm_state: [b, heads, head_dim, d_state] fp32.
+  conv_weight: [d_conv, conv_dim]; conv_bias: [conv_dim]; dt_bias, A_log, D: [heads].
+  Returns (y [b, d_inner] fp32 = SSD output + D x, new conv_state, new ssm_state).
+  """
+  d_inner = heads * head_dim
+  conv_dim = d_inner + 2 * n_groups * d_state
+  b = zxbcdt.shape[0]
+  dtype = conv_state.dtype
+  xbc = zxbcdt[:, d_inner:d_inner + conv_dim]
+  dt = zxbcdt[:, d_inner + conv_dim:]
+  window = jnp.concatenate([conv_state, xbc[:, None].astype(dtype)], axis=1)
+  conv = jnp.einsum("bkc,kc->bc", window.astype(_F32), conv_weight.astype(_F32),
+                    precision=jax.lax.Precision.HIGHEST) + conv_bias.astype(_F32)
+  xbc = jax.nn.silu(conv).astype(dtype)
+  x = xbc[:, :d_inner].reshape(b, heads, head_dim)
+  B = xbc[:, d_inner:d_inner + n_groups * d_state].reshape(b, n_groups, d_state)
+  C = xbc[:, d_inner + n_groups * d_state:].reshape(b, n_groups, d_state)
+  dt = jax.nn.softplus(dt.astype(_F32) + dt_bias.astype(_F32))
+  A = -jnp.exp(A_log.astype(_F32))
+  rep = heads // n_groups
+  Bh = jnp.repeat(B.astype(_F32), rep, axis=1)                 # [b, h, n]
+  Ch = jnp.repeat(C.astype(_F32), rep, axis=1)
+  decay = jnp.exp(dt * A)[..., None, None]
+  xdt = x.astype(_F32) * dt[..., None]
+  state = decay * ssm_state.astype(_F32) + xdt[..., :, None] * Bh[..., None, :]
+  y = jnp.einsum("bhpn,bhn->bhp", state, Ch, precision=jax.lax.Precision.HIGHEST)
+  y = y.astype(dtype).astype(_F32) + x.astype(_F32) * D.astype(_F32)[:, None]
+  return y.reshape(b, d_inner), window[:, 1:], state

@@ -1,0 +1,79 @@
+"""Decode-step operations: one token per row through a Mamba-2 block in three calls.
+
+    zxbcdt    = norm_matvec(h, block norm, in_proj)
+    y, caches = mamba2_decode_step(zxbcdt, caches, conv / dt / A / D parameters)
+    h         = norm_matvec(y, gated norm, out_proj, gate=z, residual=h)
+
+Decoding is latency-bound: per token each layer moves a few megabytes, and on a GPU the time
+goes to kernel launches (about 3 µs each in XLA's loop). XLA compiles these steps to about
+nine kernels per block, and writes the [d_inner, d_model] product of its out-projection to
+memory, because it turns small dots into a multiply and a reduction. The Pallas Triton kernels
+of pallas_kernels/decode do each line in one kernel (implementation 'pallas'); measured on an
+H100 they are not faster, so 'auto' runs the plain jnp forms: the same operations as the
+model's layers.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from pallas_kernels.decode.reference import mamba2_step_reference, norm_matvec_reference
+
+IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
+
+
+def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int | None = None,
+                                  d_state: int | None = None) -> str:
+  """'auto' defers to $TAIPAN_KERNELS, then takes the jnp path: on an H100 the Triton kernels
+  cut the 190M Taipan's decode loop from 249 kernels to 145 per token but not its time
+  (0.801 vs 0.786 ms; docs/kernels/decode.md). 'pallas' takes the Triton kernels on a GPU
+  (head_dim and d_state powers of two); there is no TPU decode kernel, so elsewhere 'pallas'
+  runs the jnp path. 'interpret' runs the Triton kernels in Pallas interpret mode on any
+  backend. Returns 'reference', 'pallas_gpu' or 'interpret'."""
+  if implementation == "auto":
+    implementation = os.environ.get("TAIPAN_KERNELS", "auto")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"decode implementation {implementation!r} is unknown; use one of "
+                     f"{IMPLEMENTATIONS} (argument, mamba.kernel or $TAIPAN_KERNELS)")
+  if implementation in ("auto", "reference", "interpret"):
+    return "reference" if implementation == "auto" else implementation
+  tiles = all(v is None or not v & (v - 1) for v in (head_dim, d_state))
+  return "pallas_gpu" if jax.default_backend() == "gpu" and tiles else "reference"
+
+
+def norm_matvec(x, norm_weight, w, *, eps: float, dtype, gate=None, group_size: int | None = None,
+                residual=None, implementation: str = "auto"):
+  """(residual +) RMSNorm(x [* silu(gate)]) @ w for one token per row.
+
+  x: [batch, k]; gate: [batch, >= k] (its first k columns); norm_weight: [k]; w: [k, n];
+  residual: [batch, n].
+  The normalised row is rounded to `dtype` and multiplied in `dtype`, as an nnx.Linear of
+  that dtype does; group_size channels (default k) are normalised together.
+  Returns [batch, n] in `dtype`, or fp32 with a residual.
+  """
+  kw = dict(eps=eps, dtype=dtype, gate=gate, group_size=group_size, residual=residual)
+  impl = resolve_decode_implementation(implementation)
+  if impl == "reference":
+    return norm_matvec_reference(x, norm_weight, w, **kw)
+  from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
+  return norm_matvec_gpu(x, norm_weight, w, interpret=impl == "interpret", **kw)
+
+
+def mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
+                       *, heads: int, head_dim: int, n_groups: int, d_state: int,
+                       implementation: str = "auto"):
+  """A Mamba-2 mixer's token between its projections: causal conv over the cached inputs,
+  softplus dt, SSD state update and y = S C + D x.
+
+  zxbcdt: [batch, d_inner + conv_dim + heads] (z | x B C | dt); conv_state:
+  [batch, d_conv - 1, conv_dim]; ssm_state: [batch, heads, head_dim, d_state] fp32.
+  Returns (y [batch, d_inner] fp32, new conv_state, new ssm_state).
+  """
+  args = (zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
+  kw = dict(heads=heads, head_dim=head_dim, n_groups=n_groups, d_state=d_state)
+  impl = resolve_decode_implementation(implementation, head_dim=head_dim, d_state=d_state)
+  if impl == "reference":
+    return mamba2_step_reference(*args, **kw)
+  from pallas_kernels.decode.mamba2_step import mamba2_step_gpu
+  return mamba2_step_gpu(*args, interpret=impl == "interpret", **kw)

@@ -1,0 +1,190 @@
+"""The decode kernels (pallas_kernels/decode) against float64 numpy, and the ops and model that
+use them.
+
+On the CPU the Triton kernels run in Pallas interpret mode, which fills memory a kernel never
+writes with NaN, so an unwritten output block fails the comparison; with JAX_PLATFORMS=cuda
+they are compiled. The kernels are inference-only (no gradients: nothing trains through a
+decode step).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import taipan_jax
+from pallas_kernels.decode.mamba2_step import mamba2_step_gpu
+from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
+from pallas_kernels.decode.reference import mamba2_step_reference, norm_matvec_reference
+from taipan_jax import ops
+
+ON_GPU = jax.default_backend() == "gpu"
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}   # relative to the output's largest entry
+
+
+def _round(a, dtype):
+  """float64 -> dtype -> float64: the roundings the kernels make on purpose."""
+  return np.asarray(jnp.asarray(a, jnp.float32).astype(dtype).astype(jnp.float32), np.float64)
+
+
+def norm_matvec_numpy(x, nw, w, *, eps, dtype, gate=None, group_size=None, residual=None):
+  u = np.asarray(x, np.float64)
+  if gate is not None:
+    z = np.asarray(jnp.asarray(gate, jnp.float32), np.float64)[:, :u.shape[1]]
+    u = u * z / (1 + np.exp(-z))
+  b, k = u.shape
+  gs = group_size or k
+  grouped = u.reshape(b, k // gs, gs)
+  grouped = grouped / np.sqrt((grouped ** 2).mean(-1, keepdims=True) + eps)
+  xn = _round(grouped.reshape(b, k) * np.asarray(nw, np.float64), dtype)
+  y = xn @ _round(np.asarray(w, np.float64), dtype)
+  return y if residual is None else np.asarray(residual, np.float64) + _round(y, dtype)
+
+
+def _err(got, want):
+  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  return np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+
+
+NORM_MATVEC_CASES = [
+    # b, k, n, gated, groups, residual, dtype, weight dtype, block_k, block_n
+    (1, 64, 48, False, 1, False, jnp.float32, jnp.float32, 16, 16),      # n overhangs
+    (1, 96, 200, True, 2, True, jnp.float32, jnp.float32, 32, 64),        # gated, 2 groups
+    (3, 40, 17, False, 1, True, jnp.float32, jnp.float32, 32, 16),        # k overhangs
+    (11, 48, 33, True, 3, True, jnp.bfloat16, jnp.float32, 16, 32),       # > MAX_ROWS rows
+    (2, 768, 130, False, 1, False, jnp.bfloat16, jnp.bfloat16, 128, 64),  # model-like, bf16
+]
+
+
+@pytest.mark.parametrize("case", NORM_MATVEC_CASES)
+def test_norm_matvec_matches_float64(rng, case):
+  b, k, n, gated, groups, residual, dtype, wdtype, bk, bn = case
+  x = jnp.asarray(rng.standard_normal((b, k)) * 3, jnp.float32)
+  # A gate wider than k: its first k columns count (the model passes all of zxbcdt).
+  gate = jnp.asarray(rng.standard_normal((b, k + 7)), dtype) if gated else None
+  nw = jnp.asarray(1 + 0.3 * rng.standard_normal(k), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), wdtype)
+  res = jnp.asarray(rng.standard_normal((b, n)), jnp.float32) if residual else None
+  kw = dict(eps=1e-5, dtype=dtype, gate=gate, group_size=k // groups, residual=res)
+  want = norm_matvec_numpy(x, nw, w, **kw)
+  got = norm_matvec_gpu(x, nw, w, block_k=bk, block_n=bn, interpret=not ON_GPU, **kw)
+  ref = norm_matvec_reference(x, nw, w, **kw)
+  assert got.shape == (b, n) and got.dtype == (jnp.float32 if residual else dtype)
+  assert ref.dtype == got.dtype
+  assert _err(got, want) < TOL[dtype], "kernel"     # NaN (an unwritten block) fails too
+  # On a GPU XLA's fp32 dot is TF32 by default, in the reference as in the model's layers.
+  ref_tol = 2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]
+  assert _err(ref, want) < ref_tol, "reference"
+
+
+def mamba2_step_numpy(zx, conv_state, ssm, cw, cb, dtb, alog, D, *, heads, head_dim, n_groups,
+                      d_state, dtype):
+  f = lambda t: np.asarray(jnp.asarray(t, jnp.float32), np.float64)
+  zx, conv_state, ssm = f(zx), f(conv_state), f(ssm)
+  di = heads * head_dim
+  cd = di + 2 * n_groups * d_state
+  window = np.concatenate([conv_state, _round(zx[:, None, di:di + cd], dtype)], axis=1)
+  conv = (window * f(cw)[None]).sum(1) + f(cb)
+  xbc = _round(conv / (1 + np.exp(-conv)), dtype)
+  b = zx.shape[0]
+  x = xbc[:, :di].reshape(b, heads, head_dim)
+  rep = heads // n_groups
+  B = np.repeat(xbc[:, di:di + n_groups * d_state].reshape(b, n_groups, d_state), rep, 1)
+  C = np.repeat(xbc[:, di + n_groups * d_state:].reshape(b, n_groups, d_state), rep, 1)
+  dt = np.logaddexp(zx[:, di + cd:] + f(dtb), 0.0)
+  decay = np.exp(dt * -np.exp(f(alog)))
+  state = decay[..., None, None] * ssm + (x * dt[..., None])[..., None] * B[:, :, None, :]
+  y = _round(np.einsum("bhpn,bhn->bhp", state, C), dtype) + x * f(D)[:, None]
+  return y.reshape(b, di), window[:, 1:], state
+
+
+MAMBA2_STEP_CASES = [
+    # b, heads, head_dim, groups, d_state, d_conv, dtype
+    (1, 4, 16, 1, 32, 4, jnp.float32),
+    (3, 6, 8, 2, 16, 4, jnp.float32),     # 2 groups: B and C shared by 3 heads each
+    (2, 24, 64, 1, 128, 4, jnp.bfloat16),  # the 190M model's mixer
+    (1, 2, 16, 2, 16, 2, jnp.bfloat16),    # d_conv 2, one head per group
+]
+
+
+@pytest.mark.parametrize("case", MAMBA2_STEP_CASES)
+def test_mamba2_step_matches_float64(rng, case):
+  b, h, p, g, n, kc, dtype = case
+  di, cd = h * p, h * p + 2 * g * n
+  zx = jnp.asarray(rng.standard_normal((b, di + cd + h)), dtype)
+  conv = jnp.asarray(rng.standard_normal((b, kc - 1, cd)), dtype)
+  ssm = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
+  cw = jnp.asarray(rng.standard_normal((kc, cd)) * 0.5, jnp.float32)
+  cb, dtb, alog, D = (jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
+                      for s in (cd, h, h, h))
+  dims = dict(heads=h, head_dim=p, n_groups=g, d_state=n)
+  args = (zx, conv, ssm, cw, cb, dtb, alog, D)
+  want = mamba2_step_numpy(*args, dtype=dtype, **dims)
+  kernel = mamba2_step_gpu(*args, block_p=8, interpret=not ON_GPU, **dims)
+  for name, got in (("kernel", kernel),
+                    ("reference", mamba2_step_reference(*args, **dims))):
+    assert [t.dtype for t in got] == [jnp.float32, dtype, jnp.float32], name
+    for part, a, w in zip(("y", "conv", "ssm"), got, want):
+      # y carries a bf16 rounding of S C, which differing fp32 sums can tip by one ulp.
+      assert _err(a, w) < (TOL[dtype] if part == "y" else 1e-5), (name, part)
+
+
+def test_bad_shapes_are_refused(rng):
+  x = jnp.ones((1, 12), jnp.float32)
+  with pytest.raises(ValueError, match="group_size=5 does not divide the 12 channels"):
+    norm_matvec_gpu(x, jnp.ones(12), jnp.ones((12, 4)), eps=1e-5, dtype=jnp.float32,
+                    group_size=5, interpret=True)
+  with pytest.raises(ValueError, match="disagree on the channel count"):
+    norm_matvec_gpu(x, jnp.ones(12), jnp.ones((10, 4)), eps=1e-5, dtype=jnp.float32,
+                    interpret=True)
+  z = jnp.ones((1, 3 * 12 + 2 * 8 + 3), jnp.float32)
+  with pytest.raises(ValueError, match="head_dim a power of two, got 12"):
+    mamba2_step_gpu(z, jnp.ones((1, 3, 52)), jnp.ones((1, 3, 12, 8)), jnp.ones((4, 52)),
+                    jnp.ones(52), jnp.ones(3), jnp.ones(3), jnp.ones(3), heads=3, head_dim=12,
+                    n_groups=1, d_state=8, interpret=True)
+  with pytest.raises(ValueError, match="decode implementation 'triton' is unknown"):
+    ops.resolve_decode_implementation("triton")
+
+
+def test_kernels_env_routes_decode_ops(monkeypatch):
+  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
+  assert ops.resolve_decode_implementation() == "interpret"
+  monkeypatch.setenv("TAIPAN_KERNELS", "reference")
+  assert ops.resolve_decode_implementation() == "reference"
+  monkeypatch.delenv("TAIPAN_KERNELS")
+  assert ops.resolve_decode_implementation(head_dim=64, d_state=128) == "reference"
+  assert ops.resolve_decode_implementation("pallas", head_dim=64, d_state=128) == (
+      "pallas_gpu" if ON_GPU else "reference")
+  assert ops.resolve_decode_implementation("pallas", head_dim=48) == "reference"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_decode_with_the_kernels_equals_the_jnp_path(dtype):
+  """Taipan's decode steps with mamba.kernel='interpret' (the decode kernels, and the SSD
+  prefill's TPU kernel in interpret mode; 'pallas' compiled on a GPU) against 'reference':
+  logits and caches."""
+  results = {}
+  kernels = ("reference", "pallas" if ON_GPU else "interpret")
+  for kernel in kernels:
+    cfg = taipan_jax.load_config("tiny", {"model.dtype": dtype, "mamba.kernel": kernel})
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 9)),
+                         jnp.int32)
+    model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    prefill = jax.jit(lambda s, p: nnx.merge(graphdef, s)(p, return_cache=True)[2])
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).step(t, c))
+    cache = prefill(state, prompt)
+    logits = []
+    token = prompt[:, -1]
+    for _ in range(5):
+      out, cache = step(state, token, cache)
+      logits.append(out)
+      token = jnp.argmax(out, -1).astype(jnp.int32)
+    results[kernel] = (jnp.stack(logits), cache)
+  (want, want_cache), (got, got_cache) = (results[k] for k in kernels)
+  tol = 1e-4 if dtype == "float32" and not ON_GPU else 5e-2
+  assert _err(got, np.asarray(want, np.float64)) < tol
+  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      assert _err(a, np.asarray(jnp.asarray(b, jnp.float32), np.float64)) < tol
