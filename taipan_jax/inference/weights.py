@@ -21,5 +21,5 @@ def cast_matmul_weights(model):
     for name in ("kernel", "bias", "embedding"):
       param = getattr(module, name, None)
       if isinstance(param, nnx.Param) and jnp.issubdtype(param[...].dtype, jnp.floating):
-        param.value = param[...].astype(dtype)
+        param.set_value(param[...].astype(dtype))
   return model
