@@ -16,7 +16,6 @@ Writes benchmarks/results/context_parallel_eval_<config>_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -26,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import taipan_jax
+from report import write_result
 from taipan_jax.inference.long_context import stream_nll
 
 
@@ -84,14 +84,9 @@ def main():
     print(f"{args.config} {args.tokens:,} tokens, segments of {segment_len:,}: "
           f"1 device {one_s:.3f} s, {len(devices)} devices {all_s:.3f} s, "
           f"speedup {one_s / all_s:.2f}x; max |NLL difference| "
-          f"{row['max_abs_nll_difference']:.2e} (mean {row['mean_abs_nll_difference']:.1e}); peak GiB {row['peak_gib_after_split_run']}",
-          flush=True)
-  kind = devices[0].device_kind.lower().replace(" ", "_")
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"context_parallel_eval_{args.config}_{kind}.json")
-  with open(path, "w") as f:
-    json.dump(record, f, indent=1)
-  print(f"wrote {path}")
+          f"{row['max_abs_nll_difference']:.2e} (mean {row['mean_abs_nll_difference']:.1e}); "
+          f"peak GiB {row['peak_gib_after_split_run']}", flush=True)
+  write_result(args.out, f"context_parallel_eval_{args.config}", record)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Writes benchmarks/results/data_parallel_<config>_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import taipan_jax
+from report import write_result
 from taipan_jax.training import partition
 from taipan_jax.training.step import make_steps
 
@@ -76,15 +76,10 @@ def main():
         f"{everyone['tokens_per_second']:,.0f} on {len(devices)}: speedup "
         f"{everyone['tokens_per_second'] / one['tokens_per_second']:.2f}x, "
         f"scaling efficiency {efficiency:.3f}")
-  kind = devices[0].device_kind.lower().replace(" ", "_")
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"data_parallel_{args.config}_{kind}.json")
-  with open(path, "w") as f:
-    json.dump({"benchmark": "data_parallel", "device": devices[0].device_kind,
-               "device_count": len(devices), "jax": jax.__version__, "config": args.config,
-               "dtype": args.dtype, "rows": [one, everyone], "scaling_efficiency": efficiency},
-              f, indent=1)
-  print(f"wrote {path}")
+  write_result(args.out, f"data_parallel_{args.config}", {
+      "benchmark": "data_parallel", "device": devices[0].device_kind,
+      "device_count": len(devices), "jax": jax.__version__, "config": args.config,
+      "dtype": args.dtype, "rows": [one, everyone], "scaling_efficiency": efficiency})
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from taipan_jax.inference.weights import cast_matmul_weights
 from taipan_jax.models.attention import KVCache
 from taipan_jax.models.mamba2 import Mamba2Cache
 from taipan_jax.models.sal import SALCache
+from report import result_path
 from timing import median_ms
 
 
@@ -166,12 +167,10 @@ def main():
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
   device = jax.devices()[0]
-  kind = device.device_kind.lower().replace(" ", "_")
   record = {"benchmark": "decode", "device": device.device_kind, "jax": jax.__version__,
             "steps_per_call": args.steps, "rows": []}
   contexts = [int(c) for c in args.contexts.split(",")]
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"decode_{kind}")
+  path = result_path(args.out, "decode", suffix="")     # + .json and .png
   for name in args.configs.split(","):
     decode_sweep(name, contexts, args, record, path)
   by = {(r["model"], r["context"]): r.get("ms_per_token") for r in record["rows"]}

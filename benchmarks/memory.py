@@ -8,13 +8,13 @@ benchmarks/results/memory_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
 from flax import nnx
 
 import taipan_jax
+from report import write_result
 from taipan_jax.data import make_train_iterator
 from taipan_jax.sharding.memory import estimate_training_memory
 from taipan_jax.training import partition
@@ -59,12 +59,8 @@ def main():
     print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in row.items()), flush=True)
     rows.append(row)
-  out = os.path.join(os.path.dirname(__file__), "results",
-                     f"memory_{device.device_kind.lower().replace(' ', '_')}.json")
-  with open(out, "w") as f:
-    json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
-              indent=1)
-  print(f"wrote {out}")
+  write_result(os.path.join(os.path.dirname(__file__), "results"), "memory",
+               {"device": device.device_kind, "jax": jax.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

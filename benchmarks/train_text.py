@@ -25,6 +25,8 @@ import time
 
 import jax
 
+from report import write_result
+
 
 def stdlib_glob() -> str:
   return os.path.join(sysconfig.get_paths()["stdlib"], "*.py")
@@ -116,13 +118,8 @@ def main():
                     f"{corpus_mb:.1f} MB), SentencePiece BPE {args.vocab_size}",
             "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
             "grad_accum": args.grad_accum, "results": results}
-  os.makedirs(args.results_dir, exist_ok=True)
-  kind = device.device_kind.replace(" ", "_").lower()
-  stem = "train_text" if args.kernels == "auto" else "train_text_kernels"
-  out = os.path.join(args.results_dir, f"{stem}_{kind}.json")
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
-  print(f"wrote {out}")
+  write_result(args.results_dir,
+               "train_text" if args.kernels == "auto" else "train_text_kernels", record)
 
 
 if __name__ == "__main__":
