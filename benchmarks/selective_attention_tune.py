@@ -44,8 +44,8 @@ def main():
   ok = jnp.ones((b, l), jnp.int32)
   seg = jnp.zeros((b, l), jnp.int32)
   blocks = tuple(map(int, args.blocks.split(",")))
-  sweep = [BlockSizes(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, num_stages_dkv=ns,
-                      unmasked_interior=bool(int(ui)))
+  sweep = [BlockSizes.uniform(bq, bk, num_warps=nw, num_stages=ns,
+                              unmasked_interior=bool(int(ui)))
            for bq, bk, nw, ns, ui in itertools.product(
                blocks, blocks, map(int, args.warps.split(",")), map(int, args.stages.split(",")),
                args.unmasked_interior.split(","))]
@@ -64,12 +64,12 @@ def main():
     fb = jax.jit(lambda q, k, v, do: jax.vjp(op, q, k, v)[1](do))
     record(fraction, "op_fwd_bwd", median_ms(lambda: fb(q, k, v, do)))
     bs0 = BlockSizes()
-    compact = jax.jit(lambda s: compact_selection(s, w, bs0.block_q))
+    compact = jax.jit(lambda s: compact_selection(s, w, bs0.slot_multiple))
     record(fraction, "compact", median_ms(lambda: compact(select)))
     for bs in sweep:
       try:
-        pos = compact_selection(select, w, bs.block_q)
-        st = Statics(w, bs.unmasked_interior, bs, args.interpret)
+        pos = compact_selection(select, w, bs.slot_multiple)
+        st = Statics(w, True, bs, args.interpret)
         fwd = jax.jit(lambda *a, st=st: gpu._forward(*a, st))
         inputs = (q, k, v, pos, ok, seg)
         record(fraction, "forward", median_ms(lambda: fwd(*inputs)), bs)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.selective_attention import (BlockSizes, selective_attention_gpu,
+from pallas_kernels.selective_attention import (BlockSizes, Tile, selective_attention_gpu,
                                                 selective_attention_tpu)
 from taipan_jax import ops
 
@@ -65,7 +65,11 @@ def test_forward_and_gradients_match_reference(rng, case, family, dtype):
   kv_select = jnp.asarray(rng.random((b, l)) < 0.7) if use_kv else None
   seg = jnp.asarray(np.cumsum(rng.random((b, l)) < 0.05, axis=1)) if packed else None
   weights = jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32)
-  bs = BlockSizes(block_q=16, block_k=16, unmasked_interior=case in WINDOW_ONLY_CASES)
+  interior = case in WINDOW_ONLY_CASES
+  # The Triton kernels take a tile each (slots padded to the lcm of their block_q); the Mosaic
+  # ones one tile for all three.
+  bs = (BlockSizes.uniform(16, 16, unmasked_interior=interior) if family == "mosaic" else
+        BlockSizes(Tile(16, 16), Tile(32, 16), Tile(16, 32), unmasked_interior=interior))
 
   def kernel(q, k, v):
     if family == "mosaic":
@@ -92,6 +96,17 @@ def test_forward_and_gradients_match_reference(rng, case, family, dtype):
     assert err < tol, name            # NaN fails too
   # Unselected rows are exactly zero, not merely small.
   assert not np.asarray(out, np.float32)[~np.asarray(select)].any()
+
+
+def test_tpu_kernels_refuse_mixed_or_unaligned_tiles():
+  q = jnp.zeros((1, 32, 1, 16), jnp.float32)
+  select = jnp.ones((1, 32), bool)
+  with pytest.raises(ValueError, match="one block_q x block_k tile"):
+    selective_attention_tpu(q, q, q, select, window=8, interpret=True,
+                            block_sizes=BlockSizes(Tile(16, 16), Tile(16, 8), Tile(16, 16)))
+  with pytest.raises(ValueError, match="block_k=12 must be a multiple of 8"):
+    selective_attention_tpu(q, q, q, select, window=8, interpret=True,
+                            block_sizes=BlockSizes.uniform(16, 12))
 
 
 def test_ops_dispatch_and_mesh(rng, monkeypatch):

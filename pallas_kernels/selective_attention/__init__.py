@@ -5,9 +5,9 @@ any backend with interpret=True). `selective_attention_tpu`: the same algorithm 
 (TPU, or any backend in TPU interpret mode). The reference is
 `taipan_jax.ops.selective_window_attention(implementation="reference")`.
 """
-from pallas_kernels.selective_attention.common import BlockSizes, compact_selection
+from pallas_kernels.selective_attention.common import BlockSizes, Tile, compact_selection
 from pallas_kernels.selective_attention.gpu import selective_attention_gpu
 from pallas_kernels.selective_attention.tpu import selective_attention_tpu
 
-__all__ = ["BlockSizes", "compact_selection", "selective_attention_gpu",
+__all__ = ["BlockSizes", "Tile", "compact_selection", "selective_attention_gpu",
            "selective_attention_tpu"]

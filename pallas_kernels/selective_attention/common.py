@@ -15,38 +15,42 @@ _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """block_q compacted query rows and block_k keys per step (forward and dq); the dk/dv
-  kernel's own sizes (None: the same); Triton launch parameters.
-
-  Defaults from the H100 sweep in docs/kernels/selective_attention.md: 64 x 64 tiles and
-  4 warps for all three kernels, 3 pipeline stages for forward and dq, 2 for dk/dv.
-
-  unmasked_interior (GPU forward and dq kernels): where there is no kv_select and one segment,
-  run the key blocks inside every row's window without a mask (the only mask left is the
-  causal window, which holds there). The dk/dv kernel always masks: on the H100 the split
-  loop made it slower (0.62 -> 0.73 ms at C = 0.15) while forward and dq gained.
-  """
+class Tile:
+  """One kernel's tile: block_q compacted query rows by block_k keys per step, and its
+  Triton launch parameters (the TPU kernels ignore those)."""
   block_q: int = 64
   block_k: int = 64
-  block_q_dkv: int | None = None
-  block_k_dkv: int | None = None
   num_warps: int = 4
-  num_stages: int = 3
-  num_stages_dkv: int | None = 2
+  num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """A tile for each kernel: forward, dq and dk/dv.
+
+  Defaults from the H100 sweeps in docs/kernels/selective_attention.md (64-row tiles, 4 warps;
+  dq steps over 32 keys at a time; 3 pipeline stages for forward and dq, 2 for dk/dv).
+
+  unmasked_interior (GPU forward and dq kernels): where there is no kv_select and one segment,
+  run the key blocks inside every row's window without a mask.
+  """
+  forward: Tile = Tile(64, 64, 4, 3)
+  dq: Tile = Tile(64, 32, 4, 3)
+  dkv: Tile = Tile(64, 64, 4, 2)
   unmasked_interior: bool = True
 
-  @property
-  def dkv(self) -> "BlockSizes":
-    """The dk/dv kernel's sizes as (block_q, block_k, num_stages)."""
-    return dataclasses.replace(self, block_q=self.block_q_dkv or self.block_q,
-                               block_k=self.block_k_dkv or self.block_k,
-                               num_stages=self.num_stages_dkv or self.num_stages)
+  @classmethod
+  def uniform(cls, block_q: int, block_k: int, **kwargs) -> "BlockSizes":
+    """The same block_q x block_k tile for all three kernels (the TPU kernels need this);
+    kwargs: num_warps, num_stages, unmasked_interior."""
+    interior = kwargs.pop("unmasked_interior", True)
+    tile = Tile(block_q, block_k, **kwargs)
+    return cls(tile, tile, tile, interior)
 
   @property
   def slot_multiple(self) -> int:
-    """Slots are padded to a multiple of both kernels' block_q."""
-    return math.lcm(self.block_q, self.block_q_dkv or self.block_q)
+    """Slots are padded to a multiple of every kernel's block_q."""
+    return math.lcm(self.forward.block_q, self.dq.block_q, self.dkv.block_q)
 
 
 def compact_selection(select, window: int, block_q: int):
@@ -98,8 +102,9 @@ def scatter_rows(t_c, pos, seq_len):
 
 @dataclasses.dataclass(frozen=True)
 class Statics:
-  """What the kernels are specialised on. window_only: unmasked_interior is on and there is
-  no kv_select and one segment, so a block inside every row's window needs no mask."""
+  """What the kernels are specialised on. window_only: there is no kv_select and one
+  segment, so the causal window is the whole mask (and, with unmasked_interior, a key block
+  inside every row's window needs none)."""
   window: int
   window_only: bool
   block_sizes: BlockSizes
@@ -138,8 +143,7 @@ def make_selective_attention(forward, backward):
     seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
            else segment_ids.astype(jnp.int32))
     ok = jnp.ones((b, l), jnp.int32) if kv_select is None else kv_select.astype(jnp.int32)
-    window_only = (block_sizes.unmasked_interior and kv_select is None
-                   and segment_ids is None)
+    window_only = kv_select is None and segment_ids is None
     statics = Statics(window, window_only, block_sizes, interpret)
     return attend(q, k, v, pos, ok, seg, statics)
 

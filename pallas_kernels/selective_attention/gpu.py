@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.selective_attention.common import (BlockSizes, make_selective_attention,
+from pallas_kernels.selective_attention.common import (BlockSizes, gather_rows,
+                                                       make_selective_attention,
                                                        slots_seeing_key_blocks)
 
 _F32 = jnp.float32
@@ -40,27 +41,44 @@ def _dot(a, b, trans_a=False, trans_b=False):
                              preferred_element_type=_F32)
 
 
-def _visible(pos, seg_q, keys, key_ok, seg_k, window):
-  """[bq, bk] mask: key j is in row i's causal window, selected for keys, same segment."""
-  return ((keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
-          & key_ok[None, :] & (seg_k[None, :] == seg_q[:, None]))
+def _visible(pos, seg_q, keys, key_ok, seg_k, window, window_only):
+  """[bq, bk] mask: key j is in row i's causal window (and, unless window_only, selected for
+  keys and in the same segment)."""
+  behind = pos[:, None] - keys[None, :]
+  mask = (behind >= 0) & (behind < window)
+  if window_only:
+    return mask
+  return mask & key_ok[None, :] & (seg_k[None, :] == seg_q[:, None])
 
 
-def _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, start, block_k, seq_len):
+def _visible_t(pos, seg_q, keys, key_ok, seg_k, window, window_only):
+  """_visible transposed, [bk, bq], for the dk/dv kernel's key-major products."""
+  behind = pos[None, :] - keys[:, None]
+  mask = (behind >= 0) & (behind < window)
+  if window_only:
+    return mask
+  return mask & key_ok[:, None] & (seg_k[:, None] == seg_q[None, :])
+
+
+def _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, start, block_k, seq_len, window_only):
+  """keys [bk], k and v [bk, d]; ok and seg [bk] unless window_only (then None: no mask
+  reads them)."""
   keys = start + jnp.arange(block_k, dtype=jnp.int32)
   inside = keys < seq_len
   rows = pl.ds(start, block_k)
   k = plgpu.load(k_ref.at[bi, rows, hi, :], mask=inside[:, None], other=0.0)
   v = plgpu.load(v_ref.at[bi, rows, hi, :], mask=inside[:, None], other=0.0)
+  if window_only:
+    return keys, k, v, None, None
   ok = plgpu.load(ok_ref.at[bi, rows], mask=inside, other=0) > 0
   seg = plgpu.load(seg_ref.at[bi, rows], mask=inside, other=-1)
   return keys, k, v, ok, seg
 
 
-def _slot_rows(pos_ref, bi, slots, seq_len, window, block_k, window_only):
+def _slot_rows(pos_ref, bi, slots, seq_len, window, block_k, split_interior):
   """A slot block's positions, which of them are selected rows, the rows to read (0 for
   sentinels, masked), and its key blocks: [lo, hi) in all, of which [a, b) lie inside every
-  row's window (no mask needed when window_only; else a = b)."""
+  row's window (no mask needed there when split_interior; else a = b)."""
   pos = pos_ref[bi, slots]
   valid = pos < seq_len
   rows = jnp.where(valid, pos, 0)
@@ -68,7 +86,7 @@ def _slot_rows(pos_ref, bi, slots, seq_len, window, block_k, window_only):
   last = jnp.max(jnp.where(valid, pos, -1))
   lo = jnp.maximum(first - window + 1, 0) // block_k
   hi = jnp.where(last >= 0, last // block_k + 1, lo)
-  if not window_only:
+  if not split_interior:
     return pos, valid, rows, (lo, hi, hi, hi)
   # Key block kb is inside every row's window when last - window < kb * block_k and
   # kb * block_k + block_k - 1 <= first.
@@ -99,63 +117,73 @@ def _store_rows(ref, bi, rows, hi, valid, x):
   plgpu.store(_row_index(ref, bi, rows, hi), x.astype(ref.dtype), mask=valid[:, None])
 
 
+# The kernels work in base 2: scores are scaled by scale * log2(e) and exponentiated with
+# exp2, so the log-sum-exp they pass from forward to backward is in log2 units.
+_LOG2E = math.log2(math.e)
+
+
 def _forward_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, _, o_ref, lse_ref,
-                    *, seq_len, window, window_only, block_q, block_k, scale):
+                    *, seq_len, window, window_only, split_interior, block_q, block_k, scale):
   bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots = pl.ds(si * block_q, block_q)
   pos, valid, rows, bounds = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k,
-                                        window_only)
+                                        split_interior)
   q = _load_rows(q_ref, bi, rows, hi, valid)
-  seg_q = seg_ref[bi, rows]
+  seg_q = None if window_only else seg_ref[bi, rows]
   d = q.shape[-1]
+  qk_scale = scale * _LOG2E
 
   def body(kb, carry, masked):
     acc, m, l = carry
     keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
-                                       block_k, seq_len)
-    s = _dot(q, k, trans_b=True) * scale
+                                       block_k, seq_len, window_only)
+    s = _dot(q, k, trans_b=True) * qk_scale
     if masked:
-      mask = _visible(pos, seg_q, keys, ok, seg_k, window)
-      s = jnp.where(mask, s, -jnp.inf)
+      s = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window, window_only), s, -jnp.inf)
+    # m starts finite (_NO_SCORE), so a row with every key masked so far gets p = 0 and
+    # alpha = 1 without a test for -inf.
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])
-    if masked:
-      p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp(jnp.where(m == -jnp.inf, 0.0, m) - m_safe)
+    p = jnp.exp2(s - m_new[:, None])
+    alpha = jnp.exp2(m - m_new)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
-  init = (jnp.zeros((block_q, d), _F32), jnp.full((block_q,), -jnp.inf, _F32),
+  init = (jnp.zeros((block_q, d), _F32), jnp.full((block_q,), _NO_SCORE, _F32),
           jnp.zeros((block_q,), _F32))
   acc, m, l = _three_loops(bounds, body, init)
   seen = (l > 0) & valid
-  o = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
-  _store_rows(o_ref, bi, rows, hi, valid, o)
-  lse_ref[bi, hi, slots] = jnp.where(seen, jnp.where(m == -jnp.inf, 0.0, m)
-                                     + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+  l_safe = jnp.where(seen, l, 1.0)
+  _store_rows(o_ref, bi, rows, hi, valid, jnp.where(seen[:, None], acc / l_safe[:, None], 0.0))
+  lse_ref[bi, hi, slots] = jnp.where(seen, m + jnp.log2(l_safe), jnp.inf)
+
+
+# Far below any score (scores are bounded by |q||k| * scale), yet finite: exp2 of it minus
+# a real score underflows to 0.
+_NO_SCORE = -1e30
 
 
 def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse_ref, _,
-               dq_ref, delta_ref, *, seq_len, window, window_only, block_q, block_k, scale):
+               dq_ref, delta_ref, *, seq_len, window, window_only, split_interior, block_q,
+               block_k, scale):
   bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots = pl.ds(si * block_q, block_q)
   pos, valid, rows, bounds = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k,
-                                        window_only)
+                                        split_interior)
   q = _load_rows(q_ref, bi, rows, hi, valid)
   do = _load_rows(do_ref, bi, rows, hi, valid)
-  seg_q = seg_ref[bi, rows]
+  seg_q = None if window_only else seg_ref[bi, rows]
   lse = lse_ref[bi, hi, slots]
+  qk_scale = scale * _LOG2E
   # delta = rowsum(do * o) here, once per row, for this kernel and the dk/dv kernel after it.
   delta = jnp.sum(do.astype(_F32) * _load_rows(o_ref, bi, rows, hi, valid).astype(_F32), axis=1)
   delta_ref[bi, hi, slots] = delta
 
   def body(kb, dq, masked):
     keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
-                                       block_k, seq_len)
-    p = jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None])
+                                       block_k, seq_len, window_only)
+    p = jnp.exp2(_dot(q, k, trans_b=True) * qk_scale - lse[:, None])
     if masked:
-      p = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window), p, 0.0)
+      p = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window, window_only), p, 0.0)
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
@@ -164,28 +192,30 @@ def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse
 
 
 def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, *, seq_len, window, window_only, block_q, block_k,
-                scale):
-  del window_only   # forward and dq only
+                delta_ref, dk_ref, dv_ref, *, seq_len, window, window_only, split_interior,
+                block_q, block_k, scale):
+  """Key-major: every product is formed transposed ([block_k, block_q]), so p and ds enter
+  the dk and dv products as they come out of registers, with no transpose between.
+
+  q_ref and do_ref are compacted, [b, slots, h, d]: slot blocks load as plain blocks."""
+  del split_interior   # forward and dq only
   bi, hi, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
-                                     block_k, seq_len)
+                                     block_k, seq_len, window_only)
+  qk_scale = scale * _LOG2E
 
   def body(sb, carry):
     dk, dv = carry
     slots = pl.ds(sb * block_q, block_q)
     pos = pos_ref[bi, slots]
-    valid = pos < seq_len
-    rows = jnp.where(valid, pos, 0)
-    q = _load_rows(q_ref, bi, rows, hi, valid)
-    do = _load_rows(do_ref, bi, rows, hi, valid)
-    lse = lse_ref[bi, hi, slots]
-    delta = delta_ref[bi, hi, slots]
-    p = jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None])
-    p = jnp.where(_visible(pos, seg_ref[bi, rows], keys, ok, seg_k, window), p, 0.0)
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    q = q_ref[bi, slots, hi, :]
+    do = do_ref[bi, slots, hi, :]
+    seg_q = None if window_only else seg_ref[bi, jnp.where(pos < seq_len, pos, 0)]
+    p_t = jnp.exp2(_dot(k, q, trans_b=True) * qk_scale - lse_ref[bi, hi, slots][None, :])
+    p_t = jnp.where(_visible_t(pos, seg_q, keys, ok, seg_k, window, window_only), p_t, 0.0)
+    dv = dv + _dot(p_t.astype(do.dtype), do)
+    ds_t = p_t * (_dot(v, do, trans_b=True) - delta_ref[bi, hi, slots][None, :])
+    dk = dk + _dot(ds_t.astype(q.dtype), q)
     return dk, dv
 
   zeros = jnp.zeros(k.shape, _F32)
@@ -209,23 +239,24 @@ def _slot_block_ranges(pos, num_key_blocks, window, block_q, block_k):
   return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
-def _params(bs):
-  return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+def _params(tile):
+  return plgpu.CompilerParams(num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
-def _statics(q, st, bs):
+def _statics(q, st, tile):
   return dict(seq_len=q.shape[1], window=st.window, window_only=st.window_only,
-              block_q=bs.block_q, block_k=bs.block_k, scale=1.0 / math.sqrt(q.shape[-1]))
+              split_interior=st.window_only and st.block_sizes.unmasked_interior,
+              block_q=tile.block_q, block_k=tile.block_k, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
-def _slot_block_call(kernel, name, q, pos, st, inputs):
+def _slot_block_call(kernel, name, tile, q, pos, st, inputs):
   """A (batch, head, slot block) kernel writing rows of a [b, seq, h, d] output into a zeroed
   buffer it aliases (only selected rows are written), and a [b, h, slots] fp32 statistic."""
   b, l, h, d = q.shape
-  slots, bs = pos.shape[1], st.block_sizes
+  slots = pos.shape[1]
   return pl.pallas_call(
-      functools.partial(kernel, **_statics(q, st, bs)),
-      grid=(b, h, slots // bs.block_q), compiler_params=_params(bs), interpret=st.interpret,
+      functools.partial(kernel, **_statics(q, st, tile)),
+      grid=(b, h, slots // tile.block_q), compiler_params=_params(tile), interpret=st.interpret,
       name=name, input_output_aliases={len(inputs): 0},
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, slots), _F32)],
@@ -234,26 +265,29 @@ def _slot_block_call(kernel, name, q, pos, st, inputs):
 
 def _forward(q, k, v, pos, ok, seg, st):
   """(o, lse [b, h, slots] fp32)."""
-  return _slot_block_call(_forward_kernel, "selective_attention_forward", q, pos, st,
+  return _slot_block_call(_forward_kernel, "selective_attention_forward",
+                          st.block_sizes.forward, q, pos, st,
                           (pos, q, k, v, ok, seg))
 
 
 def _dq(q, k, v, pos, ok, seg, o, lse, do, st):
   """(dq, delta [b, h, slots] fp32)."""
-  return _slot_block_call(_dq_kernel, "selective_attention_dq", q, pos, st,
+  return _slot_block_call(_dq_kernel, "selective_attention_dq", st.block_sizes.dq, q, pos,
+                          st,
                           (pos, q, k, v, ok, seg, do, o, lse))
 
 
 def _dkv(q, k, v, pos, ok, seg, lse, delta, do, st):
+  """(dk, dv). q and do go in compacted (common.gather_rows), a small copy of C * seq rows."""
   b, l, h, d = q.shape
-  bs = st.block_sizes.dkv
-  nkb = pl.cdiv(l, bs.block_k)
-  ranges = _slot_block_ranges(pos, nkb, st.window, bs.block_q, bs.block_k)
+  tile = st.block_sizes.dkv
+  nkb = pl.cdiv(l, tile.block_k)
+  ranges = _slot_block_ranges(pos, nkb, st.window, tile.block_q, tile.block_k)
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, **_statics(q, st, bs)), grid=(b, h, nkb),
-      compiler_params=_params(bs), interpret=st.interpret, name="selective_attention_dkv",
+      functools.partial(_dkv_kernel, **_statics(q, st, tile)), grid=(b, h, nkb),
+      compiler_params=_params(tile), interpret=st.interpret, name="selective_attention_dkv",
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-  )(ranges, pos, q, k, v, ok, seg, do, lse, delta)
+  )(ranges, pos, gather_rows(q, pos), k, v, ok, seg, gather_rows(do, pos), lse, delta)
 
 
 def _backward(q, k, v, pos, ok, seg, o, lse, do, st):

@@ -234,7 +234,7 @@ def _backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, inte
 def _forward_rows(q, k, v, pos, ok, seg, st):
   """Mosaic has no row gather, so the selected rows are compacted around the kernels."""
   o_c, lse = _forward(gather_rows(q, pos), k, v, pos, gather_rows(seg, pos), ok, seg,
-                      st.window, st.block_sizes, st.interpret)
+                      st.window, st.block_sizes.forward, st.interpret)
   return scatter_rows(o_c, pos, q.shape[1]), lse
 
 
@@ -242,7 +242,7 @@ def _backward_rows(q, k, v, pos, ok, seg, o, lse, do, st):
   do_c = gather_rows(do, pos)
   delta = jnp.einsum("bshd,bshd->bhs", do_c.astype(_F32), gather_rows(o, pos).astype(_F32))
   dq_c, dk, dv = _backward(gather_rows(q, pos), k, v, pos, gather_rows(seg, pos), ok, seg, lse,
-                           delta, do_c, st.window, st.block_sizes, st.interpret)
+                           delta, do_c, st.window, st.block_sizes.forward, st.interpret)
   return scatter_rows(dq_c, pos, q.shape[1]), dk, dv
 
 
@@ -250,17 +250,20 @@ _compacted_attention = make_selective_attention(_forward_rows, _backward_rows)
 
 
 def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
-                            block_sizes: BlockSizes = BlockSizes(block_q=128, block_k=128),
+                            block_sizes: BlockSizes = BlockSizes.uniform(128, 128),
                             interpret: bool | pltpu.InterpretParams = False):
   """As selective_attention_gpu, on the Mosaic kernels (TPU, or any backend in interpret
-  mode). block_q and block_k must be multiples of 8 (128 fills the MXU)."""
-  if block_sizes.block_q_dkv or block_sizes.block_k_dkv:
-    raise ValueError(f"{block_sizes}: block_q_dkv and block_k_dkv are for the GPU kernels; "
-                     "the TPU kernels use block_q and block_k throughout (leave them None)")
+  mode). One tile for all three kernels (BlockSizes.uniform), block_q and block_k multiples
+  of 8 (128 fills the MXU)."""
+  tile = block_sizes.forward
+  tiles = {(t.block_q, t.block_k) for t in (block_sizes.forward, block_sizes.dq, block_sizes.dkv)}
+  if len(tiles) > 1:
+    raise ValueError(f"{block_sizes}: the TPU kernels use one block_q x block_k tile for "
+                     "forward, dq and dk/dv; build it with BlockSizes.uniform(block_q, block_k)")
   for name in ("block_q", "block_k"):
-    if getattr(block_sizes, name) % 8:
-      raise ValueError(f"BlockSizes.{name}={getattr(block_sizes, name)} must be a multiple "
-                       "of 8 on TPU")
+    if getattr(tile, name) % 8:
+      raise ValueError(f"block {name}={getattr(tile, name)} must be a multiple of 8 on TPU; "
+                       "128 fills the MXU")
   return _compacted_attention(q, k, v, select, window=window, kv_select=kv_select,
                               segment_ids=segment_ids, block_sizes=block_sizes,
                               interpret=interpret)
