@@ -3,7 +3,7 @@ r"""Where the GPU selective attention's time goes, and its block sizes.
 Times, at the benchmark's shape (batch 2, seq 16384, 12 heads, head_dim 64, window 2048,
 bf16) and selected fractions C: the public op (forward, forward+backward), the compaction of
 the selection, and each kernel on its own (forward, dq, dk/dv) over a sweep of BlockSizes
-(with and without unmasked_interior). The best setting per kernel is printed.
+(one tile for all three kernels). The best setting per kernel is printed.
 
     python benchmarks/selective_attention_tune.py [--fractions=0.15,1.0]
 Writes benchmarks/results/selective_attention_tune_<device>.json.
@@ -34,7 +34,6 @@ def main():
   parser.add_argument("--blocks", default="32,64,128")
   parser.add_argument("--warps", default="4,8")
   parser.add_argument("--stages", default="2,3")
-  parser.add_argument("--unmasked_interior", default="0,1")
   parser.add_argument("--interpret", action="store_true", help="smoke-test on a CPU")
   args = parser.parse_args()
   b, l, h, d = map(int, args.shape.split(","))
@@ -44,11 +43,9 @@ def main():
   ok = jnp.ones((b, l), jnp.int32)
   seg = jnp.zeros((b, l), jnp.int32)
   blocks = tuple(map(int, args.blocks.split(",")))
-  sweep = [BlockSizes.uniform(bq, bk, num_warps=nw, num_stages=ns,
-                              unmasked_interior=bool(int(ui)))
-           for bq, bk, nw, ns, ui in itertools.product(
-               blocks, blocks, map(int, args.warps.split(",")), map(int, args.stages.split(",")),
-               args.unmasked_interior.split(","))]
+  sweep = [BlockSizes.uniform(bq, bk, num_warps=nw, num_stages=ns)
+           for bq, bk, nw, ns in itertools.product(
+               blocks, blocks, map(int, args.warps.split(",")), map(int, args.stages.split(",")))]
   rows = []
 
   def record(fraction, stage, ms, bs=None):
@@ -68,17 +65,17 @@ def main():
     record(fraction, "compact", median_ms(lambda: compact(select)))
     for bs in sweep:
       try:
-        pos = compact_selection(select, w, bs.slot_multiple)
+        pos, count = compact_selection(select, w, bs.slot_multiple)
         st = Statics(w, True, bs, args.interpret)
         fwd = jax.jit(lambda *a, st=st: gpu._forward(*a, st))
-        inputs = (q, k, v, pos, ok, seg)
-        record(fraction, "forward", median_ms(lambda: fwd(*inputs)), bs)
-        o, lse = fwd(*inputs)
+        record(fraction, "forward", median_ms(lambda: fwd(q, k, v, pos, count, ok, seg)), bs)
+        o, lse = fwd(q, k, v, pos, count, ok, seg)
         dq = jax.jit(lambda *a, st=st: gpu._dq(*a, st))
-        record(fraction, "dq", median_ms(lambda: dq(*inputs, o, lse, do)), bs)
-        delta = dq(*inputs, o, lse, do)[1]
+        record(fraction, "dq", median_ms(lambda: dq(q, k, v, pos, ok, seg, o, lse, do)), bs)
+        _, delta, q_c, do_c = dq(q, k, v, pos, ok, seg, o, lse, do)
         dkv = jax.jit(lambda *a, st=st: gpu._dkv(*a, st))
-        record(fraction, "dkv", median_ms(lambda: dkv(*inputs, lse, delta, do)), bs)
+        record(fraction, "dkv", median_ms(
+            lambda: dkv(q_c, k, v, pos, count, ok, seg, lse, delta, do_c)), bs)
       except Exception as e:  # noqa: BLE001 -- a setting that does not compile is skipped
         print(f"failed {bs}: {type(e).__name__}: {str(e)[:200]}", flush=True)
   best = {}

@@ -23,8 +23,8 @@ CASES = [
     (2, 40, 2, 16, 12, "none", False, False),
     (1, 96, 2, 32, 24, "clustered", True, False),
 ]
-# No kv_select and one segment, with BlockSizes.unmasked_interior: the GPU kernels skip the
-# mask on key blocks inside every row's window.
+# No kv_select and one segment: the GPU kernels' mask is the window alone. Windows of several
+# key blocks, so some blocks lie inside every row's window and some across its edges.
 WINDOW_ONLY_CASES = [
     (2, 200, 2, 16, 64, "random", False, False),
     (1, 150, 1, 16, 70, "clustered", False, False),
@@ -65,11 +65,10 @@ def test_forward_and_gradients_match_reference(rng, case, family, dtype):
   kv_select = jnp.asarray(rng.random((b, l)) < 0.7) if use_kv else None
   seg = jnp.asarray(np.cumsum(rng.random((b, l)) < 0.05, axis=1)) if packed else None
   weights = jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32)
-  interior = case in WINDOW_ONLY_CASES
   # The Triton kernels take a tile each (slots padded to the lcm of their block_q); the Mosaic
   # ones one tile for all three.
-  bs = (BlockSizes.uniform(16, 16, unmasked_interior=interior) if family == "mosaic" else
-        BlockSizes(Tile(16, 16), Tile(32, 16), Tile(16, 32), unmasked_interior=interior))
+  bs = (BlockSizes.uniform(16, 16) if family == "mosaic" else
+        BlockSizes(Tile(16, 16), Tile(32, 16), Tile(16, 32)))
 
   def kernel(q, k, v):
     if family == "mosaic":

@@ -28,24 +28,19 @@ class Tile:
 class BlockSizes:
   """A tile for each kernel: forward, dq and dk/dv.
 
-  Defaults from the H100 sweeps in docs/kernels/selective_attention.md (64-row tiles, 4 warps;
-  dq steps over 32 keys at a time; 3 pipeline stages for forward and dq, 2 for dk/dv).
-
-  unmasked_interior (GPU forward and dq kernels): where there is no kv_select and one segment,
-  run the key blocks inside every row's window without a mask.
+  Defaults from the H100 sweeps in docs/kernels/selective_attention.md: 64 x 64 tiles, 4 warps
+  and 3 pipeline stages for all three.
   """
   forward: Tile = Tile(64, 64, 4, 3)
-  dq: Tile = Tile(64, 32, 4, 3)
-  dkv: Tile = Tile(64, 64, 4, 2)
-  unmasked_interior: bool = True
+  dq: Tile = Tile(64, 64, 4, 3)
+  dkv: Tile = Tile(64, 64, 4, 3)
 
   @classmethod
-  def uniform(cls, block_q: int, block_k: int, **kwargs) -> "BlockSizes":
+  def uniform(cls, block_q: int, block_k: int, **launch) -> "BlockSizes":
     """The same block_q x block_k tile for all three kernels (the TPU kernels need this);
-    kwargs: num_warps, num_stages, unmasked_interior."""
-    interior = kwargs.pop("unmasked_interior", True)
-    tile = Tile(block_q, block_k, **kwargs)
-    return cls(tile, tile, tile, interior)
+    launch: num_warps, num_stages."""
+    tile = Tile(block_q, block_k, **launch)
+    return cls(tile, tile, tile)
 
   @property
   def slot_multiple(self) -> int:
@@ -54,34 +49,35 @@ class BlockSizes:
 
 
 def compact_selection(select, window: int, block_q: int):
-  """Positions of the selected rows, ascending, then the sentinel seq + window (a row that
-  sees no key), padded to a multiple of block_q: [batch, slots] int32.
+  """(pos, count). pos [batch, slots] int32: the positions of the selected rows, ascending,
+  then the sentinel seq + window (a row that sees no key), padded to a multiple of block_q.
+  count [batch, seq] int32: the selected rows at or before each position (a running count;
+  slots_seeing_key_blocks reads its ranges from it).
 
-  A running count gives each selected row its slot, so this is one cumsum and one scatter
+  The running count gives each selected row its slot, so this is one cumsum and one scatter
   (a sort of the whole row costs several times more on a GPU)."""
   b, l = select.shape
   sel = select.astype(bool)
   slots = l + (-l) % block_q
-  slot = jnp.where(sel, jnp.cumsum(sel, axis=1, dtype=jnp.int32) - 1, slots)
+  count = jnp.cumsum(sel, axis=1, dtype=jnp.int32)
+  slot = jnp.where(sel, count - 1, slots)
   pos = jnp.full((b, slots), l + window, jnp.int32)
-  return pos.at[jnp.arange(b)[:, None], slot].set(
+  pos = pos.at[jnp.arange(b)[:, None], slot].set(
       jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), mode="drop")
+  return pos, count
 
 
-def slots_before(pos, x):
-  """pos: [batch, slots] sorted; x: [n] -> [batch, n] int32, the slots holding positions
-  below each x. 'sort' merges the two sorted lists in one pass; the default binary search is
-  a loop whose steps a GPU runs one kernel launch at a time."""
-  search = jax.vmap(lambda row: jnp.searchsorted(row, x, side="left", method="sort"))
-  return search(pos).astype(jnp.int32)
-
-
-def slots_seeing_key_blocks(pos, num_key_blocks, window, block_k):
+def slots_seeing_key_blocks(count, num_key_blocks, window, block_k):
   """[batch, key blocks, 2] int32: the slots [first, end) whose rows can see each key block,
-  i.e. whose positions lie in [kb * block_k, kb * block_k + block_k - 1 + window)."""
+  i.e. whose positions lie in [kb * block_k, kb * block_k + block_k - 1 + window).
+
+  Slots hold the selected rows in order, so the slots below position x number the selected
+  rows before x: a read of the running count, where a search of pos (even a merge by sort)
+  cost the H100 ~150 us per backward pass."""
+  l = count.shape[1]
+  before = lambda x: jnp.where(x > 0, count[:, jnp.clip(x, 1, l) - 1], 0)
   starts = jnp.arange(num_key_blocks, dtype=jnp.int32) * block_k
-  return jnp.stack([slots_before(pos, starts), slots_before(pos, starts + block_k - 1 + window)],
-                   axis=-1)
+  return jnp.stack([before(starts), before(starts + block_k - 1 + window)], axis=-1)
 
 
 def gather_rows(t, pos):
@@ -103,8 +99,7 @@ def scatter_rows(t_c, pos, seq_len):
 @dataclasses.dataclass(frozen=True)
 class Statics:
   """What the kernels are specialised on. window_only: there is no kv_select and one
-  segment, so the causal window is the whole mask (and, with unmasked_interior, a key block
-  inside every row's window needs none)."""
+  segment, so the causal window is the whole mask (the GPU kernels then read neither)."""
   window: int
   window_only: bool
   block_sizes: BlockSizes
@@ -114,24 +109,24 @@ class Statics:
 def make_selective_attention(forward, backward):
   """The public op from a backend's kernels, which read and write rows at original positions.
 
-  forward(q, k, v, pos, ok, seg, statics) -> (o, lse): o [b, seq, h, d] with zeros at
+  forward(q, k, v, pos, count, ok, seg, statics) -> (o, lse): o [b, seq, h, d] with zeros at
     unselected rows, lse [b, h, slots] fp32 (+inf for rows that see no key);
-  backward(q, k, v, pos, ok, seg, o, lse, do, statics) -> (dq, dk, dv).
-  pos is compact_selection's [b, slots]; ok and seg are [b, seq] int32.
+  backward(q, k, v, pos, count, ok, seg, o, lse, do, statics) -> (dq, dk, dv).
+  pos and count are compact_selection's; ok and seg are [b, seq] int32.
   """
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-  def attend(q, k, v, pos, ok, seg, statics):
-    return forward(q, k, v, pos, ok, seg, statics)[0]
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+  def attend(q, k, v, pos, count, ok, seg, statics):
+    return forward(q, k, v, pos, count, ok, seg, statics)[0]
 
-  def attend_fwd(q, k, v, pos, ok, seg, statics):
-    o, lse = forward(q, k, v, pos, ok, seg, statics)
-    return o, (q, k, v, pos, ok, seg, o, lse)
+  def attend_fwd(q, k, v, pos, count, ok, seg, statics):
+    o, lse = forward(q, k, v, pos, count, ok, seg, statics)
+    return o, (q, k, v, pos, count, ok, seg, o, lse)
 
   def attend_bwd(statics, residuals, do):
-    q, k, v, pos, ok, seg, o, lse = residuals
-    dq, dk, dv = backward(q, k, v, pos, ok, seg, o, lse, do.astype(q.dtype), statics)
+    q, k, v, pos, count, ok, seg, o, lse = residuals
+    dq, dk, dv = backward(q, k, v, pos, count, ok, seg, o, lse, do.astype(q.dtype), statics)
     zero = lambda t: np.zeros(t.shape, jax.dtypes.float0)
-    return dq, dk, dv, zero(pos), zero(ok), zero(seg)
+    return dq, dk, dv, zero(pos), zero(count), zero(ok), zero(seg)
 
   attend.defvjp(attend_fwd, attend_bwd)
 
@@ -139,12 +134,12 @@ def make_selective_attention(forward, backward):
     b, l = q.shape[:2]
     if window < 1:
       raise ValueError(f"window must be >= 1, got {window}")
-    pos = compact_selection(select, window, block_sizes.slot_multiple)
+    pos, count = compact_selection(select, window, block_sizes.slot_multiple)
     seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
            else segment_ids.astype(jnp.int32))
     ok = jnp.ones((b, l), jnp.int32) if kv_select is None else kv_select.astype(jnp.int32)
     window_only = kv_select is None and segment_ids is None
     statics = Statics(window, window_only, block_sizes, interpret)
-    return attend(q, k, v, pos, ok, seg, statics)
+    return attend(q, k, v, pos, count, ok, seg, statics)
 
   return run

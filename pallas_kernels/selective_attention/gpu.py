@@ -1,18 +1,19 @@
 """Query-compacted causal sliding-window attention as Pallas Triton kernels (GPU).
 
-Only selected query rows are computed. `positions` [b, slots] (common.compact_selection) holds
-each selected row's sequence position in ascending order, then a sentinel >= seq + window for
-unused slots (which can see no key). The kernels read q, do and o rows at those positions and
-write o and dq rows there (Triton gathers and scatters rows by pointer), so no compacted copy
-is made; unselected rows of o and dq stay as the zeroed buffer each kernel aliases.
+Only selected query rows are computed. `pos` [b, slots] (common.compact_selection) holds each
+selected row's sequence position in ascending order, then a sentinel >= seq + window for unused
+slots (which can see no key). Forward and dq read q, do and o rows at those positions and
+write o and dq rows there (Triton gathers and scatters rows by pointer); unselected rows of o
+and dq stay as the zeroed buffer each kernel aliases.
 
-  _forward_kernel  grid (batch, head, slot block): online softmax over the key blocks that
-                   the block's rows can see, [first - window + 1, last]; blocks with no
+  _forward_kernel  grid (batch, head, slot block): online softmax (base 2) over the key blocks
+                   that the block's rows can see, [first - window + 1, last]; blocks with no
                    selected row run no iteration. Writes o and the row log-sum-exp (fp32).
-  _dq_kernel       the same grid and key range: dq from the saved statistics; also writes
-                   delta = rowsum(do * o) per slot for the next kernel.
+  _dq_kernel       the same grid and key range: dq from the saved statistics. Also writes
+                   delta = rowsum(do * o) per slot, and the q and do rows compacted, for:
   _dkv_kernel      grid (batch, head, key block): the slot blocks whose rows can see the key
-                   block, a range the caller finds with a search over the sorted positions.
+                   block (a range read off the running count of selected rows), each product
+                   formed key-major so that p and ds need no transpose.
 Cost follows the key span each compacted block reads: (last - first) + window keys for
 block_q selected rows, so about C * seq / block_q blocks of block_q / C + window keys.
 """
@@ -26,8 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.selective_attention.common import (BlockSizes, gather_rows,
-                                                       make_selective_attention,
+from pallas_kernels.selective_attention.common import (BlockSizes, make_selective_attention,
                                                        slots_seeing_key_blocks)
 
 _F32 = jnp.float32
@@ -75,10 +75,13 @@ def _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, start, block_k, seq_len, w
   return keys, k, v, ok, seg
 
 
-def _slot_rows(pos_ref, bi, slots, seq_len, window, block_k, split_interior):
+def _slot_rows(pos_ref, bi, slots, seq_len, window, block_k):
   """A slot block's positions, which of them are selected rows, the rows to read (0 for
-  sentinels, masked), and its key blocks: [lo, hi) in all, of which [a, b) lie inside every
-  row's window (no mask needed there when split_interior; else a = b)."""
+  sentinels, masked), and the key blocks [lo, hi) its rows can see.
+
+  Every key block is masked. Running the blocks inside every row's window without a mask
+  (a loop of its own) was measured slower on the H100 once the mask had become two compares
+  (docs/kernels/selective_attention.md)."""
   pos = pos_ref[bi, slots]
   valid = pos < seq_len
   rows = jnp.where(valid, pos, 0)
@@ -86,21 +89,7 @@ def _slot_rows(pos_ref, bi, slots, seq_len, window, block_k, split_interior):
   last = jnp.max(jnp.where(valid, pos, -1))
   lo = jnp.maximum(first - window + 1, 0) // block_k
   hi = jnp.where(last >= 0, last // block_k + 1, lo)
-  if not split_interior:
-    return pos, valid, rows, (lo, hi, hi, hi)
-  # Key block kb is inside every row's window when last - window < kb * block_k and
-  # kb * block_k + block_k - 1 <= first.
-  a = jnp.clip(-((window - 1 - last) // block_k), lo, hi)
-  b = jnp.clip((first + 1) // block_k, a, hi)
-  return pos, valid, rows, (lo, a, b, hi)
-
-
-def _three_loops(bounds, body, init):
-  """body(i, carry, masked) over [lo, a) masked, [a, b) unmasked, [b, hi) masked."""
-  lo, a, b, hi = bounds
-  carry = jax.lax.fori_loop(lo, a, functools.partial(body, masked=True), init)
-  carry = jax.lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
-  return jax.lax.fori_loop(b, hi, functools.partial(body, masked=True), carry)
+  return pos, valid, rows, lo, hi
 
 
 def _row_index(ref, bi, rows, hi):
@@ -120,28 +109,28 @@ def _store_rows(ref, bi, rows, hi, valid, x):
 # The kernels work in base 2: scores are scaled by scale * log2(e) and exponentiated with
 # exp2, so the log-sum-exp they pass from forward to backward is in log2 units.
 _LOG2E = math.log2(math.e)
+# The running max a row starts from: far below any score, yet finite, so exp2 of it minus a
+# real score underflows to 0 and no test for -inf is needed.
+_NO_SCORE = -1e30
 
 
 def _forward_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, _, o_ref, lse_ref,
-                    *, seq_len, window, window_only, split_interior, block_q, block_k, scale):
+                    *, seq_len, window, window_only, block_q, block_k, scale):
   bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots = pl.ds(si * block_q, block_q)
-  pos, valid, rows, bounds = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k,
-                                        split_interior)
+  pos, valid, rows, lo, hi_kb = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k)
   q = _load_rows(q_ref, bi, rows, hi, valid)
   seg_q = None if window_only else seg_ref[bi, rows]
   d = q.shape[-1]
   qk_scale = scale * _LOG2E
 
-  def body(kb, carry, masked):
+  def body(kb, carry):
     acc, m, l = carry
     keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
                                        block_k, seq_len, window_only)
     s = _dot(q, k, trans_b=True) * qk_scale
-    if masked:
-      s = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window, window_only), s, -jnp.inf)
-    # m starts finite (_NO_SCORE), so a row with every key masked so far gets p = 0 and
-    # alpha = 1 without a test for -inf.
+    s = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window, window_only), s, -jnp.inf)
+    # A row with every key masked so far keeps m = _NO_SCORE: p = 0 and alpha = 1.
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp2(s - m_new[:, None])
     alpha = jnp.exp2(m - m_new)
@@ -150,27 +139,29 @@ def _forward_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, _, o_ref, lse
 
   init = (jnp.zeros((block_q, d), _F32), jnp.full((block_q,), _NO_SCORE, _F32),
           jnp.zeros((block_q,), _F32))
-  acc, m, l = _three_loops(bounds, body, init)
+  acc, m, l = jax.lax.fori_loop(lo, hi_kb, body, init)
   seen = (l > 0) & valid
   l_safe = jnp.where(seen, l, 1.0)
   _store_rows(o_ref, bi, rows, hi, valid, jnp.where(seen[:, None], acc / l_safe[:, None], 0.0))
   lse_ref[bi, hi, slots] = jnp.where(seen, m + jnp.log2(l_safe), jnp.inf)
 
 
-# Far below any score (scores are bounded by |q||k| * scale), yet finite: exp2 of it minus
-# a real score underflows to 0.
-_NO_SCORE = -1e30
-
-
 def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse_ref, _,
-               dq_ref, delta_ref, *, seq_len, window, window_only, split_interior, block_q,
+               dq_ref, delta_ref, q_c_ref, do_c_ref, *, seq_len, window, window_only, block_q,
                block_k, scale):
   bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots = pl.ds(si * block_q, block_q)
-  pos, valid, rows, bounds = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k,
-                                        split_interior)
+  pos, valid, rows, lo, hi_kb = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k)
   q = _load_rows(q_ref, bi, rows, hi, valid)
   do = _load_rows(do_ref, bi, rows, hi, valid)
+
+  # The compacted q and do rows for the dk/dv kernel, written for the slot blocks holding a
+  # selected row: the only blocks it reads (sentinel rows are zeros).
+  @pl.when(pos_ref[bi, si * block_q] < seq_len)
+  def _():
+    q_c_ref[bi, slots, hi, :] = q
+    do_c_ref[bi, slots, hi, :] = do
+
   seg_q = None if window_only else seg_ref[bi, rows]
   lse = lse_ref[bi, hi, slots]
   qk_scale = scale * _LOG2E
@@ -178,27 +169,26 @@ def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse
   delta = jnp.sum(do.astype(_F32) * _load_rows(o_ref, bi, rows, hi, valid).astype(_F32), axis=1)
   delta_ref[bi, hi, slots] = delta
 
-  def body(kb, dq, masked):
+  def body(kb, dq):
     keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
                                        block_k, seq_len, window_only)
     p = jnp.exp2(_dot(q, k, trans_b=True) * qk_scale - lse[:, None])
-    if masked:
-      p = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window, window_only), p, 0.0)
+    p = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window, window_only), p, 0.0)
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _three_loops(bounds, body, jnp.zeros(q.shape, _F32))
+  dq = jax.lax.fori_loop(lo, hi_kb, body, jnp.zeros(q.shape, _F32))
   _store_rows(dq_ref, bi, rows, hi, valid, dq * scale)
 
 
 def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, *, seq_len, window, window_only, split_interior,
-                block_q, block_k, scale):
+                delta_ref, dk_ref, dv_ref, *, seq_len, window, window_only, block_q, block_k,
+                scale):
   """Key-major: every product is formed transposed ([block_k, block_q]), so p and ds enter
   the dk and dv products as they come out of registers, with no transpose between.
 
-  q_ref and do_ref are compacted, [b, slots, h, d]: slot blocks load as plain blocks."""
-  del split_interior   # forward and dq only
+  q_ref and do_ref are compacted, [b, slots, h, d] (the dq kernel writes them): slot
+  blocks load as plain blocks."""
   bi, hi, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   keys, k, v, ok, seg_k = _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, kb * block_k,
                                      block_k, seq_len, window_only)
@@ -227,13 +217,11 @@ def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref
               mask=inside[:, None])
 
 
-def _slot_block_ranges(pos, num_key_blocks, window, block_q, block_k):
+def _slot_block_ranges(count, num_key_blocks, window, block_q, block_k):
   """[b, key blocks, 2] int32: the slot blocks [lo, hi) holding rows that see key block kb.
-
-  The dk/dv kernel masks every block: splitting off the blocks whose rows see all of kb
-  (as forward and dq do with unmasked_interior) made it slower on the H100."""
+  Every block in the range holds a selected row."""
   first, end = jnp.moveaxis(
-      slots_seeing_key_blocks(pos, num_key_blocks, window, block_k), -1, 0)
+      slots_seeing_key_blocks(count, num_key_blocks, window, block_k), -1, 0)
   lo = first // block_q
   hi = jnp.where(end > first, (end - 1) // block_q + 1, lo)
   return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
@@ -245,13 +233,14 @@ def _params(tile):
 
 def _statics(q, st, tile):
   return dict(seq_len=q.shape[1], window=st.window, window_only=st.window_only,
-              split_interior=st.window_only and st.block_sizes.unmasked_interior,
               block_q=tile.block_q, block_k=tile.block_k, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
-def _slot_block_call(kernel, name, tile, q, pos, st, inputs):
+def _slot_block_call(kernel, name, tile, q, pos, st, inputs, compacted=()):
   """A (batch, head, slot block) kernel writing rows of a [b, seq, h, d] output into a zeroed
-  buffer it aliases (only selected rows are written), and a [b, h, slots] fp32 statistic."""
+  buffer it aliases (only selected rows are written), a [b, h, slots] fp32 statistic, and
+  the compacted [b, slots, h, d] rows named in `compacted` (unwritten where a slot block
+  holds no selected row)."""
   b, l, h, d = q.shape
   slots = pos.shape[1]
   return pl.pallas_call(
@@ -259,40 +248,40 @@ def _slot_block_call(kernel, name, tile, q, pos, st, inputs):
       grid=(b, h, slots // tile.block_q), compiler_params=_params(tile), interpret=st.interpret,
       name=name, input_output_aliases={len(inputs): 0},
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, slots), _F32)],
+                 jax.ShapeDtypeStruct((b, h, slots), _F32)]
+                + [jax.ShapeDtypeStruct((b, slots, h, d), t.dtype) for t in compacted],
   )(*inputs, jnp.zeros_like(q))
 
 
-def _forward(q, k, v, pos, ok, seg, st):
+def _forward(q, k, v, pos, count, ok, seg, st):
   """(o, lse [b, h, slots] fp32)."""
+  del count
   return _slot_block_call(_forward_kernel, "selective_attention_forward",
-                          st.block_sizes.forward, q, pos, st,
-                          (pos, q, k, v, ok, seg))
+                          st.block_sizes.forward, q, pos, st, (pos, q, k, v, ok, seg))
 
 
 def _dq(q, k, v, pos, ok, seg, o, lse, do, st):
-  """(dq, delta [b, h, slots] fp32)."""
+  """(dq, delta [b, h, slots] fp32, compacted q, compacted do)."""
   return _slot_block_call(_dq_kernel, "selective_attention_dq", st.block_sizes.dq, q, pos,
-                          st,
-                          (pos, q, k, v, ok, seg, do, o, lse))
+                          st, (pos, q, k, v, ok, seg, do, o, lse), compacted=(q, do))
 
 
-def _dkv(q, k, v, pos, ok, seg, lse, delta, do, st):
-  """(dk, dv). q and do go in compacted (common.gather_rows), a small copy of C * seq rows."""
-  b, l, h, d = q.shape
+def _dkv(q_c, k, v, pos, count, ok, seg, lse, delta, do_c, st):
+  """(dk, dv) from the compacted q and do rows."""
+  b, l, h, d = k.shape
   tile = st.block_sizes.dkv
   nkb = pl.cdiv(l, tile.block_k)
-  ranges = _slot_block_ranges(pos, nkb, st.window, tile.block_q, tile.block_k)
+  ranges = _slot_block_ranges(count, nkb, st.window, tile.block_q, tile.block_k)
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, **_statics(q, st, tile)), grid=(b, h, nkb),
+      functools.partial(_dkv_kernel, **_statics(k, st, tile)), grid=(b, h, nkb),
       compiler_params=_params(tile), interpret=st.interpret, name="selective_attention_dkv",
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-  )(ranges, pos, gather_rows(q, pos), k, v, ok, seg, gather_rows(do, pos), lse, delta)
+  )(ranges, pos, q_c, k, v, ok, seg, do_c, lse, delta)
 
 
-def _backward(q, k, v, pos, ok, seg, o, lse, do, st):
-  dq, delta = _dq(q, k, v, pos, ok, seg, o, lse, do, st)
-  dk, dv = _dkv(q, k, v, pos, ok, seg, lse, delta, do, st)
+def _backward(q, k, v, pos, count, ok, seg, o, lse, do, st):
+  dq, delta, q_c, do_c = _dq(q, k, v, pos, ok, seg, o, lse, do, st)
+  dk, dv = _dkv(q_c, k, v, pos, count, ok, seg, lse, delta, do_c, st)
   return dq, dk, dv
 
 

@@ -150,9 +150,9 @@ def _key_ranges(pos, l, window, bs):
   return jnp.stack([lo, hi], axis=-1).astype(jnp.int32).reshape(-1)
 
 
-def _slot_ranges(pos, lp, window, bs):
+def _slot_ranges(count, lp, window, bs):
   """[b * key_blocks * 2] int32: the slot blocks [lo, hi) whose rows see each key block."""
-  ranges = slots_seeing_key_blocks(pos, lp // bs.block_k, window, bs.block_k)
+  ranges = slots_seeing_key_blocks(count, lp // bs.block_k, window, bs.block_k)
   first, end = ranges[..., 0], ranges[..., 1]
   lo = first // bs.block_q
   hi = jnp.where(end > first, (end - 1) // bs.block_q + 1, lo)
@@ -190,7 +190,7 @@ def _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
   return jnp.transpose(o, (0, 2, 1, 3)), lse
 
 
-def _backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, interpret):
+def _backward(q_c, k, v, pos, count, seg_q, ok, seg, lse, delta, do_c, window, bs, interpret):
   b, slots, h, d = q_c.shape
   l = k.shape[1]
   qt, kt, vt, pos3, segq3, ok3, seg3 = _layouts(q_c, k, v, pos, seg_q, ok, seg, bs)
@@ -226,23 +226,24 @@ def _backward(q_c, k, v, pos, seg_q, ok, seg, lse, delta, do_c, window, bs, inte
       [key_block, key_block],
       [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
       interpret,
-  )(_slot_ranges(pos, lp, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3, dot_, lse, delta)
+  )(_slot_ranges(count, lp, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3, dot_, lse, delta)
   back = lambda t: jnp.transpose(t, (0, 2, 1, 3))[:, :l]
   return jnp.transpose(dq, (0, 2, 1, 3)), back(dk), back(dv)
 
 
-def _forward_rows(q, k, v, pos, ok, seg, st):
+def _forward_rows(q, k, v, pos, count, ok, seg, st):
   """Mosaic has no row gather, so the selected rows are compacted around the kernels."""
+  del count
   o_c, lse = _forward(gather_rows(q, pos), k, v, pos, gather_rows(seg, pos), ok, seg,
                       st.window, st.block_sizes.forward, st.interpret)
   return scatter_rows(o_c, pos, q.shape[1]), lse
 
 
-def _backward_rows(q, k, v, pos, ok, seg, o, lse, do, st):
+def _backward_rows(q, k, v, pos, count, ok, seg, o, lse, do, st):
   do_c = gather_rows(do, pos)
   delta = jnp.einsum("bshd,bshd->bhs", do_c.astype(_F32), gather_rows(o, pos).astype(_F32))
-  dq_c, dk, dv = _backward(gather_rows(q, pos), k, v, pos, gather_rows(seg, pos), ok, seg, lse,
-                           delta, do_c, st.window, st.block_sizes.forward, st.interpret)
+  dq_c, dk, dv = _backward(gather_rows(q, pos), k, v, pos, count, gather_rows(seg, pos), ok,
+                           seg, lse, delta, do_c, st.window, st.block_sizes.forward, st.interpret)
   return scatter_rows(dq_c, pos, q.shape[1]), dk, dv
 
 
