@@ -15,7 +15,9 @@ from flax import nnx
 import taipan_jax
 from pallas_kernels.decode.mamba2_step import mamba2_step_gpu
 from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
-from pallas_kernels.decode.reference import mamba2_step_reference, norm_matvec_reference
+from pallas_kernels.decode.reference import (mamba2_step_reference, norm_matvec_reference,
+                                             window_attention_reference)
+from pallas_kernels.decode.window_attention import window_attention_gpu
 from taipan_jax import ops
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -129,6 +131,52 @@ def test_mamba2_step_matches_float64(rng, case):
       assert _err(a, w) < (TOL[dtype] if part == "y" else 1e-5), (name, part)
 
 
+def window_attention_numpy(q, k, v, valid, active):
+  q, k, v = (np.asarray(jnp.asarray(t, jnp.float32), np.float64) for t in (q, k, v))
+  s = np.einsum("bhd,bshd->bhs", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(valid[:, None, :], s, -np.inf)
+  m = s.max(-1, keepdims=True)
+  p = np.where(valid[:, None, :], np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+  total = p.sum(-1, keepdims=True)
+  out = np.einsum("bhs,bshd->bhd", p / np.where(total > 0, total, 1.0), v)
+  return out * np.asarray(active, np.float64)[:, None, None]
+
+
+WINDOW_ATTENTION_CASES = [
+    # b, slots, heads, head_dim, block_s, dtype
+    (1, 50, 2, 16, 16, jnp.float32),       # slots overhang the last block
+    (4, 64, 3, 32, 32, jnp.float32),       # a row with no valid slot, an inactive row
+    (4, 200, 2, 16, 64, jnp.bfloat16),
+    (2, 2048, 12, 64, 128, jnp.bfloat16),  # a 190M SAL's ring buffer
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_ATTENTION_CASES)
+def test_window_attention_matches_float64(rng, case):
+  """The decode attention kernel and its reference against float64: valid slots scattered
+  (a ring buffer part filled, or only the selected tokens for kv_select), a row that may
+  read nothing, and inactive rows, which must come back as exact zeros."""
+  b, slots, h, d, block_s, dtype = case
+  q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
+  k, v = (jnp.asarray(rng.standard_normal((b, slots, h, d)), dtype) for _ in range(2))
+  valid = rng.random((b, slots)) < 0.6
+  active = np.ones(b, bool)
+  if b > 1:
+    valid[1] = False          # a row with no valid slot reads zeros
+  if b > 2:
+    active[2] = False         # an unselected token
+  want = window_attention_numpy(q, k, v, valid, active)
+  for name, got in (
+      ("kernel", window_attention_gpu(q, k, v, jnp.asarray(valid), jnp.asarray(active),
+                                      block_s=block_s, interpret=not ON_GPU)),
+      ("reference", window_attention_reference(q, k, v, jnp.asarray(valid),
+                                               jnp.asarray(active)))):
+    assert got.dtype == dtype, name
+    assert _err(got, want) < TOL[dtype], name
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    assert not got[~active].any() and not (b > 1 and got[1].any()), name
+
+
 def test_bad_shapes_are_refused(rng):
   x = jnp.ones((1, 12), jnp.float32)
   with pytest.raises(ValueError, match="group_size=5 does not divide the 12 channels"):
@@ -142,6 +190,14 @@ def test_bad_shapes_are_refused(rng):
     mamba2_step_gpu(z, jnp.ones((1, 3, 52)), jnp.ones((1, 3, 12, 8)), jnp.ones((4, 52)),
                     jnp.ones(52), jnp.ones(3), jnp.ones(3), jnp.ones(3), heads=3, head_dim=12,
                     n_groups=1, d_state=8, interpret=True)
+  q, kv = jnp.ones((1, 2, 12)), jnp.ones((1, 8, 2, 12))
+  with pytest.raises(ValueError, match="head_dim a power of two, got 12"):
+    window_attention_gpu(q, kv, kv, jnp.ones((1, 8), bool), interpret=True)
+  q, kv = jnp.ones((1, 2, 16)), jnp.ones((1, 8, 2, 16))
+  with pytest.raises(ValueError, match=r"valid \(1, 7\) must be \[batch, slots\]"):
+    window_attention_gpu(q, kv, kv, jnp.ones((1, 7), bool), interpret=True)
+  with pytest.raises(ValueError, match="must be \\[batch, heads, head_dim\\]"):
+    window_attention_gpu(q, kv, kv[:, :, :1], jnp.ones((1, 8), bool), interpret=True)
   with pytest.raises(ValueError, match="decode implementation 'triton' is unknown"):
     ops.resolve_decode_implementation("triton")
 
@@ -160,13 +216,14 @@ def test_kernels_env_routes_decode_ops(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_decode_with_the_kernels_equals_the_jnp_path(dtype):
-  """Taipan's decode steps with mamba.kernel='interpret' (the decode kernels, and the SSD
-  prefill's TPU kernel in interpret mode; 'pallas' compiled on a GPU) against 'reference':
-  logits and caches."""
+  """Taipan's decode steps with mamba.kernel and sal.kernel 'interpret' (the decode kernels,
+  and the prefill's TPU SSD and selective attention kernels in interpret mode; 'pallas'
+  compiled on a GPU) against 'reference': logits and caches."""
   results = {}
   kernels = ("reference", "pallas" if ON_GPU else "interpret")
   for kernel in kernels:
-    cfg = taipan_jax.load_config("tiny", {"model.dtype": dtype, "mamba.kernel": kernel})
+    cfg = taipan_jax.load_config("tiny", {"model.dtype": dtype, "mamba.kernel": kernel,
+                                          "sal.kernel": kernel})
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 9)),
                          jnp.int32)
     model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))

@@ -2,6 +2,8 @@
 path every backend without the kernels takes (their numerics are the model's own layers')."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -70,3 +72,25 @@ def mamba2_step_reference(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias,
   y = jnp.einsum("bhpn,bhn->bhp", state, Ch, precision=jax.lax.Precision.HIGHEST)
   y = y.astype(dtype).astype(_F32) + x.astype(_F32) * D.astype(_F32)[:, None]
   return y.reshape(b, d_inner), window[:, 1:], state
+
+
+def window_attention_reference(q, k_cache, v_cache, valid, active=None):
+  """softmax(q k^T / sqrt(d)) v over the valid slots, fp32 statistics; zeros for rows with no
+  valid slot and for inactive rows.
+
+  q: [b, heads, head_dim]; k_cache, v_cache: [b, slots, heads, head_dim]; valid: [b, slots]
+  bool; active: optional [b] bool. Returns [b, heads, head_dim] in q.dtype.
+  """
+  prec = jax.lax.Precision.HIGHEST if q.dtype == _F32 else jax.lax.Precision.DEFAULT
+  s = jnp.einsum("bhd,bshd->bhs", q, k_cache, precision=prec,
+                 preferred_element_type=_F32) * (1.0 / math.sqrt(q.shape[-1]))
+  s = jnp.where(valid[:, None, :], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))      # masked slots: exp(-inf) = 0
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(total > 0, total, 1.0)
+  out = jnp.einsum("bhs,bshd->bhd", p.astype(v_cache.dtype), v_cache, precision=prec,
+                   preferred_element_type=_F32)
+  if active is not None:
+    out = out * active[:, None, None]
+  return out.astype(q.dtype)

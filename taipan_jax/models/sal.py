@@ -246,8 +246,9 @@ class SelectiveAttentionLayer(nnx.Module):
     cv = cache.v.at[rows, slot].set(v[:, 0].astype(self.dtype))
     filled = cache.filled.at[rows, slot].set(True)
     kept = cache.kept.at[rows, slot].set(selected)
-    attn = ops.window_decode_attention(q[:, 0], ck, cv, kept if self.kv_selected_only else filled)
-    attn = attn * selected[:, None, None]
+    attn = ops.window_decode_attention(q[:, 0], ck, cv,
+                                       kept if self.kv_selected_only else filled,
+                                       active=selected, implementation=self.kernel)
     out = self._mix(h, mask, scores, attn)
     new = SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=cache.pos + 1)
     return out, {"mask": mask}, new

@@ -13,7 +13,9 @@ import os
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode.reference import window_attention_reference
 from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
+from taipan_jax.ops.decode import resolve_decode_implementation
 from taipan_jax.ops.kernel_sharding import per_shard
 from taipan_jax.ops.ssd import IMPLEMENTATIONS
 
@@ -200,15 +202,23 @@ def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_i
                                implementation=implementation)
 
 
-def window_decode_attention(q, k_cache, v_cache, valid):
+def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
+                            implementation: str = "auto"):
   """One query per row against a cache of keys.
 
   Args:
     q: [batch, heads, head_dim]; k_cache, v_cache: [batch, slots, heads, head_dim].
     valid: [batch, slots] bool, the slots this query may read.
+    active: optional [batch] bool, the rows whose output is needed (a SAL's selected tokens);
+      the others return zeros, and the Triton kernel reads no cache for them.
+    implementation: as ops.resolve_decode_implementation ('auto' takes the jnp path).
 
   Returns:
     [batch, heads, head_dim] in q.dtype (zeros where no slot is valid).
   """
-  out = _masked_softmax_attend(q[:, None], k_cache, v_cache, valid[:, None, :])
-  return out[:, 0].astype(q.dtype)
+  impl = resolve_decode_implementation(implementation, head_dim=q.shape[-1])
+  if impl == "reference":
+    return window_attention_reference(q, k_cache, v_cache, valid, active)
+  from pallas_kernels.decode.window_attention import window_attention_gpu
+  return window_attention_gpu(q, k_cache, v_cache, valid, active,
+                              interpret=impl == "interpret")
