@@ -143,11 +143,12 @@ def window_attention_numpy(q, k, v, valid, active):
 
 
 WINDOW_ATTENTION_CASES = [
-    # b, slots, heads, head_dim, block_s, dtype
-    (1, 50, 2, 16, 16, jnp.float32),       # slots overhang the last block
-    (4, 64, 3, 32, 32, jnp.float32),       # a row with no valid slot, an inactive row
-    (4, 200, 2, 16, 64, jnp.bfloat16),
-    (2, 2048, 12, 64, 128, jnp.bfloat16),  # a 190M SAL's ring buffer
+    # b, slots, heads, head_dim, block_s, max_splits, dtype
+    (1, 50, 2, 16, 16, 16, jnp.float32),        # 4 chunks of a block, the last overhangs
+    (4, 64, 3, 32, 32, 16, jnp.float32),        # a row with no valid slot, an inactive row
+    (4, 200, 2, 16, 16, 4, jnp.bfloat16),       # 13 blocks in 4 chunks of 4: loops, and a
+                                                # chunk past the end
+    (2, 2048, 12, 64, 128, 16, jnp.bfloat16),   # a 190M SAL's ring buffer
 ]
 
 
@@ -156,7 +157,7 @@ def test_window_attention_matches_float64(rng, case):
   """The decode attention kernel and its reference against float64: valid slots scattered
   (a ring buffer part filled, or only the selected tokens for kv_select), a row that may
   read nothing, and inactive rows, which must come back as exact zeros."""
-  b, slots, h, d, block_s, dtype = case
+  b, slots, h, d, block_s, max_splits, dtype = case
   q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
   k, v = (jnp.asarray(rng.standard_normal((b, slots, h, d)), dtype) for _ in range(2))
   valid = rng.random((b, slots)) < 0.6
@@ -168,7 +169,8 @@ def test_window_attention_matches_float64(rng, case):
   want = window_attention_numpy(q, k, v, valid, active)
   for name, got in (
       ("kernel", window_attention_gpu(q, k, v, jnp.asarray(valid), jnp.asarray(active),
-                                      block_s=block_s, interpret=not ON_GPU)),
+                                      block_s=block_s, max_splits=max_splits,
+                                      interpret=not ON_GPU)),
       ("reference", window_attention_reference(q, k, v, jnp.asarray(valid),
                                                jnp.asarray(active)))):
     assert got.dtype == dtype, name
@@ -245,3 +247,27 @@ def test_model_decode_with_the_kernels_equals_the_jnp_path(dtype):
   for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
     if jnp.issubdtype(a.dtype, jnp.floating):
       assert _err(a, np.asarray(jnp.asarray(b, jnp.float32), np.float64)) < tol
+
+
+def test_decode_attention_dispatch(monkeypatch):
+  """'auto' takes the kernel on a GPU for a SAL-sized cache, XLA for longer ones and on other
+  backends; $TAIPAN_KERNELS overrides. Each route gives the same result."""
+  import pallas_kernels.decode.window_attention as kernel_module
+  rng = np.random.default_rng(0)
+  calls = []
+  real = kernel_module.window_attention_gpu
+  monkeypatch.setattr(kernel_module, "window_attention_gpu",
+                      lambda *a, **k: calls.append(k["interpret"]) or real(*a, **k))
+  monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
+  for slots, env, kernel in ((64, None, ON_GPU), (8192, None, False),
+                             (64, "interpret", True), (64, "reference", False)):
+    if env:
+      monkeypatch.setenv("TAIPAN_KERNELS", env)
+    q = jnp.asarray(rng.standard_normal((1, 2, 16)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((1, slots, 2, 16)), jnp.float32)
+    valid = jnp.arange(slots)[None] < 40
+    calls.clear()
+    got = ops.window_decode_attention(q, kv, kv, valid, active=jnp.ones((1,), bool))
+    assert bool(calls) == kernel, (slots, env)
+    want = window_attention_reference(q, kv, kv, valid)
+    assert _err(got, np.asarray(want, np.float64)) < 1e-5, (slots, env)

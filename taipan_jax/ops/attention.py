@@ -202,6 +202,13 @@ def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_i
                                implementation=implementation)
 
 
+# 'auto' takes the decode attention kernel on a GPU for caches up to this many slots: at a
+# 190M SAL's 2048-slot ring buffer on an H100 it took 9.8 us per call against XLA's 10.7
+# (6.7 against 10.4 for an unselected token) and the whole decode step 0.716 ms against
+# 0.778. Longer caches (a Transformer++'s) were not timed through it, so they stay on XLA.
+_DECODE_KERNEL_MAX_SLOTS = 4096
+
+
 def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
                             implementation: str = "auto"):
   """One query per row against a cache of keys.
@@ -211,11 +218,16 @@ def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
     valid: [batch, slots] bool, the slots this query may read.
     active: optional [batch] bool, the rows whose output is needed (a SAL's selected tokens);
       the others return zeros, and the Triton kernel reads no cache for them.
-    implementation: as ops.resolve_decode_implementation ('auto' takes the jnp path).
+    implementation: as ops.resolve_decode_implementation, except that 'auto' (with
+      $TAIPAN_KERNELS unset) takes the Triton kernel on a GPU for caches of up to
+      _DECODE_KERNEL_MAX_SLOTS slots.
 
   Returns:
     [batch, heads, head_dim] in q.dtype (zeros where no slot is valid).
   """
+  if (implementation == "auto" and os.environ.get("TAIPAN_KERNELS", "auto") == "auto"
+      and k_cache.shape[1] <= _DECODE_KERNEL_MAX_SLOTS):
+    implementation = "pallas"
   impl = resolve_decode_implementation(implementation, head_dim=q.shape[-1])
   if impl == "reference":
     return window_attention_reference(q, k_cache, v_cache, valid, active)
