@@ -1,5 +1,5 @@
 """What the GPU and TPU selective attention kernels share: block sizes, the compaction of
-selected rows into slots, the searches that bound each block's loop, row gathers and
+selected rows into slots, the running count that bounds each key block's loop, row gathers and
 scatters, and the custom_vjp around a backend's forward and backward."""
 from __future__ import annotations
 

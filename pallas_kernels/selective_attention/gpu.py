@@ -118,7 +118,7 @@ def _forward_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, _, o_ref, lse
                     *, seq_len, window, window_only, block_q, block_k, scale):
   bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots = pl.ds(si * block_q, block_q)
-  pos, valid, rows, lo, hi_kb = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k)
+  pos, valid, rows, kb_lo, kb_hi = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k)
   q = _load_rows(q_ref, bi, rows, hi, valid)
   seg_q = None if window_only else seg_ref[bi, rows]
   d = q.shape[-1]
@@ -139,7 +139,7 @@ def _forward_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, _, o_ref, lse
 
   init = (jnp.zeros((block_q, d), _F32), jnp.full((block_q,), _NO_SCORE, _F32),
           jnp.zeros((block_q,), _F32))
-  acc, m, l = jax.lax.fori_loop(lo, hi_kb, body, init)
+  acc, m, l = jax.lax.fori_loop(kb_lo, kb_hi, body, init)
   seen = (l > 0) & valid
   l_safe = jnp.where(seen, l, 1.0)
   _store_rows(o_ref, bi, rows, hi, valid, jnp.where(seen[:, None], acc / l_safe[:, None], 0.0))
@@ -151,7 +151,7 @@ def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse
                block_k, scale):
   bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slots = pl.ds(si * block_q, block_q)
-  pos, valid, rows, lo, hi_kb = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k)
+  pos, valid, rows, kb_lo, kb_hi = _slot_rows(pos_ref, bi, slots, seq_len, window, block_k)
   q = _load_rows(q_ref, bi, rows, hi, valid)
   do = _load_rows(do_ref, bi, rows, hi, valid)
 
@@ -177,7 +177,7 @@ def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref, o_ref, lse
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jax.lax.fori_loop(lo, hi_kb, body, jnp.zeros(q.shape, _F32))
+  dq = jax.lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros(q.shape, _F32))
   _store_rows(dq_ref, bi, rows, hi, valid, dq * scale)
 
 
