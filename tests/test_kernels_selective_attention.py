@@ -110,8 +110,8 @@ def test_tpu_kernels_refuse_mixed_or_unaligned_tiles():
 
 def test_ops_dispatch_and_mesh(rng, monkeypatch):
   """TAIPAN_KERNELS=interpret routes ops.selective_window_attention to the kernels; under an
-  8-device mesh they run per batch shard (shard_map) and equal the unsharded result,
-  gradients included."""
+  8-device mesh they run per batch shard, and per batch and head shard on a data x tensor
+  mesh (shard_map), and equal the unsharded result, gradients included."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   b, l, h, d, window = 8, 40, 2, 16, 12
   q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32) for _ in range(3))
@@ -134,6 +134,16 @@ def test_ops_dispatch_and_mesh(rng, monkeypatch):
   with jax.set_mesh(mesh):
     args = tuple(put(t) for t in (q, k, v))
     assert "shard_map" in str(jax.make_jaxpr(loss)(*args))
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
+  # Batch over 'data' and heads over 'tensor': each kernel call sees 2 rows and 1 head.
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  put = lambda t: jax.device_put(t, NamedSharding(mesh, P("data", None, "tensor")))
+  with jax.set_mesh(mesh):
+    args = tuple(put(t) for t in (q, k, v))
+    jaxpr = str(jax.make_jaxpr(loss)(*args))
+    assert "shard_map" in jaxpr and f"f32[2,{l},1,{d}]" in jaxpr
     got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)

@@ -115,7 +115,8 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
     extra = {name: t for name, t in (("kv_select", kv_select), ("segment_ids", segment_ids))
              if t is not None}
     call = lambda q, k, v, select, *rest: kernel(q, k, v, select, **dict(zip(extra, rest)))
-    return per_shard(call, (), (q, k, v, select, *extra.values()), num_outputs=1)
+    return per_shard(call, (), (q, k, v, select, *extra.values()), num_outputs=1,
+                     per_head=(0, 1, 2))
   key_ok = jnp.ones((b, l), bool) if kv_select is None else kv_select.astype(bool)
   block = max(window, _MIN_BLOCK)
   if l <= 2 * block:
