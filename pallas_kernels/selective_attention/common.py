@@ -52,7 +52,7 @@ def compact_selection(select, window: int, block_q: int):
   """(pos, count). pos [batch, slots] int32: the positions of the selected rows, ascending,
   then the sentinel seq + window (a row that sees no key), padded to a multiple of block_q.
   count [batch, seq] int32: the selected rows at or before each position (a running count;
-  slots_seeing_key_blocks reads its ranges from it).
+  slot_blocks_seeing_key_blocks reads its ranges from it).
 
   The running count gives each selected row its slot, so this is one cumsum and one scatter
   (a sort of the whole row costs several times more on a GPU)."""
@@ -67,9 +67,10 @@ def compact_selection(select, window: int, block_q: int):
   return pos, count
 
 
-def slots_seeing_key_blocks(count, num_key_blocks, window, block_k):
-  """[batch, key blocks, 2] int32: the slots [first, end) whose rows can see each key block,
-  i.e. whose positions lie in [kb * block_k, kb * block_k + block_k - 1 + window).
+def slot_blocks_seeing_key_blocks(count, num_key_blocks, window, block_q, block_k):
+  """[batch, key blocks, 2] int32: the slot blocks [lo, hi) holding rows that can see each key
+  block, i.e. whose positions lie in [kb * block_k, kb * block_k + block_k - 1 + window).
+  Every block in the range holds a selected row.
 
   Slots hold the selected rows in order, so the slots below position x number the selected
   rows before x: a read of the running count, where a search of pos (even a merge by sort)
@@ -77,7 +78,10 @@ def slots_seeing_key_blocks(count, num_key_blocks, window, block_k):
   l = count.shape[1]
   before = lambda x: jnp.where(x > 0, count[:, jnp.clip(x, 1, l) - 1], 0)
   starts = jnp.arange(num_key_blocks, dtype=jnp.int32) * block_k
-  return jnp.stack([before(starts), before(starts + block_k - 1 + window)], axis=-1)
+  first, end = before(starts), before(starts + block_k - 1 + window)
+  lo = first // block_q
+  hi = jnp.where(end > first, (end - 1) // block_q + 1, lo)
+  return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
 def gather_rows(t, pos):

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.selective_attention.common import (BlockSizes, make_selective_attention,
-                                                       slots_seeing_key_blocks)
+                                                       slot_blocks_seeing_key_blocks)
 
 _F32 = jnp.float32
 _BIG = 2**30
@@ -41,23 +41,17 @@ def _dot(a, b, trans_a=False, trans_b=False):
                              preferred_element_type=_F32)
 
 
-def _visible(pos, seg_q, keys, key_ok, seg_k, window, window_only):
-  """[bq, bk] mask: key j is in row i's causal window (and, unless window_only, selected for
-  keys and in the same segment)."""
-  behind = pos[:, None] - keys[None, :]
+def _visible(pos, seg_q, keys, key_ok, seg_k, window, window_only, key_major=False):
+  """The mask, [bq, bk] (key_major: [bk, bq], for the dk/dv kernel's products): key j is in
+  row i's causal window (and, unless window_only, selected for keys and in the same
+  segment)."""
+  row = (lambda t: t[None, :]) if key_major else (lambda t: t[:, None])   # per query row
+  col = (lambda t: t[:, None]) if key_major else (lambda t: t[None, :])   # per key
+  behind = row(pos) - col(keys)
   mask = (behind >= 0) & (behind < window)
   if window_only:
     return mask
-  return mask & key_ok[None, :] & (seg_k[None, :] == seg_q[:, None])
-
-
-def _visible_t(pos, seg_q, keys, key_ok, seg_k, window, window_only):
-  """_visible transposed, [bk, bq], for the dk/dv kernel's key-major products."""
-  behind = pos[None, :] - keys[:, None]
-  mask = (behind >= 0) & (behind < window)
-  if window_only:
-    return mask
-  return mask & key_ok[:, None] & (seg_k[:, None] == seg_q[None, :])
+  return mask & col(key_ok) & (col(seg_k) == row(seg_q))
 
 
 def _key_block(k_ref, v_ref, ok_ref, seg_ref, bi, hi, start, block_k, seq_len, window_only):
@@ -202,7 +196,8 @@ def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref
     do = do_ref[bi, slots, hi, :]
     seg_q = None if window_only else seg_ref[bi, jnp.where(pos < seq_len, pos, 0)]
     p_t = jnp.exp2(_dot(k, q, trans_b=True) * qk_scale - lse_ref[bi, hi, slots][None, :])
-    p_t = jnp.where(_visible_t(pos, seg_q, keys, ok, seg_k, window, window_only), p_t, 0.0)
+    p_t = jnp.where(_visible(pos, seg_q, keys, ok, seg_k, window, window_only,
+                                  key_major=True), p_t, 0.0)
     dv = dv + _dot(p_t.astype(do.dtype), do)
     ds_t = p_t * (_dot(v, do, trans_b=True) - delta_ref[bi, hi, slots][None, :])
     dk = dk + _dot(ds_t.astype(q.dtype), q)
@@ -215,16 +210,6 @@ def _dkv_kernel(range_ref, pos_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref
               (dk * scale).astype(dk_ref.dtype), mask=inside[:, None])
   plgpu.store(dv_ref.at[bi, pl.ds(kb * block_k, block_k), hi, :], dv.astype(dv_ref.dtype),
               mask=inside[:, None])
-
-
-def _slot_block_ranges(count, num_key_blocks, window, block_q, block_k):
-  """[b, key blocks, 2] int32: the slot blocks [lo, hi) holding rows that see key block kb.
-  Every block in the range holds a selected row."""
-  first, end = jnp.moveaxis(
-      slots_seeing_key_blocks(count, num_key_blocks, window, block_k), -1, 0)
-  lo = first // block_q
-  hi = jnp.where(end > first, (end - 1) // block_q + 1, lo)
-  return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
 def _params(tile):
@@ -271,7 +256,7 @@ def _dkv(q_c, k, v, pos, count, ok, seg, lse, delta, do_c, st):
   b, l, h, d = k.shape
   tile = st.block_sizes.dkv
   nkb = pl.cdiv(l, tile.block_k)
-  ranges = _slot_block_ranges(count, nkb, st.window, tile.block_q, tile.block_k)
+  ranges = slot_blocks_seeing_key_blocks(count, nkb, st.window, tile.block_q, tile.block_k)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, **_statics(k, st, tile)), grid=(b, h, nkb),
       compiler_params=_params(tile), interpret=st.interpret, name="selective_attention_dkv",

@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.selective_attention.common import (BlockSizes, gather_rows,
                                                        make_selective_attention, scatter_rows,
-                                                       slots_seeing_key_blocks)
+                                                       slot_blocks_seeing_key_blocks)
 
 _F32 = jnp.float32
 
@@ -152,11 +152,8 @@ def _key_ranges(pos, l, window, bs):
 
 def _slot_ranges(count, lp, window, bs):
   """[b * key_blocks * 2] int32: the slot blocks [lo, hi) whose rows see each key block."""
-  ranges = slots_seeing_key_blocks(count, lp // bs.block_k, window, bs.block_k)
-  first, end = ranges[..., 0], ranges[..., 1]
-  lo = first // bs.block_q
-  hi = jnp.where(end > first, (end - 1) // bs.block_q + 1, lo)
-  return jnp.stack([lo, hi], axis=-1).astype(jnp.int32).reshape(-1)
+  return slot_blocks_seeing_key_blocks(count, lp // bs.block_k, window, bs.block_q,
+                                       bs.block_k).reshape(-1)
 
 
 def _layouts(q_c, k, v, pos, seg_q, ok, seg, bs):

@@ -135,19 +135,16 @@ class Mamba2Mixer(nnx.Module):
     return out, Mamba2Cache(conv=ops.from_last_device(tail.astype(self.dtype)),
                             ssm=ops.from_last_device(state))
 
-  def step(self, u, cache: Mamba2Cache, *, norm=None):
-    """One token.  u: [batch, d_model] -> (out [batch, d_model], new cache).
+  def step(self, h, cache: Mamba2Cache, norm):
+    """One token of the block around this mixer.  h: [batch, d_model] the residual stream
+    (fp32) -> (h + out, new cache).
 
-    norm: the block's RMSNorm, applied to u inside the in-projection's kernel; with it the
-    block's residual is added by the out-projection's kernel as well (u is then the residual
-    stream h, fp32, and the result is h + out). See ops.decode.
+    norm: the block's RMSNorm, applied to h inside the in-projection's call; the residual is
+    added by the out-projection's (ops.decode).
     """
     impl = self.kernel
-    if norm is None:
-      zxbcdt = self.in_proj(u)
-    else:
-      zxbcdt = ops.norm_matvec(u, norm.weight[...], self.in_proj.kernel[...], eps=norm.eps,
-                               dtype=self.dtype, implementation=impl)
+    zxbcdt = ops.norm_matvec(h, norm.weight[...], self.in_proj.kernel[...], eps=norm.eps,
+                             dtype=self.dtype, implementation=impl)
     y, conv, ssm = ops.mamba2_decode_step(
         zxbcdt, cache.conv, cache.ssm, self.conv_weight[...], self.conv_bias[...],
         self.dt_bias[...], self.A_log[...], self.D[...], heads=self.heads,
@@ -156,7 +153,7 @@ class Mamba2Mixer(nnx.Module):
     out = ops.norm_matvec(y, self.norm.weight[...], self.out_proj.kernel[...], eps=self.norm.eps,
                           dtype=self.dtype, gate=zxbcdt,        # z: its first d_inner columns
                           group_size=self.norm.group_size,
-                          residual=None if norm is None else u, implementation=impl)
+                          residual=h, implementation=impl)
     return out, Mamba2Cache(conv=conv, ssm=ssm)
 
 
@@ -185,4 +182,4 @@ class Mamba2Block(nnx.Module):
 
   def step(self, h, cache: Mamba2Cache):
     """One token.  h: [batch, d_model] fp32 -> (h + mixer(norm(h)), new cache)."""
-    return self.mixer.step(h, cache, norm=self.norm)
+    return self.mixer.step(h, cache, self.norm)

@@ -226,10 +226,9 @@ def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
   Returns:
     [batch, heads, head_dim] in q.dtype (zeros where no slot is valid).
   """
-  if (implementation == "auto" and os.environ.get("TAIPAN_KERNELS", "auto") == "auto"
-      and k_cache.shape[1] <= _DECODE_KERNEL_MAX_SLOTS):
-    implementation = "pallas"
-  impl = resolve_decode_implementation(implementation, head_dim=q.shape[-1])
+  impl = resolve_decode_implementation(
+      implementation, head_dim=q.shape[-1],
+      kernel_by_default=k_cache.shape[1] <= _DECODE_KERNEL_MAX_SLOTS)
   if impl == "reference":
     return window_attention_reference(q, k_cache, v_cache, valid, active)
   from pallas_kernels.decode.window_attention import window_attention_gpu

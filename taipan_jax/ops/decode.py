@@ -24,10 +24,12 @@ IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 
 
 def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int | None = None,
-                                  d_state: int | None = None) -> str:
-  """'auto' defers to $TAIPAN_KERNELS, then takes the jnp path: on an H100 the Triton kernels
-  cut the 190M Taipan's decode loop from 249 kernels to 145 per token but not its time
-  (0.801 vs 0.786 ms; docs/kernels/decode.md). 'pallas' takes the Triton kernels on a GPU
+                                  d_state: int | None = None,
+                                  kernel_by_default: bool = False) -> str:
+  """'auto' defers to $TAIPAN_KERNELS, then to kernel_by_default: whether the op has measured
+  its Triton kernel faster ('pallas') or not (the jnp path). The Mamba-2 block's kernels cut
+  the 190M Taipan's decode loop from 249 kernels to 145 per token but not its time (0.745 vs
+  0.711 ms on an H100; docs/kernels/decode.md). 'pallas' takes the Triton kernels on a GPU
   (head_dim and d_state powers of two); there is no TPU decode kernel, so elsewhere 'pallas'
   runs the jnp path. 'interpret' runs the Triton kernels in Pallas interpret mode on any
   backend. Returns 'reference', 'pallas_gpu' or 'interpret'."""
@@ -36,8 +38,10 @@ def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"decode implementation {implementation!r} is unknown; use one of "
                      f"{IMPLEMENTATIONS} (argument, mamba.kernel or $TAIPAN_KERNELS)")
-  if implementation in ("auto", "reference", "interpret"):
-    return "reference" if implementation == "auto" else implementation
+  if implementation == "auto":
+    implementation = "pallas" if kernel_by_default else "reference"
+  if implementation in ("reference", "interpret"):
+    return implementation
   tiles = all(v is None or not v & (v - 1) for v in (head_dim, d_state))
   return "pallas_gpu" if jax.default_backend() == "gpu" and tiles else "reference"
 
