@@ -54,7 +54,8 @@ NORM_MATVEC_CASES = [
     (1, 96, 200, True, 2, True, jnp.float32, jnp.float32, 32, 64),        # gated, 2 groups
     (3, 40, 17, False, 1, True, jnp.float32, jnp.float32, 32, 16),        # k overhangs
     (11, 48, 33, True, 3, True, jnp.bfloat16, jnp.float32, 16, 32),       # > MAX_ROWS rows
-    (2, 768, 130, False, 1, False, jnp.bfloat16, jnp.bfloat16, 128, 64),  # model-like, bf16
+    (2, 768, 130, False, 1, False, jnp.bfloat16, jnp.bfloat16, 256, None),  # in-proj-like
+    (1, 1536, 40, True, 1, True, jnp.bfloat16, jnp.bfloat16, 256, None),  # out-proj-like
 ]
 
 
@@ -214,6 +215,37 @@ def test_kernels_env_routes_decode_ops(monkeypatch):
   assert ops.resolve_decode_implementation("pallas", head_dim=64, d_state=128) == (
       "pallas_gpu" if ON_GPU else "reference")
   assert ops.resolve_decode_implementation("pallas", head_dim=48) == "reference"
+
+
+def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
+  """'auto' takes the Mamba-2 block kernels on a GPU for one row and XLA for more (as
+  measured); the backend is faked as a GPU and the kernels run in interpret mode."""
+  import pallas_kernels.decode.mamba2_step as step_module
+  import pallas_kernels.decode.norm_matvec as matvec_module
+  calls = []
+  for module, name in ((matvec_module, "norm_matvec_gpu"), (step_module, "mamba2_step_gpu")):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: (
+        calls.append(name), real(*a, **{**k, "interpret": True}))[1])
+  monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  heads, head_dim, d_state = 2, 16, 16
+  d_inner, conv_dim = heads * head_dim, heads * head_dim + 2 * d_state
+  for b, kernel in ((1, True), (2, False)):
+    calls.clear()
+    x = jnp.asarray(rng.standard_normal((b, 24)), jnp.float32)
+    got = ops.norm_matvec(x, jnp.ones(24), jnp.ones((24, 8)), eps=1e-5, dtype=jnp.float32)
+    want = norm_matvec_reference(x, jnp.ones(24), jnp.ones((24, 8)), eps=1e-5, dtype=jnp.float32)
+    assert _err(got, np.asarray(want, np.float64)) < 1e-5
+    zx = jnp.asarray(rng.standard_normal((b, d_inner + conv_dim + heads)), jnp.float32)
+    args = (zx, jnp.zeros((b, 3, conv_dim)), jnp.zeros((b, heads, head_dim, d_state)),
+            jnp.ones((4, conv_dim)), jnp.zeros(conv_dim), jnp.zeros(heads), jnp.zeros(heads),
+            jnp.ones(heads))
+    kw = dict(heads=heads, head_dim=head_dim, n_groups=1, d_state=d_state)
+    got = ops.mamba2_decode_step(*args, **kw)
+    for g, w in zip(got, mamba2_step_reference(*args, **kw)):
+      assert _err(g, np.asarray(w, np.float64)) < 1e-5
+    assert calls == (["norm_matvec_gpu", "mamba2_step_gpu"] if kernel else []), b
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

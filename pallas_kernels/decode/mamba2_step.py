@@ -70,7 +70,7 @@ def _kernel(zx_ref, conv_ref, ssm_ref, cw_ref, cb_ref, dtb_ref, alog_ref, d_ref,
                                              "block_p", "num_warps", "interpret"))
 def mamba2_step_gpu(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, *,
                     heads: int, head_dim: int, n_groups: int, d_state: int, block_p: int = 16,
-                    num_warps: int = 4, interpret: bool = False):
+                    num_warps: int = 2, interpret: bool = False):
   """See reference.mamba2_step_reference (same arguments and results). head_dim and d_state
   must be powers of two (Triton block shapes); block_p rows of a head's state per program
   (more programs than heads keep more of the GPU's memory pipes busy)."""

@@ -1,17 +1,26 @@
 """RMSNorm (optionally gated) followed by a matrix-vector product, one Pallas Triton kernel.
 
 Decoding runs one token per row, so every projection is a matrix-vector product that reads
-its weight once. XLA turns such a small dot into a multiply and a reduction and, when the
-multiply fuses with the norm before it, writes the whole [k, n] product to memory and reads
-it back; the norm's statistics add two kernels more. Here one kernel does all of it:
+its weight once: a few MiB in a few microseconds, where the time goes to memory latency
+rather than bandwidth. XLA turns such a small dot into a multiply and a reduction and, when
+the multiply fuses with the norm before it, writes the whole [k, n] product to memory and
+reads it back; the norm's statistics add kernels more. Here one kernel does all of it:
 
-  grid (row blocks, column blocks of block_n). Each program first sums the squares of its rows
-  (the gated product x * silu(gate) when gated) per group of channels, then walks k in chunks
-  of block_k: the weight chunk [block_k, block_n] is loaded once and used for every row.
+  grid (row blocks, column blocks of block_n). A program loads its whole [k, block_n] slice
+  of the weight, the rows' x (and gate) and the norm weight, all at once: the k chunks are
+  unrolled in Python, so no load waits on another and every one of them is in flight
+  together. It then sums each row's squares per group of channels, normalises, and
+  accumulates x_n[:, None] * w chunk by chunk into one [block_k, block_n] tile that is
+  reduced over k once at the end.
 
-The k loops are real loops so Triton pipelines the weight loads over num_stages. Rows are
-few (a decode batch), so each is its own static body inside them; the normalised row is
-rounded to the compute dtype before the product, as an nnx.Linear of that dtype would.
+Measured on an H100 (docs/kernels/decode.md) this is what made the kernel faster than XLA:
+a k loop whose x loads waited on memory each iteration cost about 1 µs a chunk, and a
+tensor-core form (rows padded to 16) kept that wait. The default block_n keeps a program's
+weight slice near 48 KiB, which stays in registers at 4 warps.
+
+Rows are few (a decode batch): up to MAX_ROWS share a program and its weight loads; the
+normalised row is rounded to the compute dtype before the product, as an nnx.Linear of that
+dtype would.
 """
 from __future__ import annotations
 
@@ -23,7 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _F32 = jnp.float32
-MAX_ROWS = 8      # rows per program; more rows take more programs
+MAX_ROWS = 8                      # rows per program; more rows take more programs
+_SLICE_ELEMENTS = 24 * 1024       # weight elements per program for the default block_n
 
 
 def _kernel(*refs, k, n, rows, block_k, block_n, eps, group_size, gated, has_residual, dtype):
@@ -35,76 +45,74 @@ def _kernel(*refs, k, n, rows, block_k, block_n, eps, group_size, gated, has_res
   row0 = pl.program_id(0) * rows
   col0 = pl.program_id(1) * block_n
   col_ok = col0 + jnp.arange(block_n) < n
-  chunks = pl.cdiv(k, block_k)
+  # Unrolled: every load is issued up front. jnp scalars, not ints: the last chunk may
+  # overhang k (masked), which a static slice would refuse.
+  starts = [jnp.int32(start) for start in range(0, k, block_k)]
+  channels = [start + jnp.arange(block_k) for start in starts]
   groups = k // group_size
+  in_group = [[(ks >= g * group_size) & (ks < (g + 1) * group_size) for g in range(groups)]
+              for ks in channels]
 
-  def row_chunk(r, start):
-    """x (gated) of row row0 + r over channels start .. start + block_k, fp32, zero outside."""
-    ks = start + jnp.arange(block_k)
-    ok = (ks < k) & (row0 + r < x_ref.shape[0])
-    u = plgpu.load(x_ref.at[row0 + r, pl.ds(start, block_k)], mask=ok, other=0.0).astype(_F32)
-    if gated:
-      z = plgpu.load(g_ref.at[row0 + r, pl.ds(start, block_k)], mask=ok, other=0.0)
-      z = z.astype(_F32)
-      u = u * z * jax.nn.sigmoid(z)
-    return ks, u
-
-  def group_masks(ks):
-    return [(ks >= g * group_size) & (ks < (g + 1) * group_size) for g in range(groups)]
-
-  # Pass 1: per row, the sum of squares of each group of channels.
-  def stats(c, sums):
-    sums = list(sums)
-    for r in range(rows):
-      ks, u = row_chunk(r, c * block_k)
-      for g, in_group in enumerate(group_masks(ks)):
-        sums[r * groups + g] = sums[r * groups + g] + jnp.sum(jnp.where(in_group, u * u, 0.0))
-    return tuple(sums)
-
-  sums = jax.lax.fori_loop(0, chunks, stats, (jnp.zeros((), _F32),) * (rows * groups))
-  inv_rms = [jax.lax.rsqrt(s / group_size + eps) for s in sums]
-
-  # Pass 2: the product, one weight chunk at a time, shared by the rows. A loop (not unrolled)
-  # so that Triton pipelines the weight loads over num_stages.
-  def product(c, acc):
-    start = c * block_k
-    ks = start + jnp.arange(block_k)
-    w = plgpu.load(w_ref.at[pl.ds(start, block_k), pl.ds(col0, block_n)],
+  ws = [plgpu.load(w_ref.at[pl.ds(start, block_k), pl.ds(col0, block_n)],
                    mask=(ks < k)[:, None] & col_ok[None, :], other=0.0)
-    w = w.astype(dtype).astype(_F32)
-    nw = plgpu.load(nw_ref.at[pl.ds(start, block_k)], mask=ks < k, other=0.0).astype(_F32)
-    masks = group_masks(ks)
-    acc = list(acc)
-    for r in range(rows):
-      _, u = row_chunk(r, start)
-      scale = inv_rms[r * groups] if groups == 1 else sum(
-          jnp.where(m, inv_rms[r * groups + g], 0.0) for g, m in enumerate(masks))
-      xn = (u * scale * nw).astype(dtype).astype(_F32)
-      acc[r] = acc[r] + jnp.sum(xn[:, None] * w, axis=0)
-    return tuple(acc)
+        for start, ks in zip(starts, channels)]
+  nws = [plgpu.load(nw_ref.at[pl.ds(start, block_k)], mask=ks < k, other=0.0).astype(_F32)
+         for start, ks in zip(starts, channels)]
 
-  acc = jax.lax.fori_loop(0, chunks, product, (jnp.zeros((block_n,), _F32),) * rows)
+  def row_chunks(r):
+    """Row row0 + r (gated), fp32, one [block_k] piece per chunk, zero outside."""
+    pieces = []
+    for start, ks in zip(starts, channels):
+      ok = (ks < k) & (row0 + r < x_ref.shape[0])
+      u = plgpu.load(x_ref.at[row0 + r, pl.ds(start, block_k)], mask=ok, other=0.0)
+      u = u.astype(_F32)
+      if gated:
+        z = plgpu.load(g_ref.at[row0 + r, pl.ds(start, block_k)], mask=ok, other=0.0)
+        z = z.astype(_F32)
+        u = u * z * jax.nn.sigmoid(z)
+      pieces.append(u)
+    return pieces
 
+  xs = [row_chunks(r) for r in range(rows)]
+  ws = [w.astype(dtype).astype(_F32) for w in ws]
   for r in range(rows):
+    sums = [sum(jnp.sum(jnp.where(in_group[c][g], u * u, 0.0)) for c, u in enumerate(xs[r]))
+            for g in range(groups)]
+    inv_rms = [jax.lax.rsqrt(s / group_size + eps) for s in sums]
+    acc = jnp.zeros((block_k, block_n), _F32)
+    for c, u in enumerate(xs[r]):
+      scale = inv_rms[0] if groups == 1 else sum(
+          jnp.where(m, inv, 0.0) for m, inv in zip(in_group[c], inv_rms))
+      xn = (u * scale * nws[c]).astype(dtype).astype(_F32)
+      acc = acc + xn[:, None] * ws[c]
     ok = col_ok & (row0 + r < o_ref.shape[0])
-    out = acc[r].astype(dtype)
+    out = jnp.sum(acc, axis=0).astype(dtype)
     if has_residual:
       res = plgpu.load(r_ref.at[row0 + r, pl.ds(col0, block_n)], mask=ok, other=0.0)
       out = res.astype(_F32) + out.astype(_F32)
     plgpu.store(o_ref.at[row0 + r, pl.ds(col0, block_n)], out.astype(o_ref.dtype), mask=ok)
 
 
+def default_block_n(k: int) -> int:
+  """The widest power-of-two column block (16 .. 64) whose [k, block_n] weight slice stays
+  near _SLICE_ELEMENTS: 32 for the 190M in-projection (k 768), 16 for its out-projection."""
+  block_n = 64
+  while block_n > 16 and k * block_n > _SLICE_ELEMENTS:
+    block_n //= 2
+  return block_n
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "group_size", "block_k", "block_n",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "interpret"))
 def norm_matvec_gpu(x, norm_weight, w, *, eps: float, dtype, gate=None,
                     group_size: int | None = None, residual=None, block_k: int = 256,
-                    block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
-                    interpret: bool = False):
+                    block_n: int | None = None, num_warps: int = 4, interpret: bool = False):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w; see reference.norm_matvec_reference.
 
   x: [b, k]; gate: [b, >= k] (its first k columns are used, so a slice of a wider
   projection need not be copied out); norm_weight: [k]; w: [k, n] (any float dtype; rounded
-  to `dtype` as loaded); residual: [b, n]. block_k and block_n: powers of two.
+  to `dtype` as loaded); residual: [b, n]. block_k and block_n: powers of two (block_n
+  default: default_block_n(k)).
   """
   b, k = x.shape
   n = w.shape[1]
@@ -116,6 +124,10 @@ def norm_matvec_gpu(x, norm_weight, w, *, eps: float, dtype, gate=None,
   if w.shape[0] != k or norm_weight.shape != (k,):
     raise ValueError(f"x {x.shape}, norm_weight {norm_weight.shape} and w {w.shape} disagree "
                      "on the channel count")
+  block_n = block_n or default_block_n(k)
+  for name, v in (("block_k", block_k), ("block_n", block_n)):
+    if v & (v - 1):
+      raise ValueError(f"{name}={v} must be a power of two (a Triton block)")
   rows = min(b, MAX_ROWS)
   dtype = jnp.dtype(dtype)
   out_dtype = _F32 if residual is not None else dtype
@@ -128,5 +140,5 @@ def norm_matvec_gpu(x, norm_weight, w, *, eps: float, dtype, gate=None,
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((b, n), out_dtype),
       grid=(pl.cdiv(b, rows), pl.cdiv(n, block_n)),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="norm_matvec")(*operands)

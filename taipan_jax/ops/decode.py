@@ -5,12 +5,14 @@
     h         = norm_matvec(y, gated norm, out_proj, gate=z, residual=h)
 
 Decoding is latency-bound: per token each layer moves a few megabytes, and on a GPU the time
-goes to kernel launches (about 3 µs each in XLA's loop). XLA compiles these steps to about
-nine kernels per block, and writes the [d_inner, d_model] product of its out-projection to
-memory, because it turns small dots into a multiply and a reduction. The Pallas Triton kernels
-of pallas_kernels/decode do each line in one kernel (implementation 'pallas'); measured on an
-H100 they are not faster, so 'auto' runs the plain jnp forms: the same operations as the
-model's layers.
+goes to many small kernels, each paying a few microseconds of memory latency. XLA compiles
+these steps to about nine kernels per block and writes the [d_inner, d_model] product of its
+out-projection to memory, because it turns small dots into a multiply and a reduction. The
+Pallas Triton kernels of pallas_kernels/decode do each line in one kernel. On an H100 they
+are faster at batch 1 (the 190M Taipan's step 0.63 against 0.71 ms,
+docs/kernels/decode.md), so 'auto' takes them on a GPU for one row; a batch of four ran
+slower through them than through XLA, so larger batches keep the plain jnp forms (the same
+operations as the model's layers).
 """
 from __future__ import annotations
 
@@ -21,15 +23,18 @@ import jax
 from pallas_kernels.decode.reference import mamba2_step_reference, norm_matvec_reference
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
+# 'auto' takes the Mamba-2 block kernels on a GPU up to this many rows. Measured on an H100:
+# faster than XLA at 1 row; at 4 rows the projections took 7.1 and 10.6 us against XLA's
+# 5.3 and 5.5. Two and three rows were not measured.
+_BLOCK_KERNEL_MAX_BATCH = 1
 
 
 def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int | None = None,
                                   d_state: int | None = None,
                                   kernel_by_default: bool = False) -> str:
   """'auto' defers to $TAIPAN_KERNELS, then to kernel_by_default: whether the op has measured
-  its Triton kernel faster ('pallas') or not (the jnp path). The Mamba-2 block's kernels cut
-  the 190M Taipan's decode loop from 249 kernels to 145 per token but not its time (0.745 vs
-  0.711 ms on an H100; docs/kernels/decode.md). 'pallas' takes the Triton kernels on a GPU
+  its Triton kernel faster ('pallas') at this call's shape or not (the jnp path); see
+  docs/kernels/decode.md for the measurements behind each op's rule. 'pallas' takes the Triton kernels on a GPU
   (head_dim and d_state powers of two); there is no TPU decode kernel, so elsewhere 'pallas'
   runs the jnp path. 'interpret' runs the Triton kernels in Pallas interpret mode on any
   backend. Returns 'reference', 'pallas_gpu' or 'interpret'."""
@@ -57,7 +62,8 @@ def norm_matvec(x, norm_weight, w, *, eps: float, dtype, gate=None, group_size: 
   Returns [batch, n] in `dtype`, or fp32 with a residual.
   """
   kw = dict(eps=eps, dtype=dtype, gate=gate, group_size=group_size, residual=residual)
-  impl = resolve_decode_implementation(implementation)
+  impl = resolve_decode_implementation(
+      implementation, kernel_by_default=x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH)
   if impl == "reference":
     return norm_matvec_reference(x, norm_weight, w, **kw)
   from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
@@ -76,7 +82,9 @@ def mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt
   """
   args = (zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
   kw = dict(heads=heads, head_dim=head_dim, n_groups=n_groups, d_state=d_state)
-  impl = resolve_decode_implementation(implementation, head_dim=head_dim, d_state=d_state)
+  impl = resolve_decode_implementation(
+      implementation, head_dim=head_dim, d_state=d_state,
+      kernel_by_default=zxbcdt.shape[0] <= _BLOCK_KERNEL_MAX_BATCH)
   if impl == "reference":
     return mamba2_step_reference(*args, **kw)
   from pallas_kernels.decode.mamba2_step import mamba2_step_gpu
