@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.mamba.head_dim = 64                # P: channels per SSM head
   cfg.mamba.n_groups = 1                 # B/C groups shared by the heads
   cfg.mamba.chunk_size = 256             # SSD chunk length (multiple of 8 for the kernels)
-  cfg.mamba.kernel = "auto"              # SSD: auto | reference | pallas | interpret
+  cfg.mamba.kernel = "auto"              # SSD + decode: auto | reference | pallas | interpret
   cfg.mamba.a_init_min = 1.0             # A = -exp(A_log) initialised uniformly in [min, max]
   cfg.mamba.a_init_max = 16.0
   cfg.mamba.dt_min = 1e-3                # initial dt log-uniform in [dt_min, dt_max]
