@@ -219,7 +219,8 @@ def test_kernels_env_routes_decode_ops(monkeypatch):
 
 def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
   """'auto' takes the Mamba-2 block kernels on a GPU for one row and XLA for more (as
-  measured); the backend is faked as a GPU and the kernels run in interpret mode."""
+  measured), and norm_matvec's only up to k = 1536; the backend is faked as a GPU and the
+  kernels run in interpret mode."""
   import pallas_kernels.decode.mamba2_step as step_module
   import pallas_kernels.decode.norm_matvec as matvec_module
   calls = []
@@ -246,6 +247,10 @@ def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
     for g, w in zip(got, mamba2_step_reference(*args, **kw)):
       assert _err(g, np.asarray(w, np.float64)) < 1e-5
     assert calls == (["norm_matvec_gpu", "mamba2_step_gpu"] if kernel else []), b
+  calls.clear()
+  ops.norm_matvec(jnp.ones((1, 2048)), jnp.ones(2048), jnp.ones((2048, 8)), eps=1e-5,
+                  dtype=jnp.float32)
+  assert calls == []
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -10,8 +10,8 @@ these steps to about nine kernels per block and writes the [d_inner, d_model] pr
 out-projection to memory, because it turns small dots into a multiply and a reduction. The
 Pallas Triton kernels of pallas_kernels/decode do each line in one kernel. On an H100 they
 are faster at batch 1 (the 190M Taipan's step 0.611 ms against 0.762 with every op on XLA,
-docs/kernels/decode.md), so 'auto' takes them on a GPU for one row; a batch of four ran
-slower through them than through XLA, so larger batches keep the plain jnp forms (the same
+docs/kernels/decode.md), so 'auto' takes them on a GPU for one row; from three rows on
+they ran slower than XLA, so larger batches keep the plain jnp forms (the same
 operations as the model's layers).
 """
 from __future__ import annotations
@@ -23,10 +23,13 @@ import jax
 from pallas_kernels.decode.reference import mamba2_step_reference, norm_matvec_reference
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
-# 'auto' takes the Mamba-2 block kernels on a GPU up to this many rows. Measured on an H100:
-# faster than XLA at 1 row; at 4 rows the projections took 7.1 and 10.6 us against XLA's
-# 5.3 and 5.5. Two and three rows were not measured.
+# 'auto' takes the Mamba-2 block kernels on a GPU up to this many rows. Measured on an H100
+# (the two projections, weights in L2): 7.3 us against XLA's 15.1 at 1 row, a tie at 2
+# (10.6 against 10.7), slower at 3 and 4 (14.4 and 17.7 against 10.4 and 10.7).
 _BLOCK_KERNEL_MAX_BATCH = 1
+# norm_matvec holds a program's whole [k, 16] weight slice in registers; past this k (the
+# 190M out-projection's) the slice outgrows them and the kernel was not measured.
+_MATVEC_KERNEL_MAX_K = 1536
 
 
 def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int | None = None,
@@ -63,7 +66,8 @@ def norm_matvec(x, norm_weight, w, *, eps: float, dtype, gate=None, group_size: 
   """
   kw = dict(eps=eps, dtype=dtype, gate=gate, group_size=group_size, residual=residual)
   impl = resolve_decode_implementation(
-      implementation, kernel_by_default=x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH)
+      implementation, kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
+                                         and x.shape[1] <= _MATVEC_KERNEL_MAX_K))
   if impl == "reference":
     return norm_matvec_reference(x, norm_weight, w, **kw)
   from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
