@@ -35,10 +35,14 @@ def norm_matvec_numpy(x, nw, w, *, eps, dtype, gate=None, group_size=None, resid
     z = np.asarray(jnp.asarray(gate, jnp.float32), np.float64)[:, :u.shape[1]]
     u = u * z / (1 + np.exp(-z))
   b, k = u.shape
-  gs = group_size or k
-  grouped = u.reshape(b, k // gs, gs)
-  grouped = grouped / np.sqrt((grouped ** 2).mean(-1, keepdims=True) + eps)
-  xn = _round(grouped.reshape(b, k) * np.asarray(nw, np.float64), dtype)
+  if nw is not None:
+    gs = group_size or k
+    grouped = u.reshape(b, k // gs, gs)
+    grouped = grouped / np.sqrt((grouped ** 2).mean(-1, keepdims=True) + eps)
+    u = grouped.reshape(b, k) * np.asarray(nw, np.float64)
+  xn = _round(u, dtype)
+  if isinstance(w, tuple):
+    return tuple(xn @ _round(np.asarray(wi, np.float64), dtype) for wi in w)
   y = xn @ _round(np.asarray(w, np.float64), dtype)
   return y if residual is None else np.asarray(residual, np.float64) + _round(y, dtype)
 
@@ -56,6 +60,7 @@ NORM_MATVEC_CASES = [
     (11, 48, 33, True, 3, True, jnp.bfloat16, jnp.float32, 16, 32),       # > MAX_ROWS rows
     (2, 768, 130, False, 1, False, jnp.bfloat16, jnp.bfloat16, 256, None),  # in-proj-like
     (1, 1536, 40, True, 1, True, jnp.bfloat16, jnp.bfloat16, 256, None),  # out-proj-like
+    (2, 1536, 24, True, 2, True, jnp.float32, jnp.float32, 256, None),    # split, 2 groups
 ]
 
 
@@ -78,6 +83,45 @@ def test_norm_matvec_matches_float64(rng, case):
   # On a GPU XLA's fp32 dot is TF32 by default, in the reference as in the model's layers.
   ref_tol = 2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]
   assert _err(ref, want) < ref_tol, "reference"
+
+
+SHARED_ROW_CASES = [
+    # b, k, widths, normed, gated, residual, dtype, block_k, block_n, k_splits
+    (1, 64, (48, 17, 40), True, False, False, jnp.float32, 16, 16, 1),  # q, k, v-like
+    (10, 40, (33, 8), True, False, False, jnp.bfloat16, 32, 16, 1),     # > MAX_ROWS rows
+    (2, 48, (20,), False, False, False, jnp.float32, 16, 8, 1),         # a plain product
+    (3, 72, (24,), False, True, True, jnp.float32, 32, 16, 1),          # SwiGLU's down-proj.
+    (1, 2048, (40,), False, True, True, jnp.bfloat16, 256, None, None),  # ... 190M: split k
+    (1, 768, (40, 24), True, False, False, jnp.bfloat16, 256, None, None),  # its up-proj.
+    (3, 100, (17, 33), True, True, False, jnp.float32, 16, 16, 3),      # split, overhangs
+    (9, 96, (20,), False, True, True, jnp.float32, 32, 8, 2),           # split + residual
+]
+
+
+@pytest.mark.parametrize("case", SHARED_ROW_CASES)
+def test_norm_matvec_shared_row_and_plain_products(rng, case):
+  """A tuple of weights (one launch for every product of the normalised row), no
+  normalisation (norm_weight None) and k split among programs, against float64."""
+  b, k, widths, normed, gated, residual, dtype, bk, bn, splits = case
+  x = jnp.asarray(rng.standard_normal((b, k)) * 3, jnp.float32)
+  gate = jnp.asarray(rng.standard_normal((b, k)), dtype) if gated else None
+  nw = jnp.asarray(1 + 0.3 * rng.standard_normal(k), jnp.float32) if normed else None
+  ws = tuple(jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype) for n in widths)
+  w = ws if len(ws) > 1 else ws[0]
+  res = jnp.asarray(rng.standard_normal((b, widths[0])), jnp.float32) if residual else None
+  kw = dict(eps=1e-5, dtype=dtype, gate=gate, residual=res)
+  want = norm_matvec_numpy(x, nw, w, **kw)
+  got = norm_matvec_gpu(x, nw, w, block_k=bk, block_n=bn, k_splits=splits,
+                        interpret=not ON_GPU, **kw)
+  ref = norm_matvec_reference(x, nw, w, **kw)
+  ref_tol = 2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]
+  if len(ws) == 1:
+    got, ref, want = (got,), (ref,), (want,)
+  assert len(got) == len(ws) == len(ref)
+  for g, r, wt, n in zip(got, ref, want, widths):
+    assert g.shape == (b, n) and g.dtype == r.dtype == (jnp.float32 if residual else dtype)
+    assert _err(g, wt) < TOL[dtype], "kernel"
+    assert _err(r, wt) < ref_tol, "reference"
 
 
 def mamba2_step_numpy(zx, conv_state, ssm, cw, cb, dtb, alog, D, *, heads, head_dim, n_groups,
@@ -188,6 +232,15 @@ def test_bad_shapes_are_refused(rng):
   with pytest.raises(ValueError, match="disagree on the channel count"):
     norm_matvec_gpu(x, jnp.ones(12), jnp.ones((10, 4)), eps=1e-5, dtype=jnp.float32,
                     interpret=True)
+  with pytest.raises(ValueError, match="a residual is added to a single product"):
+    norm_matvec_reference(x, jnp.ones(12), (jnp.ones((12, 4)), jnp.ones((12, 4))), eps=1e-5,
+                          dtype=jnp.float32, residual=jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match="group_size=6 needs a norm_weight"):
+    norm_matvec_gpu(x, None, jnp.ones((12, 4)), eps=1e-5, dtype=jnp.float32, group_size=6,
+                    interpret=True)
+  with pytest.raises(ValueError, match=r"residual \(1, 5\) must be \[1, 4\]"):
+    norm_matvec_gpu(x, None, jnp.ones((12, 4)), eps=1e-5, dtype=jnp.float32,
+                    residual=jnp.ones((1, 5)), interpret=True)
   z = jnp.ones((1, 3 * 12 + 2 * 8 + 3), jnp.float32)
   with pytest.raises(ValueError, match="head_dim a power of two, got 12"):
     mamba2_step_gpu(z, jnp.ones((1, 3, 52)), jnp.ones((1, 3, 12, 8)), jnp.ones((4, 52)),
@@ -219,7 +272,7 @@ def test_kernels_env_routes_decode_ops(monkeypatch):
 
 def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
   """'auto' takes the Mamba-2 block kernels on a GPU for one row and XLA for more (as
-  measured), and norm_matvec's only up to k = 1536; the backend is faked as a GPU and the
+  measured), and norm_matvec's only up to k = 2048; the backend is faked as a GPU and the
   kernels run in interpret mode."""
   import pallas_kernels.decode.mamba2_step as step_module
   import pallas_kernels.decode.norm_matvec as matvec_module
@@ -248,7 +301,7 @@ def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
       assert _err(g, np.asarray(w, np.float64)) < 1e-5
     assert calls == (["norm_matvec_gpu", "mamba2_step_gpu"] if kernel else []), b
   calls.clear()
-  ops.norm_matvec(jnp.ones((1, 2048)), jnp.ones(2048), jnp.ones((2048, 8)), eps=1e-5,
+  ops.norm_matvec(jnp.ones((1, 4096)), jnp.ones(4096), jnp.ones((4096, 8)), eps=1e-5,
                   dtype=jnp.float32)
   assert calls == []
 

@@ -18,21 +18,62 @@ def _normalize(u, weight, eps, group_size):
   return grouped.reshape(b, k) * weight.astype(_F32)
 
 
+def check_norm_matvec_operands(x, norm_weight, w, *, gate=None, group_size=None,
+                               residual=None):
+  """Raises ValueError naming the operand whose shape disagrees (see norm_matvec_reference)."""
+  if x.ndim != 2:
+    raise ValueError(f"x {x.shape} must be [batch, k]: one token per row")
+  b, k = x.shape
+  ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+  if not ws:
+    raise ValueError("norm_matvec needs at least one weight")
+  if gate is not None and (gate.ndim != 2 or gate.shape[0] != b or gate.shape[1] < k):
+    raise ValueError(f"gate {gate.shape} must be [{b}, >= {k}]")
+  if norm_weight is None:
+    if group_size is not None:
+      raise ValueError(f"group_size={group_size} needs a norm_weight: without one nothing is "
+                       "normalised")
+  else:
+    if norm_weight.shape != (k,):
+      raise ValueError(f"x {x.shape} and norm_weight {norm_weight.shape} disagree on the "
+                       "channel count")
+    if k % (group_size or k):
+      raise ValueError(f"group_size={group_size} does not divide the {k} channels")
+  for wi in ws:
+    if wi.ndim != 2 or wi.shape[0] != k:
+      raise ValueError(f"x {x.shape} and w {wi.shape} disagree on the channel count")
+  if residual is not None:
+    if len(ws) != 1 or isinstance(w, (tuple, list)):
+      raise ValueError("a residual is added to a single product: pass one weight, not "
+                       f"{len(ws) if isinstance(w, (tuple, list)) else 1} in a tuple")
+    if residual.shape != (b, ws[0].shape[1]):
+      raise ValueError(f"residual {residual.shape} must be [{b}, {ws[0].shape[1]}]")
+
+
 def norm_matvec_reference(x, norm_weight, w, *, eps: float, dtype, gate=None,
                           group_size: int | None = None, residual=None):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w, for one token per row.
 
-  x: [b, k]; gate: [b, >= k] (its first k columns); norm_weight: [k]; w: [k, n];
-  residual: [b, n] fp32.
+  x: [b, k]; gate: [b, >= k] (its first k columns); norm_weight: [k], or None to skip the
+  normalisation; w: [k, n], or a tuple of weights that share the normalised row; residual:
+  [b, n] fp32 (a single weight only).
   The normalised row is rounded to `dtype` and multiplied in `dtype` (an nnx.Linear with that
   dtype); groups of group_size channels (default k) are normalised separately.
-  Returns [b, n]: in `dtype`, or fp32 (residual + the product) with a residual.
+  Returns [b, n] (a tuple of [b, n_i] for a tuple of weights): in `dtype`, or fp32 (residual
+  + the product) with a residual.
   """
+  check_norm_matvec_operands(x, norm_weight, w, gate=gate, group_size=group_size,
+                             residual=residual)
   u = x.astype(_F32)
   if gate is not None:
     u = u * jax.nn.silu(gate[:, :u.shape[1]].astype(_F32))
-  xn = _normalize(u, norm_weight, eps, group_size or u.shape[-1]).astype(dtype)
-  y = jax.lax.dot_general(xn, w.astype(dtype), (((1,), (0,)), ((), ())))
+  if norm_weight is not None:
+    u = _normalize(u, norm_weight, eps, group_size or u.shape[-1])
+  xn = u.astype(dtype)
+  product = lambda wi: jax.lax.dot_general(xn, wi.astype(dtype), (((1,), (0,)), ((), ())))
+  if isinstance(w, (tuple, list)):
+    return tuple(product(wi) for wi in w)
+  y = product(w)
   if residual is None:
     return y
   return residual.astype(_F32) + y.astype(_F32)

@@ -55,10 +55,14 @@ class AttentionBlock(nnx.Module):
     self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
 
   def _qkv(self, x, positions):
+    return self._heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), positions)
+
+  def _heads(self, q, k, v, positions):
+    """Projections [b, l, d_model] -> q, k, v [b, l, heads, head_dim], RoPE at positions."""
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)
-    q = apply_rope(split(self.q_proj(x)), positions, self.rope_theta)
-    k = apply_rope(split(self.k_proj(x)), positions, self.rope_theta)
-    return q, k, split(self.v_proj(x))
+    q = apply_rope(split(q), positions, self.rope_theta)
+    k = apply_rope(split(k), positions, self.rope_theta)
+    return q, k, split(v)
 
   def _mlp(self, h):
     return h + self.mlp(self.norm_mlp(h)).astype(jnp.float32)
@@ -113,11 +117,17 @@ class AttentionBlock(nnx.Module):
   def step(self, h, cache: KVCache):
     """h: [batch, d_model] one token per row -> (h, cache)."""
     b, d = h.shape
-    q, k, v = self._qkv(self.norm_attn(h)[:, None], cache.pos[:, None])
+    qkv = ops.norm_matvec(h, self.norm_attn.weight[...], (self.q_proj.kernel[...],
+                                                           self.k_proj.kernel[...],
+                                                           self.v_proj.kernel[...]),
+                          eps=self.norm_attn.eps, dtype=self.dtype)
+    q, k, v = self._heads(*(t[:, None] for t in qkv), cache.pos[:, None])
     rows = jnp.arange(b)
     ck = cache.k.at[rows, cache.pos].set(k[:, 0].astype(self.dtype))
     cv = cache.v.at[rows, cache.pos].set(v[:, 0].astype(self.dtype))
     valid = jnp.arange(ck.shape[1])[None, :] <= cache.pos[:, None]
     attn = ops.window_decode_attention(q[:, 0], ck, cv, valid)
-    h = self._mlp(h + self.o_proj(attn.reshape(b, d)).astype(jnp.float32))
+    h = ops.norm_matvec(attn.reshape(b, d), None, self.o_proj.kernel[...], residual=h,
+                        eps=self.norm_mlp.eps, dtype=self.dtype)
+    h = self.mlp.step(h, self.norm_mlp)
     return h, KVCache(k=ck, v=cv, pos=cache.pos + 1)

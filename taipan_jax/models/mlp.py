@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from taipan_jax import ops
+
 
 def uniform_fan_in(scale: float = 1.0):
   """U(+-scale/sqrt(fan_in)): PyTorch's nn.Linear default, which mamba_ssm keeps.
@@ -35,3 +37,16 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x):
     return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+  def step(self, h, norm, *, implementation: str = "auto"):
+    """One token per row of the residual block around this layer: h + SwiGLU(norm(h)).
+
+    h: [batch, d_model] fp32 -> [batch, d_model] fp32. norm: the block's RMSNorm, applied
+    inside the up-projections' call; both up-projections share one call and the gate, the
+    down-projection and the residual another (ops.norm_matvec).
+    """
+    dtype = self.w2.dtype
+    up, gate = ops.norm_matvec(h, norm.weight[...], (self.w3.kernel[...], self.w1.kernel[...]),
+                               eps=norm.eps, dtype=dtype, implementation=implementation)
+    return ops.norm_matvec(up, None, self.w2.kernel[...], gate=gate, residual=h, eps=norm.eps,
+                           dtype=dtype, implementation=implementation)

@@ -114,18 +114,25 @@ class SelectiveAttentionLayer(nnx.Module):
     return ops.straight_through_gumbel(scores, key, tau=self.tau if tau is None else tau)
 
   def _qkv(self, x, positions):
+    return self._heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), positions)
+
+  def _heads(self, q, k, v, positions):
+    """Projections [b, l, d_model] -> q, k, v [b, l, heads, head_dim], RoPE at positions."""
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)
-    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    q, k, v = split(q), split(k), split(v)
     if self.rope:
       q = apply_rope(q, positions, self.rope_theta)
       k = apply_rope(k, positions, self.rope_theta)
     return q, k, v
 
-  def _mix(self, h, mask, scores, attn):
-    # eq. 5: selected tokens move to (1 - alpha) h + alpha o; the others keep h exactly.
+  def _mix(self, h, mask, scores, o):
+    """eq. 5: selected tokens move to (1 - alpha) h + alpha o; the others keep h exactly.
+    o: the attention's output projection."""
     alpha = jax.nn.softmax(scores, axis=-1)[..., 1]
-    o = self.o_proj(attn.reshape(*attn.shape[:-2], -1)).astype(jnp.float32)
-    h = h + (mask * alpha)[..., None] * (o - h)
+    return h + (mask * alpha)[..., None] * (o.astype(jnp.float32) - h)
+
+  def _mix_and_mlp(self, h, mask, scores, attn):
+    h = self._mix(h, mask, scores, self.o_proj(attn.reshape(*attn.shape[:-2], -1)))
     return h + self.mlp(self.norm_b(h)).astype(jnp.float32)       # eq. 6, every token
 
   def init_cache(self, batch_size: int) -> SALCache:
@@ -181,7 +188,7 @@ class SelectiveAttentionLayer(nnx.Module):
           q, k, v, selected, window=self.window,
           kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
           implementation=self.kernel)
-      out = self._mix(h, mask, scores, attn)
+      out = self._mix_and_mlp(h, mask, scores, attn)
       return out, {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not self.deterministic:
       raise ValueError("cache / return_cache is for evaluation and decoding: call model.eval() "
@@ -214,7 +221,7 @@ class SelectiveAttentionLayer(nnx.Module):
         q, k, v, selected, k_prefix=k_prev, v_prefix=v_prev, prefix_ok=prefix_ok,
         window=w, kv_select=selected if self.kv_selected_only else None,
         implementation=self.kernel)
-    out = self._mix(h, mask, scores, attn)
+    out = self._mix_and_mlp(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:
       return out, aux
@@ -241,7 +248,12 @@ class SelectiveAttentionLayer(nnx.Module):
       others = cache.kept.at[rows, slot].set(False)
       mask = mask * (jnp.sum(others, axis=-1) < self.inference_capacity)
     selected = mask > 0.5
-    q, k, v = self._qkv(x[:, None], cache.pos[:, None])
+    # norm_a again inside the projections' one call (ops.norm_matvec); x feeds the gate only.
+    qkv = ops.norm_matvec(h, self.norm_a.weight[...], (self.q_proj.kernel[...],
+                                                        self.k_proj.kernel[...],
+                                                        self.v_proj.kernel[...]),
+                          eps=self.norm_a.eps, dtype=self.dtype, implementation=self.kernel)
+    q, k, v = self._heads(*(t[:, None] for t in qkv), cache.pos[:, None])
     ck = cache.k.at[rows, slot].set(k[:, 0].astype(self.dtype))
     cv = cache.v.at[rows, slot].set(v[:, 0].astype(self.dtype))
     filled = cache.filled.at[rows, slot].set(True)
@@ -249,6 +261,8 @@ class SelectiveAttentionLayer(nnx.Module):
     attn = ops.window_decode_attention(q[:, 0], ck, cv,
                                        kept if self.kv_selected_only else filled,
                                        active=selected, implementation=self.kernel)
-    out = self._mix(h, mask, scores, attn)
+    o = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...], eps=self.norm_b.eps,
+                        dtype=self.dtype, implementation=self.kernel)
+    out = self.mlp.step(self._mix(h, mask, scores, o), self.norm_b, implementation=self.kernel)
     new = SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=cache.pos + 1)
     return out, {"mask": mask}, new

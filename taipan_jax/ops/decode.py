@@ -27,9 +27,9 @@ IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 # (the two projections, weights in L2): 7.3 us against XLA's 15.1 at 1 row, a tie at 2
 # (10.6 against 10.7), slower at 3 and 4 (14.4 and 17.7 against 10.4 and 10.7).
 _BLOCK_KERNEL_MAX_BATCH = 1
-# norm_matvec holds a program's whole [k, 16] weight slice in registers; past this k (the
-# 190M out-projection's) the slice outgrows them and the kernel was not measured.
-_MATVEC_KERNEL_MAX_K = 1536
+# norm_matvec's kernel was measured up to this k (the 190M SwiGLU's down-projection, split
+# over k: 6.6 us against XLA's 8.7, weights from memory); past it 'auto' keeps XLA.
+_MATVEC_KERNEL_MAX_K = 2048
 
 
 def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int | None = None,
@@ -58,11 +58,13 @@ def norm_matvec(x, norm_weight, w, *, eps: float, dtype, gate=None, group_size: 
                 residual=None, implementation: str = "auto"):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w for one token per row.
 
-  x: [batch, k]; gate: [batch, >= k] (its first k columns); norm_weight: [k]; w: [k, n];
-  residual: [batch, n].
+  x: [batch, k]; gate: [batch, >= k] (its first k columns); norm_weight: [k], or None for a
+  plain (optionally gated) product; w: [k, n], or a tuple of weights that share the
+  normalised row (q, k and v; a SwiGLU's two up-projections), one kernel for all of them;
+  residual: [batch, n] (one weight only).
   The normalised row is rounded to `dtype` and multiplied in `dtype`, as an nnx.Linear of
   that dtype does; group_size channels (default k) are normalised together.
-  Returns [batch, n] in `dtype`, or fp32 with a residual.
+  Returns [batch, n] in `dtype`, or fp32 with a residual; a tuple for a tuple of weights.
   """
   kw = dict(eps=eps, dtype=dtype, gate=gate, group_size=group_size, residual=residual)
   impl = resolve_decode_implementation(
