@@ -4,14 +4,18 @@
     y, caches = mamba2_decode_step(zxbcdt, caches, conv / dt / A / D parameters)
     h         = norm_matvec(y, gated norm, out_proj, gate=z, residual=h)
 
+The SAL and attention blocks use norm_matvec for their projections too: (q, k, v) in one
+call, the output projection without a norm, and a SwiGLU as two calls, (up, gate) =
+norm_matvec(h, norm, (w3, w1)) and h + norm_matvec(up, None, w2, gate=gate, residual=h).
+
 Decoding is latency-bound: per token each layer moves a few megabytes, and on a GPU the time
 goes to many small kernels, each paying a few microseconds of memory latency. XLA compiles
-these steps to about nine kernels per block and writes the [d_inner, d_model] product of its
-out-projection to memory, because it turns small dots into a multiply and a reduction. The
-Pallas Triton kernels of pallas_kernels/decode do each line in one kernel. On an H100 they
-are faster at batch 1 (the 190M Taipan's step 0.611 ms against 0.762 with every op on XLA,
-docs/kernels/decode.md), so 'auto' takes them on a GPU for one row; from three rows on
-they ran slower than XLA, so larger batches keep the plain jnp forms (the same
+these steps to about nine kernels per Mamba-2 block and writes the [d_inner, d_model]
+product of its out-projection to memory, because it turns small dots into a multiply and a
+reduction. The Pallas Triton kernels of pallas_kernels/decode do each line in one kernel. On
+an H100 they are faster at batch 1 (the 190M Taipan's step 0.51 ms against 0.78 with every
+op on XLA, docs/kernels/decode.md), so 'auto' takes them on a GPU for one row; from three
+rows on they ran slower than XLA, so larger batches keep the plain jnp forms (the same
 operations as the model's layers).
 """
 from __future__ import annotations
