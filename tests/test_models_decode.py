@@ -7,6 +7,15 @@ from flax import nnx
 
 from helpers import build, random_tokens, randomize_gates, tiny_config
 
+
+@pytest.fixture(autouse=True)
+def full_precision_fp32_matmuls():
+  """The fp32 tolerances below (1e-4) hold for fp32 dots; XLA's default on a GPU is TF32,
+  which misses them (on the CPU the setting changes nothing)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 # Each layer kind alone, Taipan, and the SAL variants that change the cache logic.
 VARIANTS = {
     "mamba2": dict(model__pattern="m"),
