@@ -20,8 +20,8 @@ down-projection is w2 applied to up * silu(gate).
 
 Measured on an H100 (docs/kernels/decode.md) this is what made the kernel faster than XLA:
 a k loop whose x loads waited on memory each iteration cost about 1 µs a chunk, and a
-tensor-core form (rows padded to 16) kept that wait. For k up to 1024 the default block_n
-keeps a program's weight slice near 48 KiB, which stays in registers at 4 warps; longer rows
+tensor-core form (rows padded to 16) kept that wait. Below SPLIT_K_FROM channels the default
+block_n keeps a program's weight slice near 48 KiB, which stays in registers at 4 warps; longer rows
 (an out-projection's) are split over k, one 256-channel chunk and 64 columns a program, and
 XLA adds the fp32 partial sums.
 
@@ -104,12 +104,10 @@ def _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, *, row0, col0, spli
     acc = jnp.zeros((block_k, block_n), _F32)
     for c, u in enumerate(xs[r]):
       if nws is not None:
-        if groups == 1:
-          scale = inv_rms[0]
-        else:
-          ks = w_channels[c] if not whole else channels[c]
-          scale = sum(jnp.where((ks >= g * group_size) & (ks < (g + 1) * group_size), inv, 0.0)
-                      for g, inv in enumerate(inv_rms))
+        ks = w_channels[c]
+        scale = inv_rms[0] if groups == 1 else sum(
+            jnp.where((ks >= g * group_size) & (ks < (g + 1) * group_size), inv, 0.0)
+            for g, inv in enumerate(inv_rms))
         u = u * scale * nws[c]
       xn = u.astype(dtype).astype(_F32)
       acc = acc + xn[:, None] * ws[c]
@@ -169,7 +167,7 @@ def default_blocks(k: int, block_k: int) -> tuple[int, int]:
 
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "group_size", "block_k", "block_n",
                                              "k_splits", "num_warps", "interpret"))
-def norm_matvec_gpu(x, norm_weight, w, *, eps: float, dtype, gate=None,
+def norm_matvec_gpu(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,
                     group_size: int | None = None, residual=None, block_k: int = 256,
                     block_n: int | None = None, k_splits: int | None = None,
                     num_warps: int = 4, interpret: bool = False):
@@ -184,7 +182,7 @@ def norm_matvec_gpu(x, norm_weight, w, *, eps: float, dtype, gate=None,
   kernel. block_n and k_splits default to default_blocks(k, block_k).
   Returns [b, n], or a tuple of [b, n_i] for a tuple of weights.
   """
-  check_norm_matvec_operands(x, norm_weight, w, gate=gate, group_size=group_size,
+  check_norm_matvec_operands(x, norm_weight, w, eps=eps, gate=gate, group_size=group_size,
                              residual=residual)
   b, k = x.shape
   ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)

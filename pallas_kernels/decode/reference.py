@@ -18,7 +18,7 @@ def _normalize(u, weight, eps, group_size):
   return grouped.reshape(b, k) * weight.astype(_F32)
 
 
-def check_norm_matvec_operands(x, norm_weight, w, *, gate=None, group_size=None,
+def check_norm_matvec_operands(x, norm_weight, w, *, eps=None, gate=None, group_size=None,
                                residual=None):
   """Raises ValueError naming the operand whose shape disagrees (see norm_matvec_reference)."""
   if x.ndim != 2:
@@ -34,6 +34,8 @@ def check_norm_matvec_operands(x, norm_weight, w, *, gate=None, group_size=None,
       raise ValueError(f"group_size={group_size} needs a norm_weight: without one nothing is "
                        "normalised")
   else:
+    if eps is None:
+      raise ValueError("a norm_weight needs its eps (the RMSNorm's epsilon)")
     if norm_weight.shape != (k,):
       raise ValueError(f"x {x.shape} and norm_weight {norm_weight.shape} disagree on the "
                        "channel count")
@@ -43,26 +45,27 @@ def check_norm_matvec_operands(x, norm_weight, w, *, gate=None, group_size=None,
     if wi.ndim != 2 or wi.shape[0] != k:
       raise ValueError(f"x {x.shape} and w {wi.shape} disagree on the channel count")
   if residual is not None:
-    if len(ws) != 1 or isinstance(w, (tuple, list)):
+    if isinstance(w, (tuple, list)):
       raise ValueError("a residual is added to a single product: pass one weight, not "
-                       f"{len(ws) if isinstance(w, (tuple, list)) else 1} in a tuple")
+                       f"{len(ws)} in a tuple")
     if residual.shape != (b, ws[0].shape[1]):
       raise ValueError(f"residual {residual.shape} must be [{b}, {ws[0].shape[1]}]")
 
 
-def norm_matvec_reference(x, norm_weight, w, *, eps: float, dtype, gate=None,
+def norm_matvec_reference(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,
                           group_size: int | None = None, residual=None):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w, for one token per row.
 
   x: [b, k]; gate: [b, >= k] (its first k columns); norm_weight: [k], or None to skip the
-  normalisation; w: [k, n], or a tuple of weights that share the normalised row; residual:
-  [b, n] fp32 (a single weight only).
+  normalisation (eps, the norm's epsilon, is needed only with a norm_weight); w: [k, n], or a
+  tuple of weights that share the normalised row; residual: [b, n] fp32 (a single weight
+  only).
   The normalised row is rounded to `dtype` and multiplied in `dtype` (an nnx.Linear with that
   dtype); groups of group_size channels (default k) are normalised separately.
   Returns [b, n] (a tuple of [b, n_i] for a tuple of weights): in `dtype`, or fp32 (residual
   + the product) with a residual.
   """
-  check_norm_matvec_operands(x, norm_weight, w, gate=gate, group_size=group_size,
+  check_norm_matvec_operands(x, norm_weight, w, eps=eps, gate=gate, group_size=group_size,
                              residual=residual)
   u = x.astype(_F32)
   if gate is not None:

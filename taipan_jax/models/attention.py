@@ -128,6 +128,6 @@ class AttentionBlock(nnx.Module):
     valid = jnp.arange(ck.shape[1])[None, :] <= cache.pos[:, None]
     attn = ops.window_decode_attention(q[:, 0], ck, cv, valid)
     h = ops.norm_matvec(attn.reshape(b, d), None, self.o_proj.kernel[...], residual=h,
-                        eps=self.norm_mlp.eps, dtype=self.dtype)
+                        dtype=self.dtype)
     h = self.mlp.step(h, self.norm_mlp)
     return h, KVCache(k=ck, v=cv, pos=cache.pos + 1)

@@ -48,5 +48,5 @@ class SwiGLU(nnx.Module):
     dtype = self.w2.dtype
     up, gate = ops.norm_matvec(h, norm.weight[...], (self.w3.kernel[...], self.w1.kernel[...]),
                                eps=norm.eps, dtype=dtype, implementation=implementation)
-    return ops.norm_matvec(up, None, self.w2.kernel[...], gate=gate, residual=h, eps=norm.eps,
-                           dtype=dtype, implementation=implementation)
+    return ops.norm_matvec(up, None, self.w2.kernel[...], gate=gate, residual=h, dtype=dtype,
+                           implementation=implementation)

@@ -261,8 +261,8 @@ class SelectiveAttentionLayer(nnx.Module):
     attn = ops.window_decode_attention(q[:, 0], ck, cv,
                                        kept if self.kv_selected_only else filled,
                                        active=selected, implementation=self.kernel)
-    o = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...], eps=self.norm_b.eps,
-                        dtype=self.dtype, implementation=self.kernel)
+    o = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...], dtype=self.dtype,
+                        implementation=self.kernel)
     out = self.mlp.step(self._mix(h, mask, scores, o), self.norm_b, implementation=self.kernel)
     new = SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=cache.pos + 1)
     return out, {"mask": mask}, new

@@ -58,12 +58,13 @@ def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int
   return "pallas_gpu" if jax.default_backend() == "gpu" and tiles else "reference"
 
 
-def norm_matvec(x, norm_weight, w, *, eps: float, dtype, gate=None, group_size: int | None = None,
+def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None, group_size: int | None = None,
                 residual=None, implementation: str = "auto"):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w for one token per row.
 
   x: [batch, k]; gate: [batch, >= k] (its first k columns); norm_weight: [k], or None for a
-  plain (optionally gated) product; w: [k, n], or a tuple of weights that share the
+  plain (optionally gated) product (eps: the norm's epsilon, needed only with a norm
+  weight); w: [k, n], or a tuple of weights that share the
   normalised row (q, k and v; a SwiGLU's two up-projections), one kernel for all of them;
   residual: [batch, n] (one weight only).
   The normalised row is rounded to `dtype` and multiplied in `dtype`, as an nnx.Linear of
