@@ -13,10 +13,11 @@ import pytest
 from flax import nnx
 
 import taipan_jax
-from pallas_kernels.decode.mamba2_step import mamba2_step_gpu
+from pallas_kernels.decode.mamba2_in_proj import mamba2_in_proj_gpu
+from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
 from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
-from pallas_kernels.decode.reference import (mamba2_step_reference, norm_matvec_reference,
-                                             window_attention_reference)
+from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ssm_out_reference,
+                                             norm_matvec_reference, window_attention_reference)
 from pallas_kernels.decode.window_attention import window_attention_gpu
 from taipan_jax import ops
 
@@ -124,56 +125,101 @@ def test_norm_matvec_shared_row_and_plain_products(rng, case):
     assert _err(r, wt) < ref_tol, "reference"
 
 
-def mamba2_step_numpy(zx, conv_state, ssm, cw, cb, dtb, alog, D, *, heads, head_dim, n_groups,
-                      d_state, dtype):
+def mamba2_in_proj_numpy(x, nw, w, conv_state, cw, cb, *, eps, dtype, d_inner):
   f = lambda t: np.asarray(jnp.asarray(t, jnp.float32), np.float64)
-  zx, conv_state, ssm = f(zx), f(conv_state), f(ssm)
-  di = heads * head_dim
-  cd = di + 2 * n_groups * d_state
-  window = np.concatenate([conv_state, _round(zx[:, None, di:di + cd], dtype)], axis=1)
+  zx = _round(norm_matvec_numpy(x, nw, w, eps=eps, dtype=dtype), dtype)
+  cd = cw.shape[1]
+  window = np.concatenate([f(conv_state), _round(zx[:, None, d_inner:d_inner + cd],
+                                                 conv_state.dtype)], axis=1)
   conv = (window * f(cw)[None]).sum(1) + f(cb)
-  xbc = _round(conv / (1 + np.exp(-conv)), dtype)
-  b = zx.shape[0]
-  x = xbc[:, :di].reshape(b, heads, head_dim)
-  rep = heads // n_groups
-  B = np.repeat(xbc[:, di:di + n_groups * d_state].reshape(b, n_groups, d_state), rep, 1)
-  C = np.repeat(xbc[:, di + n_groups * d_state:].reshape(b, n_groups, d_state), rep, 1)
-  dt = np.logaddexp(zx[:, di + cd:] + f(dtb), 0.0)
-  decay = np.exp(dt * -np.exp(f(alog)))
-  state = decay[..., None, None] * ssm + (x * dt[..., None])[..., None] * B[:, :, None, :]
-  y = _round(np.einsum("bhpn,bhn->bhp", state, C), dtype) + x * f(D)[:, None]
-  return y.reshape(b, di), window[:, 1:], state
+  zx[:, d_inner:d_inner + cd] = _round(conv / (1 + np.exp(-conv)), dtype)
+  return zx, window[:, 1:]
 
 
-MAMBA2_STEP_CASES = [
-    # b, heads, head_dim, groups, d_state, d_conv, dtype
-    (1, 4, 16, 1, 32, 4, jnp.float32),
-    (3, 6, 8, 2, 16, 4, jnp.float32),     # 2 groups: B and C shared by 3 heads each
-    (2, 24, 64, 1, 128, 4, jnp.bfloat16),  # the 190M model's mixer
-    (1, 2, 16, 2, 16, 2, jnp.bfloat16),    # d_conv 2, one head per group
+MAMBA2_IN_PROJ_CASES = [
+    # b, d_model, d_inner, conv_dim, heads, d_conv, dtype, block_n
+    (1, 48, 64, 96, 4, 4, jnp.float32, None),
+    (3, 40, 32, 48, 2, 4, jnp.float32, 16),        # 3 rows; 2 heads: dt overhangs its block
+    (11, 24, 16, 48, 3, 3, jnp.bfloat16, 8),       # > MAX_ROWS rows, d_conv 3
+    (2, 768, 1536, 1792, 24, 4, jnp.bfloat16, None),  # the 190M model's mixer
 ]
 
 
-@pytest.mark.parametrize("case", MAMBA2_STEP_CASES)
-def test_mamba2_step_matches_float64(rng, case):
-  b, h, p, g, n, kc, dtype = case
+@pytest.mark.parametrize("case", MAMBA2_IN_PROJ_CASES)
+def test_mamba2_in_proj_matches_float64(rng, case):
+  b, d, di, cd, heads, kc, dtype, bn = case
+  x = jnp.asarray(rng.standard_normal((b, d)) * 3, jnp.float32)
+  nw = jnp.asarray(1 + 0.3 * rng.standard_normal(d), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((d, di + cd + heads)) / np.sqrt(d), dtype)
+  conv = jnp.asarray(rng.standard_normal((b, kc - 1, cd)), dtype)
+  cw = jnp.asarray(rng.standard_normal((kc, cd)) * 0.5, jnp.float32)
+  cb = jnp.asarray(rng.standard_normal(cd) * 0.5, jnp.float32)
+  args = (x, nw, w, conv, cw, cb)
+  kw = dict(eps=1e-5, dtype=dtype, d_inner=di)
+  want = mamba2_in_proj_numpy(*args, **kw)
+  kernel = mamba2_in_proj_gpu(*args, block_n=bn, interpret=not ON_GPU, **kw)
+  ref_tol = 2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]
+  for name, got, tol in (("kernel", kernel, TOL[dtype]),
+                         ("reference", mamba2_in_proj_reference(*args, **kw), ref_tol)):
+    assert [t.dtype for t in got] == [dtype, dtype], name
+    for part, a, wt in zip(("zxbcdt", "conv"), got, want):
+      # NaN (an unwritten block) fails too.
+      assert a.shape == wt.shape and _err(a, wt) < tol, (name, part)
+
+
+def mamba2_ssm_out_numpy(zx, ssm, dtb, alog, D, nw, w, residual, *, eps, group_size, heads,
+                         head_dim, n_groups, d_state, dtype):
+  f = lambda t: np.asarray(jnp.asarray(t, jnp.float32), np.float64)
+  zx, ssm = f(zx), f(ssm)
+  di, gn = heads * head_dim, n_groups * d_state
+  b = zx.shape[0]
+  x = zx[:, di:2 * di].reshape(b, heads, head_dim)
+  rep = heads // n_groups
+  B = np.repeat(zx[:, 2 * di:2 * di + gn].reshape(b, n_groups, d_state), rep, 1)
+  C = np.repeat(zx[:, 2 * di + gn:2 * di + 2 * gn].reshape(b, n_groups, d_state), rep, 1)
+  dt = np.logaddexp(zx[:, 2 * di + 2 * gn:] + f(dtb), 0.0)
+  decay = np.exp(dt * -np.exp(f(alog)))
+  state = decay[..., None, None] * ssm + (x * dt[..., None])[..., None] * B[:, :, None, :]
+  y = _round(np.einsum("bhpn,bhn->bhp", state, C), dtype) + x * f(D)[:, None]
+  out = norm_matvec_numpy(y.reshape(b, di), nw, w, eps=eps, dtype=dtype, gate=zx,
+                          group_size=group_size, residual=residual)
+  return out, state
+
+
+MAMBA2_SSM_OUT_CASES = [
+    # b, heads, head_dim, n_groups, norm groups, d_state, d_model, dtype, block_p, block_n
+    (1, 4, 16, 1, 1, 32, 48, jnp.float32, 8, 32),     # d_model overhangs its last block
+    (3, 6, 8, 2, 2, 16, 40, jnp.float32, None, 16),   # 2 groups: B, C shared by 3 heads each
+    (2, 4, 16, 2, 4, 16, 24, jnp.bfloat16, 8, 16),    # norm groups finer than B/C groups
+    (2, 24, 64, 1, 1, 128, 768, jnp.bfloat16, None, 256),  # the 190M model's mixer
+]
+
+
+@pytest.mark.parametrize("case", MAMBA2_SSM_OUT_CASES)
+def test_mamba2_ssm_out_matches_float64(rng, case):
+  b, h, p, g, norm_groups, n, d, dtype, bp, bn = case
   di, cd = h * p, h * p + 2 * g * n
   zx = jnp.asarray(rng.standard_normal((b, di + cd + h)), dtype)
-  conv = jnp.asarray(rng.standard_normal((b, kc - 1, cd)), dtype)
   ssm = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
-  cw = jnp.asarray(rng.standard_normal((kc, cd)) * 0.5, jnp.float32)
-  cb, dtb, alog, D = (jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
-                      for s in (cd, h, h, h))
-  dims = dict(heads=h, head_dim=p, n_groups=g, d_state=n)
-  args = (zx, conv, ssm, cw, cb, dtb, alog, D)
-  want = mamba2_step_numpy(*args, dtype=dtype, **dims)
-  kernel = mamba2_step_gpu(*args, block_p=8, interpret=not ON_GPU, **dims)
-  for name, got in (("kernel", kernel),
-                    ("reference", mamba2_step_reference(*args, **dims))):
-    assert [t.dtype for t in got] == [jnp.float32, dtype, jnp.float32], name
-    for part, a, w in zip(("y", "conv", "ssm"), got, want):
-      # y carries a bf16 rounding of S C, which differing fp32 sums can tip by one ulp.
-      assert _err(a, w) < (TOL[dtype] if part == "y" else 1e-5), (name, part)
+  dtb, alog, D = (jnp.asarray(rng.standard_normal(h) * 0.5, jnp.float32) for _ in range(3))
+  nw = jnp.asarray(1 + 0.3 * rng.standard_normal(di), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((di, d)) / np.sqrt(di), dtype)
+  res = jnp.asarray(rng.standard_normal((b, d)), jnp.float32)
+  args = (zx, ssm, dtb, alog, D, nw, w, res)
+  kw = dict(eps=1e-5, group_size=di // norm_groups, heads=h, head_dim=p, n_groups=g, d_state=n)
+  want = mamba2_ssm_out_numpy(*args, dtype=dtype, **kw)
+  kernel = mamba2_ssm_out_gpu(*args, dtype=dtype, block_p=bp, block_n=bn,
+                              interpret=not ON_GPU, **kw)
+  ref_tol = 2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]
+  for name, got, tol in (("kernel", kernel, TOL[dtype]),
+                         ("reference", mamba2_ssm_out_reference(*args, dtype=dtype, **kw),
+                          ref_tol)):
+    assert [t.dtype for t in got] == [jnp.float32, jnp.float32], name
+    # The output adds a product in dtype to the residual: its tolerance is relative to the
+    # product, not to the sum. The state is fp32 throughout.
+    product = want[0] - np.asarray(res, np.float64)
+    assert got[0].shape == (b, d) and _err(got[0] - res, product) < tol, (name, "out")
+    assert got[1].shape == want[1].shape and _err(got[1], want[1]) < 1e-5, (name, "ssm")
 
 
 def window_attention_numpy(q, k, v, valid, active):
@@ -241,11 +287,24 @@ def test_bad_shapes_are_refused(rng):
   with pytest.raises(ValueError, match=r"residual \(1, 5\) must be \[1, 4\]"):
     norm_matvec_gpu(x, None, jnp.ones((12, 4)), eps=1e-5, dtype=jnp.float32,
                     residual=jnp.ones((1, 5)), interpret=True)
-  z = jnp.ones((1, 3 * 12 + 2 * 8 + 3), jnp.float32)
+  z = jnp.ones((1, 2 * 36 + 2 * 8 + 3), jnp.float32)
+  h3 = jnp.ones(3)
   with pytest.raises(ValueError, match="head_dim a power of two, got 12"):
-    mamba2_step_gpu(z, jnp.ones((1, 3, 52)), jnp.ones((1, 3, 12, 8)), jnp.ones((4, 52)),
-                    jnp.ones(52), jnp.ones(3), jnp.ones(3), jnp.ones(3), heads=3, head_dim=12,
-                    n_groups=1, d_state=8, interpret=True)
+    mamba2_ssm_out_gpu(z, jnp.ones((1, 3, 12, 8)), h3, h3, h3, jnp.ones(36), jnp.ones((36, 4)),
+                       jnp.ones((1, 4)), eps=1e-5, dtype=jnp.float32, group_size=36, heads=3,
+                       head_dim=12, n_groups=1, d_state=8, interpret=True)
+  with pytest.raises(ValueError, match=r"ssm_state \(1, 3, 12\) is not \[1, 3, 12, 8\]"):
+    mamba2_ssm_out_reference(z, jnp.ones((1, 3, 12)), h3, h3, h3, jnp.ones(36),
+                             jnp.ones((36, 4)), jnp.ones((1, 4)), eps=1e-5, dtype=jnp.float32,
+                             group_size=36, heads=3, head_dim=12, n_groups=1, d_state=8)
+  with pytest.raises(ValueError, match=r"conv_state \(1, 2, 52\) is not \[1, 3, 52\]"):
+    mamba2_in_proj_gpu(x, jnp.ones(12), jnp.ones((12, 91)), jnp.ones((1, 2, 52)),
+                       jnp.ones((4, 52)), jnp.ones(52), eps=1e-5, dtype=jnp.float32,
+                       d_inner=36, interpret=True)
+  with pytest.raises(ValueError, match="block_n=16 must be a power of two dividing d_inner=36"):
+    mamba2_in_proj_gpu(x, jnp.ones(12), jnp.ones((12, 91)), jnp.ones((1, 3, 52)),
+                       jnp.ones((4, 52)), jnp.ones(52), eps=1e-5, dtype=jnp.float32,
+                       d_inner=36, block_n=16, interpret=True)
   q, kv = jnp.ones((1, 2, 12)), jnp.ones((1, 8, 2, 12))
   with pytest.raises(ValueError, match="head_dim a power of two, got 12"):
     window_attention_gpu(q, kv, kv, jnp.ones((1, 8), bool), interpret=True)
@@ -274,32 +333,41 @@ def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
   """'auto' takes the Mamba-2 block kernels on a GPU for one row and XLA for more (as
   measured), and norm_matvec's only up to k = 2048; the backend is faked as a GPU and the
   kernels run in interpret mode."""
-  import pallas_kernels.decode.mamba2_step as step_module
+  import pallas_kernels.decode.mamba2_in_proj as in_module
+  import pallas_kernels.decode.mamba2_ssm_out as out_module
   import pallas_kernels.decode.norm_matvec as matvec_module
   calls = []
-  for module, name in ((matvec_module, "norm_matvec_gpu"), (step_module, "mamba2_step_gpu")):
+  for module, name in ((matvec_module, "norm_matvec_gpu"), (in_module, "mamba2_in_proj_gpu"),
+                       (out_module, "mamba2_ssm_out_gpu")):
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: (
         calls.append(name), real(*a, **{**k, "interpret": True}))[1])
   monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  heads, head_dim, d_state = 2, 16, 16
+  heads, head_dim, d_state, d = 2, 16, 16, 24
   d_inner, conv_dim = heads * head_dim, heads * head_dim + 2 * d_state
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   for b, kernel in ((1, True), (2, False)):
     calls.clear()
-    x = jnp.asarray(rng.standard_normal((b, 24)), jnp.float32)
-    got = ops.norm_matvec(x, jnp.ones(24), jnp.ones((24, 8)), eps=1e-5, dtype=jnp.float32)
-    want = norm_matvec_reference(x, jnp.ones(24), jnp.ones((24, 8)), eps=1e-5, dtype=jnp.float32)
+    x = normal(b, d)
+    got = ops.norm_matvec(x, jnp.ones(d), jnp.ones((d, 8)), eps=1e-5, dtype=jnp.float32)
+    want = norm_matvec_reference(x, jnp.ones(d), jnp.ones((d, 8)), eps=1e-5, dtype=jnp.float32)
     assert _err(got, np.asarray(want, np.float64)) < 1e-5
-    zx = jnp.asarray(rng.standard_normal((b, d_inner + conv_dim + heads)), jnp.float32)
-    args = (zx, jnp.zeros((b, 3, conv_dim)), jnp.zeros((b, heads, head_dim, d_state)),
-            jnp.ones((4, conv_dim)), jnp.zeros(conv_dim), jnp.zeros(heads), jnp.zeros(heads),
-            jnp.ones(heads))
-    kw = dict(heads=heads, head_dim=head_dim, n_groups=1, d_state=d_state)
-    got = ops.mamba2_decode_step(*args, **kw)
-    for g, w in zip(got, mamba2_step_reference(*args, **kw)):
+    args = (x, jnp.ones(d), normal(d, d_inner + conv_dim + heads), normal(b, 3, conv_dim),
+            normal(4, conv_dim), normal(conv_dim))
+    kw = dict(eps=1e-5, dtype=jnp.float32, d_inner=d_inner)
+    got = ops.mamba2_in_proj(*args, **kw)
+    for g, w in zip(got, mamba2_in_proj_reference(*args, **kw)):
       assert _err(g, np.asarray(w, np.float64)) < 1e-5
-    assert calls == (["norm_matvec_gpu", "mamba2_step_gpu"] if kernel else []), b
+    args = (got[0], normal(b, heads, head_dim, d_state), normal(heads), normal(heads),
+            normal(heads), jnp.ones(d_inner), normal(d_inner, d), x)
+    kw = dict(eps=1e-5, dtype=jnp.float32, group_size=d_inner, heads=heads, head_dim=head_dim,
+              n_groups=1, d_state=d_state)
+    got = ops.mamba2_ssm_out(*args, **kw)
+    for g, w in zip(got, mamba2_ssm_out_reference(*args, **kw)):
+      assert _err(g, np.asarray(w, np.float64)) < 1e-5
+    assert calls == (["norm_matvec_gpu", "mamba2_in_proj_gpu", "mamba2_ssm_out_gpu"]
+                     if kernel else []), b
   calls.clear()
   ops.norm_matvec(jnp.ones((1, 4096)), jnp.ones(4096), jnp.ones((4096, 8)), eps=1e-5,
                   dtype=jnp.float32)

@@ -82,40 +82,110 @@ def norm_matvec_reference(x, norm_weight, w, *, eps: float | None = None, dtype,
   return residual.astype(_F32) + y.astype(_F32)
 
 
-def mamba2_step_reference(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log,
-                          D, *, heads: int, head_dim: int, n_groups: int, d_state: int):
-  """One token of a Mamba-2 mixer between its two projections.
+def check_mamba2_in_proj_operands(x, norm_weight, w, conv_state, conv_weight, conv_bias, *,
+                                  d_inner):
+  """Raises ValueError naming the operand whose shape disagrees (mamba2_in_proj_reference)."""
+  check_norm_matvec_operands(x, norm_weight, w, eps=0.0)
+  if conv_weight.ndim != 2:
+    raise ValueError(f"conv_weight {conv_weight.shape} must be [d_conv, conv_dim]")
+  d_conv, conv_dim = conv_weight.shape
+  if conv_bias.shape != (conv_dim,):
+    raise ValueError(f"conv_bias {conv_bias.shape} must be [{conv_dim}] (conv_weight "
+                     f"{conv_weight.shape})")
+  if conv_state.shape != (x.shape[0], d_conv - 1, conv_dim):
+    raise ValueError(f"conv_state {conv_state.shape} is not [{x.shape[0]}, {d_conv - 1}, "
+                     f"{conv_dim}] (batch, d_conv - 1, conv_dim)")
+  if w.shape[1] <= d_inner + conv_dim:
+    raise ValueError(f"in_proj {w.shape} is narrower than z | x B C | dt: d_inner {d_inner} + "
+                     f"conv_dim {conv_dim} + heads")
 
-  zxbcdt: [b, d_inner + conv_dim + heads] the in-projection, split z | x B C | dt.
-  conv_state: [b, d_conv - 1, conv_dim] the last inputs of the causal convolution.
-  ssm_state: [b, heads, head_dim, d_state] fp32.
-  conv_weight: [d_conv, conv_dim]; conv_bias: [conv_dim]; dt_bias, A_log, D: [heads].
-  Returns (y [b, d_inner] fp32 = SSD output + D x, new conv_state, new ssm_state).
-  """
-  d_inner = heads * head_dim
-  conv_dim = d_inner + 2 * n_groups * d_state
-  b = zxbcdt.shape[0]
-  dtype = conv_state.dtype
-  xbc = zxbcdt[:, d_inner:d_inner + conv_dim]
-  dt = zxbcdt[:, d_inner + conv_dim:]
-  window = jnp.concatenate([conv_state, xbc[:, None].astype(dtype)], axis=1)
+
+def _silu_conv(window, conv_weight, conv_bias, dtype):
+  """window: [b, d_conv, channels] the last inputs, oldest first -> silu(conv), in dtype."""
   conv = jnp.einsum("bkc,kc->bc", window.astype(_F32), conv_weight.astype(_F32),
                     precision=jax.lax.Precision.HIGHEST) + conv_bias.astype(_F32)
-  xbc = jax.nn.silu(conv).astype(dtype)
-  x = xbc[:, :d_inner].reshape(b, heads, head_dim)
-  B = xbc[:, d_inner:d_inner + n_groups * d_state].reshape(b, n_groups, d_state)
-  C = xbc[:, d_inner + n_groups * d_state:].reshape(b, n_groups, d_state)
-  dt = jax.nn.softplus(dt.astype(_F32) + dt_bias.astype(_F32))
+  return jax.nn.silu(conv).astype(dtype)
+
+
+def mamba2_in_proj_reference(x, norm_weight, w, conv_state, conv_weight, conv_bias, *,
+                             eps: float, dtype, d_inner: int):
+  """A Mamba-2 mixer's decode in-projection and causal convolution.
+
+  x: [b, d_model] the residual stream; norm_weight: [d_model] the block's RMSNorm;
+  w: [d_model, d_inner + conv_dim + heads] in_proj (columns z | x B C | dt);
+  conv_state: [b, d_conv - 1, conv_dim] the last inputs of the convolution;
+  conv_weight: [d_conv, conv_dim]; conv_bias: [conv_dim].
+  Returns (zxbcdt [b, d_inner + conv_dim + heads] in dtype, its x B C columns replaced by
+  silu(conv) over the cached inputs and the new one; the new conv_state).
+  """
+  check_mamba2_in_proj_operands(x, norm_weight, w, conv_state, conv_weight, conv_bias,
+                                d_inner=d_inner)
+  conv_dim = conv_weight.shape[1]
+  zxbcdt = norm_matvec_reference(x, norm_weight, w, eps=eps, dtype=dtype)
+  z, xbc, dt = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=1)
+  window = jnp.concatenate([conv_state, xbc[:, None].astype(conv_state.dtype)], axis=1)
+  xbc = _silu_conv(window, conv_weight, conv_bias, dtype)
+  return jnp.concatenate([z, xbc, dt], axis=1), window[:, 1:]
+
+
+def check_mamba2_ssm_out_operands(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w,
+                                  residual, *, group_size, heads, head_dim, n_groups, d_state):
+  """Raises ValueError naming the operand whose shape disagrees (mamba2_ssm_out_reference)."""
+  d_inner = heads * head_dim
+  if heads % n_groups:
+    raise ValueError(f"heads={heads} is not a multiple of n_groups={n_groups}")
+  width = 2 * d_inner + 2 * n_groups * d_state + heads
+  b = zxbcdt.shape[0]
+  if zxbcdt.shape != (b, width):
+    raise ValueError(f"zxbcdt {zxbcdt.shape} is not [batch, {width}] for {heads} heads of "
+                     f"{head_dim}, {n_groups} groups of d_state {d_state}")
+  if ssm_state.shape != (b, heads, head_dim, d_state):
+    raise ValueError(f"ssm_state {ssm_state.shape} is not [{b}, {heads}, {head_dim}, {d_state}]")
+  for name, t in (("dt_bias", dt_bias), ("A_log", A_log), ("D", D)):
+    if t.shape != (heads,):
+      raise ValueError(f"{name} {t.shape} must be [{heads}] (one per head)")
+  if norm_weight.shape != (d_inner,) or d_inner % group_size:
+    raise ValueError(f"norm_weight {norm_weight.shape} must be [{d_inner}] in groups of "
+                     f"group_size={group_size}, which must divide it")
+  if w.ndim != 2 or w.shape[0] != d_inner:
+    raise ValueError(f"out_proj {w.shape} must be [{d_inner}, d_model]")
+  if residual.shape != (b, w.shape[1]):
+    raise ValueError(f"residual {residual.shape} must be [{b}, {w.shape[1]}]")
+
+
+def mamba2_ssm_out_reference(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residual, *,
+                             eps: float, dtype, group_size: int, heads: int, head_dim: int,
+                             n_groups: int, d_state: int):
+  """A Mamba-2 mixer's decode token after mamba2_in_proj: the SSD state update, y = S C + D x,
+  the gated RMSNorm and the out-projection, added to the residual.
+
+  zxbcdt: [b, d_inner + conv_dim + heads] (z | x B C after the convolution | dt raw);
+  ssm_state: [b, heads, head_dim, d_state] fp32; dt_bias, A_log, D: [heads];
+  norm_weight: [d_inner], normalised in groups of group_size; w: [d_inner, d_model];
+  residual: [b, d_model] fp32.
+  Returns (residual + out [b, d_model] fp32, the new ssm_state).
+  """
+  check_mamba2_ssm_out_operands(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residual,
+                                group_size=group_size, heads=heads, head_dim=head_dim,
+                                n_groups=n_groups, d_state=d_state)
+  d_inner = heads * head_dim
+  gn = n_groups * d_state
+  b = zxbcdt.shape[0]
+  x = zxbcdt[:, d_inner:2 * d_inner].reshape(b, heads, head_dim).astype(_F32)
+  B = zxbcdt[:, 2 * d_inner:2 * d_inner + gn].reshape(b, n_groups, d_state)
+  C = zxbcdt[:, 2 * d_inner + gn:2 * d_inner + 2 * gn].reshape(b, n_groups, d_state)
+  dt = jax.nn.softplus(zxbcdt[:, 2 * d_inner + 2 * gn:].astype(_F32) + dt_bias.astype(_F32))
   A = -jnp.exp(A_log.astype(_F32))
   rep = heads // n_groups
   Bh = jnp.repeat(B.astype(_F32), rep, axis=1)                 # [b, h, n]
   Ch = jnp.repeat(C.astype(_F32), rep, axis=1)
   decay = jnp.exp(dt * A)[..., None, None]
-  xdt = x.astype(_F32) * dt[..., None]
-  state = decay * ssm_state.astype(_F32) + xdt[..., :, None] * Bh[..., None, :]
+  state = decay * ssm_state.astype(_F32) + (x * dt[..., None])[..., :, None] * Bh[..., None, :]
   y = jnp.einsum("bhpn,bhn->bhp", state, Ch, precision=jax.lax.Precision.HIGHEST)
-  y = y.astype(dtype).astype(_F32) + x.astype(_F32) * D.astype(_F32)[:, None]
-  return y.reshape(b, d_inner), window[:, 1:], state
+  y = y.astype(dtype).astype(_F32) + x * D.astype(_F32)[:, None]
+  out = norm_matvec_reference(y.reshape(b, d_inner), norm_weight, w, eps=eps, dtype=dtype,
+                              gate=zxbcdt, group_size=group_size, residual=residual)
+  return out, state
 
 
 def window_attention_reference(q, k_cache, v_cache, valid, active=None):

@@ -143,17 +143,15 @@ class Mamba2Mixer(nnx.Module):
     added by the out-projection's (ops.decode).
     """
     impl = self.kernel
-    zxbcdt = ops.norm_matvec(h, norm.weight[...], self.in_proj.kernel[...], eps=norm.eps,
-                             dtype=self.dtype, implementation=impl)
-    y, conv, ssm = ops.mamba2_decode_step(
-        zxbcdt, cache.conv, cache.ssm, self.conv_weight[...], self.conv_bias[...],
-        self.dt_bias[...], self.A_log[...], self.D[...], heads=self.heads,
-        head_dim=self.head_dim, n_groups=self.n_groups, d_state=self.d_state,
+    zxbcdt, conv = ops.mamba2_in_proj(
+        h, norm.weight[...], self.in_proj.kernel[...], cache.conv, self.conv_weight[...],
+        self.conv_bias[...], eps=norm.eps, dtype=self.dtype, d_inner=self.d_inner,
         implementation=impl)
-    out = ops.norm_matvec(y, self.norm.weight[...], self.out_proj.kernel[...], eps=self.norm.eps,
-                          dtype=self.dtype, gate=zxbcdt,        # z: its first d_inner columns
-                          group_size=self.norm.group_size,
-                          residual=h, implementation=impl)
+    out, ssm = ops.mamba2_ssm_out(
+        zxbcdt, cache.ssm, self.dt_bias[...], self.A_log[...], self.D[...], self.norm.weight[...],
+        self.out_proj.kernel[...], h, eps=self.norm.eps, dtype=self.dtype,
+        group_size=self.norm.group_size, heads=self.heads, head_dim=self.head_dim,
+        n_groups=self.n_groups, d_state=self.d_state, implementation=impl)
     return out, Mamba2Cache(conv=conv, ssm=ssm)
 
 

@@ -1,8 +1,7 @@
-"""Decode-step operations: one token per row through a Mamba-2 block in three calls.
+"""Decode-step operations: one token per row through a Mamba-2 block in two calls.
 
-    zxbcdt    = norm_matvec(h, block norm, in_proj)
-    y, caches = mamba2_decode_step(zxbcdt, caches, conv / dt / A / D parameters)
-    h         = norm_matvec(y, gated norm, out_proj, gate=z, residual=h)
+    zxbcdt, conv = mamba2_in_proj(h, block norm, in_proj, conv cache and parameters)
+    h, ssm       = mamba2_ssm_out(zxbcdt, ssm cache, dt / A / D, gated norm, out_proj, h)
 
 The SAL and attention blocks use norm_matvec for their projections too: (q, k, v) in one
 call, the output projection without a norm, and a SwiGLU as two calls, (up, gate) =
@@ -12,11 +11,11 @@ Decoding is latency-bound: per token each layer moves a few megabytes, and on a 
 goes to many small kernels, each paying a few microseconds of memory latency. XLA compiles
 these steps to about nine kernels per Mamba-2 block and writes the [d_inner, d_model]
 product of its out-projection to memory, because it turns small dots into a multiply and a
-reduction. The Pallas Triton kernels of pallas_kernels/decode do each line in one kernel. On
-an H100 they are faster at batch 1 (the 190M Taipan's step 0.51 ms against 0.78 with every
-op on XLA, docs/kernels/decode.md), so 'auto' takes them on a GPU for one row; from three
-rows on they ran slower than XLA, so larger batches keep the plain jnp forms (the same
-operations as the model's layers).
+reduction. The Pallas Triton kernels of pallas_kernels/decode do each line in one kernel
+(the second one plus XLA's sum of its per-program partial products). They are faster at
+batch 1 (docs/kernels/decode.md has the figures), so 'auto' takes them on a GPU for one
+row; from three rows on the projection kernels ran slower than XLA, so larger batches keep
+the plain jnp forms (the same operations as the model's layers).
 """
 from __future__ import annotations
 
@@ -24,7 +23,8 @@ import os
 
 import jax
 
-from pallas_kernels.decode.reference import mamba2_step_reference, norm_matvec_reference
+from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ssm_out_reference,
+                                             norm_matvec_reference)
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 # 'auto' takes the Mamba-2 block kernels on a GPU up to this many rows. Measured on an H100
@@ -81,22 +81,45 @@ def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None
   return norm_matvec_gpu(x, norm_weight, w, interpret=impl == "interpret", **kw)
 
 
-def mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
-                       *, heads: int, head_dim: int, n_groups: int, d_state: int,
-                       implementation: str = "auto"):
-  """A Mamba-2 mixer's token between its projections: causal conv over the cached inputs,
-  softplus dt, SSD state update and y = S C + D x.
+def mamba2_in_proj(x, norm_weight, w, conv_state, conv_weight, conv_bias, *, eps: float,
+                   dtype, d_inner: int, implementation: str = "auto"):
+  """RMSNorm(x) @ in_proj, its x B C columns through the causal convolution over the cached
+  inputs (SiLU after it).
 
-  zxbcdt: [batch, d_inner + conv_dim + heads] (z | x B C | dt); conv_state:
-  [batch, d_conv - 1, conv_dim]; ssm_state: [batch, heads, head_dim, d_state] fp32.
-  Returns (y [batch, d_inner] fp32, new conv_state, new ssm_state).
+  x: [batch, d_model]; w: [d_model, d_inner + conv_dim + heads] (z | x B C | dt);
+  conv_state: [batch, d_conv - 1, conv_dim]; conv_weight: [d_conv, conv_dim].
+  Returns (zxbcdt [batch, d_inner + conv_dim + heads] in dtype, x B C convolved; the new
+  conv_state).
   """
-  args = (zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
-  kw = dict(heads=heads, head_dim=head_dim, n_groups=n_groups, d_state=d_state)
+  args = (x, norm_weight, w, conv_state, conv_weight, conv_bias)
+  kw = dict(eps=eps, dtype=dtype, d_inner=d_inner)
+  impl = resolve_decode_implementation(
+      implementation, kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
+                                         and x.shape[1] <= _MATVEC_KERNEL_MAX_K))
+  if impl == "reference":
+    return mamba2_in_proj_reference(*args, **kw)
+  from pallas_kernels.decode.mamba2_in_proj import mamba2_in_proj_gpu
+  return mamba2_in_proj_gpu(*args, interpret=impl == "interpret", **kw)
+
+
+def mamba2_ssm_out(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residual, *,
+                   eps: float, dtype, group_size: int, heads: int, head_dim: int, n_groups: int,
+                   d_state: int, implementation: str = "auto"):
+  """The rest of a Mamba-2 block's token: softplus dt, SSD state update, y = S C + D x, the
+  gated RMSNorm (groups of group_size channels), the out-projection and the residual.
+
+  zxbcdt: [batch, d_inner + conv_dim + heads] from mamba2_in_proj; ssm_state:
+  [batch, heads, head_dim, d_state] fp32; dt_bias, A_log, D: [heads]; norm_weight: [d_inner];
+  w: [d_inner, d_model]; residual: [batch, d_model] fp32.
+  Returns (residual + out [batch, d_model] fp32, the new ssm_state).
+  """
+  args = (zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residual)
+  kw = dict(eps=eps, dtype=dtype, group_size=group_size, heads=heads, head_dim=head_dim,
+            n_groups=n_groups, d_state=d_state)
   impl = resolve_decode_implementation(
       implementation, head_dim=head_dim, d_state=d_state,
       kernel_by_default=zxbcdt.shape[0] <= _BLOCK_KERNEL_MAX_BATCH)
   if impl == "reference":
-    return mamba2_step_reference(*args, **kw)
-  from pallas_kernels.decode.mamba2_step import mamba2_step_gpu
-  return mamba2_step_gpu(*args, interpret=impl == "interpret", **kw)
+    return mamba2_ssm_out_reference(*args, **kw)
+  from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
+  return mamba2_ssm_out_gpu(*args, interpret=impl == "interpret", **kw)
