@@ -171,6 +171,9 @@ def main():
             "steps_per_call": args.steps, "rows": []}
   contexts = [int(c) for c in args.contexts.split(",")]
   path = result_path(args.out, "decode", suffix="")     # + .json and .png
+  if args.eval_tokens:      # first: its peak memory is then its own, not a sweep's
+    record["stream_eval"] = stream_eval(args)
+    print("stream eval:", json.dumps(record["stream_eval"]))
   for name in args.configs.split(","):
     decode_sweep(name, contexts, args, record, path)
   by = {(r["model"], r["context"]): r.get("ms_per_token") for r in record["rows"]}
@@ -186,9 +189,6 @@ def main():
   if first and last:
     record[f"{base}_last_over_first"] = last / first
     print(f"{base}: {contexts[-1]} vs {contexts[0]} tokens of context: x{last / first:.3f}")
-  if args.eval_tokens:
-    record["stream_eval"] = stream_eval(args)
-    print("stream eval:", json.dumps(record["stream_eval"]))
   with open(path + ".json", "w") as f:
     json.dump(record, f, indent=1)
   try:
