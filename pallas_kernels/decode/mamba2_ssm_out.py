@@ -11,7 +11,8 @@ every load issued up front). The norm's scale is one number per row and group,
 rsqrt(mean(u^2) + eps), so it factors out of the product: each program writes its fp32
 partial product and its partial sum of squares. A second kernel (grid: batch, column blocks)
 sums the squares per group, scales and adds the partials and adds the residual; XLA spent
-three kernels on that sum (3.7 µs a layer on an H200, against 1.1 for this one). (Unlike
+three kernels on that sum (3.7 µs a layer on an H200, against 2.0 for this one over 48
+partials, 2.5 over 96). (Unlike
 norm_matvec, the normalised row is not rounded to the compute dtype before the product; the
 difference is that one rounding.)
 
