@@ -36,7 +36,7 @@ from flax import nnx
 
 import taipan_jax
 from taipan_jax.inference.long_context import stream_nll
-from taipan_jax.inference.weights import cast_matmul_weights
+from taipan_jax.inference.weights import prepare_decode_weights
 from taipan_jax.models.attention import KVCache
 from taipan_jax.models.mamba2 import Mamba2Cache
 from taipan_jax.models.sal import SALCache
@@ -81,7 +81,7 @@ def decode_sweep(name, contexts, args, record, path):
 
   @jax.jit
   def decode(state, cache, token):
-    m = cast_matmul_weights(nnx.merge(graphdef, state))     # as Generator's loop does
+    m = prepare_decode_weights(nnx.merge(graphdef, state))     # as Generator's loop does
 
     def step(carry, _):
       cache, token = carry

@@ -34,8 +34,9 @@ def make_layers(key, layers, d, heads, head_dim, d_state, d_conv, dtype):
   normal = lambda shape, scale, dt=jnp.float32: [
       (scale * jax.random.normal(key, shape, jnp.float32)).astype(dt)
       for key in jax.random.split(next(k), layers)]
-  weights = dict(norm=normal((d,), 0.1), w_in=normal((d, d_inner + conv_dim + heads), d ** -.5,
-                                                      dtype),
+  # in_proj transposed, as prepare_decode_weights lays it out before a decode loop.
+  weights = dict(norm=normal((d,), 0.1), w_in_t=normal((d_inner + conv_dim + heads, d), d ** -.5,
+                                                        dtype),
                  conv_w=normal((d_conv, conv_dim), 0.5), conv_b=normal((conv_dim,), 0.1),
                  dt_bias=normal((heads,), 0.5), A_log=normal((heads,), 0.5),
                  D=normal((heads,), 0.1), gnorm=normal((d_inner,), 0.1),
@@ -51,7 +52,7 @@ def block(h, w, cache, *, variant, dims, dtype):
   impl, in_kw, out_kw = variant
   heads, head_dim, d_state = dims
   d_inner = heads * head_dim
-  in_args = (h, w["norm"], w["w_in"], cache["conv"], w["conv_w"], w["conv_b"])
+  in_args = (h, w["norm"], w["w_in_t"], cache["conv"], w["conv_w"], w["conv_b"])
   kw = dict(eps=1e-5, dtype=dtype, d_inner=d_inner)
   if impl == "reference":
     zx, conv = ops.mamba2_in_proj(*in_args, implementation="reference", **kw)
@@ -75,7 +76,7 @@ VARIANTS = {
     "ssm_out 8 warps": ("pallas", {}, dict(num_warps=8)),
     "ssm_out 2 warps": ("pallas", {}, dict(num_warps=2)),
     "ssm_out block_n 128": ("pallas", {}, dict(block_n=128)),
-    "in_proj block_n 16": ("pallas", dict(block_n=16), {}),
+    "in_proj block_n 32": ("pallas", dict(block_n=32), {}),
     "in_proj 4 warps": ("pallas", dict(num_warps=4), {}),
 }
 

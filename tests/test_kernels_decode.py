@@ -141,6 +141,7 @@ MAMBA2_IN_PROJ_CASES = [
     (1, 48, 64, 96, 4, 4, jnp.float32, None),
     (3, 40, 32, 48, 2, 4, jnp.float32, 16),        # 3 rows; 2 heads: dt overhangs its block
     (11, 24, 16, 48, 3, 3, jnp.bfloat16, 8),       # > MAX_ROWS rows, d_conv 3
+    (1, 300, 32, 64, 5, 4, jnp.float32, 32),       # d_model overhangs a 256-channel chunk
     (2, 768, 1536, 1792, 24, 4, jnp.bfloat16, None),  # the 190M model's mixer
 ]
 
@@ -154,9 +155,9 @@ def test_mamba2_in_proj_matches_float64(rng, case):
   conv = jnp.asarray(rng.standard_normal((b, kc - 1, cd)), dtype)
   cw = jnp.asarray(rng.standard_normal((kc, cd)) * 0.5, jnp.float32)
   cb = jnp.asarray(rng.standard_normal(cd) * 0.5, jnp.float32)
-  args = (x, nw, w, conv, cw, cb)
+  args = (x, nw, w.T, conv, cw, cb)              # the ops take in_proj transposed
   kw = dict(eps=1e-5, dtype=dtype, d_inner=di)
-  want = mamba2_in_proj_numpy(*args, **kw)
+  want = mamba2_in_proj_numpy(x, nw, w, conv, cw, cb, **kw)
   kernel = mamba2_in_proj_gpu(*args, block_n=bn, interpret=not ON_GPU, **kw)
   ref_tol = 2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]
   for name, got, tol in (("kernel", kernel, TOL[dtype]),
@@ -298,11 +299,16 @@ def test_bad_shapes_are_refused(rng):
                              jnp.ones((36, 4)), jnp.ones((1, 4)), eps=1e-5, dtype=jnp.float32,
                              group_size=36, heads=3, head_dim=12, n_groups=1, d_state=8)
   with pytest.raises(ValueError, match=r"conv_state \(1, 2, 52\) is not \[1, 3, 52\]"):
-    mamba2_in_proj_gpu(x, jnp.ones(12), jnp.ones((12, 91)), jnp.ones((1, 2, 52)),
+    mamba2_in_proj_gpu(x, jnp.ones(12), jnp.ones((91, 12)), jnp.ones((1, 2, 52)),
                        jnp.ones((4, 52)), jnp.ones(52), eps=1e-5, dtype=jnp.float32,
                        d_inner=36, interpret=True)
+  with pytest.raises(ValueError, match=r"in_proj transposed \(12, 91\) must be \[outputs, "
+                                       r"d_model=12\] \(pass in_proj.kernel.T\)"):
+    mamba2_in_proj_reference(x, jnp.ones(12), jnp.ones((12, 91)), jnp.ones((1, 3, 52)),
+                             jnp.ones((4, 52)), jnp.ones(52), eps=1e-5, dtype=jnp.float32,
+                             d_inner=36)
   with pytest.raises(ValueError, match="block_n=16 must be a power of two dividing d_inner=36"):
-    mamba2_in_proj_gpu(x, jnp.ones(12), jnp.ones((12, 91)), jnp.ones((1, 3, 52)),
+    mamba2_in_proj_gpu(x, jnp.ones(12), jnp.ones((91, 12)), jnp.ones((1, 3, 52)),
                        jnp.ones((4, 52)), jnp.ones(52), eps=1e-5, dtype=jnp.float32,
                        d_inner=36, block_n=16, interpret=True)
   q, kv = jnp.ones((1, 2, 12)), jnp.ones((1, 8, 2, 12))
@@ -353,7 +359,7 @@ def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
     got = ops.norm_matvec(x, jnp.ones(d), jnp.ones((d, 8)), eps=1e-5, dtype=jnp.float32)
     want = norm_matvec_reference(x, jnp.ones(d), jnp.ones((d, 8)), eps=1e-5, dtype=jnp.float32)
     assert _err(got, np.asarray(want, np.float64)) < 1e-5
-    args = (x, jnp.ones(d), normal(d, d_inner + conv_dim + heads), normal(b, 3, conv_dim),
+    args = (x, jnp.ones(d), normal(d_inner + conv_dim + heads, d), normal(b, 3, conv_dim),
             normal(4, conv_dim), normal(conv_dim))
     kw = dict(eps=1e-5, dtype=jnp.float32, d_inner=d_inner)
     got = ops.mamba2_in_proj(*args, **kw)

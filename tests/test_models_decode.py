@@ -88,19 +88,24 @@ def test_cache_size_does_not_grow(rng):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_matmul_weights_cast_once_change_no_result(rng, dtype):
-  """inference.weights.cast_matmul_weights (what Generator's loop applies) gives the same
-  logits bit for bit, and stores the Linear / Embed weights in the compute dtype."""
-  from taipan_jax.inference.weights import cast_matmul_weights
+def test_decode_weights_prepared_once_change_no_result(rng, dtype):
+  """inference.weights.prepare_decode_weights (what Generator's loop applies) gives the same
+  logits bit for bit, stores the Linear / Embed weights in the compute dtype and each Mamba-2
+  in_proj transposed for the decode kernel."""
+  from taipan_jax.inference.weights import prepare_decode_weights
   model = build(tiny_config(model__dtype=dtype))
   model.eval()
   graphdef, state = nnx.split(model)
   cache = model.init_cache(2)
   tokens = jnp.asarray(rng.integers(0, model.vocab_size, 2), jnp.int32)
   plain = jax.jit(lambda s: nnx.merge(graphdef, s).step(tokens, cache)[0])(state)
-  cast = jax.jit(lambda s: cast_matmul_weights(nnx.merge(graphdef, s)).step(tokens, cache)[0])
-  np.testing.assert_array_equal(np.asarray(cast(state)), np.asarray(plain))
-  merged = cast_matmul_weights(nnx.merge(graphdef, state))
+  prepared = jax.jit(
+      lambda s: prepare_decode_weights(nnx.merge(graphdef, s)).step(tokens, cache)[0])
+  np.testing.assert_array_equal(np.asarray(prepared(state)), np.asarray(plain))
+  merged = prepare_decode_weights(nnx.merge(graphdef, state))
   assert merged.embed.embedding[...].dtype == jnp.dtype(dtype)
-  assert merged.layers[0].mixer.in_proj.kernel[...].dtype == jnp.dtype(dtype)
+  mixer = merged.layers[0].mixer
+  assert mixer.in_proj.kernel[...].dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(np.asarray(mixer.in_proj_t[...]),
+                                np.asarray(mixer.in_proj.kernel[...]).T)
   assert merged.layers[0].mixer.conv_weight[...].dtype == jnp.float32     # used in fp32

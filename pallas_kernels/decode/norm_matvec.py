@@ -50,15 +50,10 @@ _SLICE_ELEMENTS = 24 * 1024       # weight elements per program for the default 
 SPLIT_K_FROM = 1536
 
 
-def matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, *, row0, col0, split, k, n,
-                 rows, block_k, block_n, k_per_split, eps, group_size, dtype, epilogue=None):
+def _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, *, row0, col0, split, k, n,
+                  rows, block_k, block_n, k_per_split, eps, group_size, dtype):
   """Rows row0 .. row0 + rows of o[:, col0:col0 + block_n], or with k split, of the partial
-  product over channels split * k_per_split onward (see the module docstring).
-
-  epilogue(row, ok, out) -> out, for an unsplit product: applied to each row's [block_n]
-  product (rounded to dtype; ok masks the valid columns) before the residual and the store,
-  so a kernel built on this block can transform its columns in place (the Mamba-2
-  in-projection convolves its x B C columns there)."""
+  product over channels split * k_per_split onward (see the module docstring)."""
   col_ok = col0 + jnp.arange(block_n) < n
   # Unrolled: every load is issued up front. jnp scalars, not ints: the last chunk may
   # overhang k (masked), which a static slice would refuse.
@@ -122,8 +117,6 @@ def matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, *, row0, col0, split
       plgpu.store(o_ref.at[split, row0 + r, pl.ds(col0, block_n)], out, mask=ok)
       continue
     out = out.astype(dtype)
-    if epilogue is not None:
-      out = epilogue(row0 + r, ok, out)
     if r_ref is not None:
       res = plgpu.load(r_ref.at[row0 + r, pl.ds(col0, block_n)], mask=ok, other=0.0)
       out = res.astype(_F32) + out.astype(_F32)
@@ -149,7 +142,7 @@ def _kernel(*refs, ns, gated, normed, has_residual, block_n, **kw):
     blocks = pl.cdiv(n, block_n)
 
     def body(w_ref=w_ref, o_ref=o_ref, n=n, first=first):
-      matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, row0=row0,
+      _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, row0=row0,
                     col0=(block - first) * block_n, split=split, n=n, block_n=block_n, **kw)
 
     if len(ns) == 1:
@@ -159,21 +152,17 @@ def _kernel(*refs, ns, gated, normed, has_residual, block_n, **kw):
     first += blocks
 
 
-def unsplit_block_n(k: int) -> int:
-  """The widest power-of-two column block (8 .. 64) whose [k, block_n] weight slice stays
-  near _SLICE_ELEMENTS (32 for the 190M in-projection, k 768)."""
+def default_blocks(k: int, block_k: int) -> tuple[int, int]:
+  """(block_n, k_splits) for k channels: below SPLIT_K_FROM the widest power-of-two column
+  block (8 .. 64) whose [k, block_n] weight slice stays near _SLICE_ELEMENTS, unsplit (32
+  for the 190M in-projection, k 768); from it on, 64 columns and one block_k chunk of k per
+  program."""
+  if k >= SPLIT_K_FROM:
+    return 64, pl.cdiv(k, block_k)
   block_n = 64
   while block_n > 8 and k * block_n > _SLICE_ELEMENTS:
     block_n //= 2
-  return block_n
-
-
-def default_blocks(k: int, block_k: int) -> tuple[int, int]:
-  """(block_n, k_splits) for k channels: below SPLIT_K_FROM unsplit_block_n(k), unsplit; from
-  it on, 64 columns and one block_k chunk of k per program."""
-  if k >= SPLIT_K_FROM:
-    return 64, pl.cdiv(k, block_k)
-  return unsplit_block_n(k), 1
+  return block_n, 1
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "group_size", "block_k", "block_n",

@@ -82,22 +82,29 @@ def norm_matvec_reference(x, norm_weight, w, *, eps: float | None = None, dtype,
   return residual.astype(_F32) + y.astype(_F32)
 
 
-def check_mamba2_in_proj_operands(x, norm_weight, w, conv_state, conv_weight, conv_bias, *,
+def check_mamba2_in_proj_operands(x, norm_weight, w_t, conv_state, conv_weight, conv_bias, *,
                                   d_inner):
   """Raises ValueError naming the operand whose shape disagrees (mamba2_in_proj_reference)."""
-  check_norm_matvec_operands(x, norm_weight, w, eps=0.0)
+  if x.ndim != 2:
+    raise ValueError(f"x {x.shape} must be [batch, d_model]: one token per row")
+  b, k = x.shape
+  if norm_weight.shape != (k,):
+    raise ValueError(f"x {x.shape} and norm_weight {norm_weight.shape} disagree on d_model")
+  if w_t.ndim != 2 or w_t.shape[1] != k:
+    raise ValueError(f"in_proj transposed {w_t.shape} must be [outputs, d_model={k}] (pass "
+                     "in_proj.kernel.T)")
   if conv_weight.ndim != 2:
     raise ValueError(f"conv_weight {conv_weight.shape} must be [d_conv, conv_dim]")
   d_conv, conv_dim = conv_weight.shape
   if conv_bias.shape != (conv_dim,):
     raise ValueError(f"conv_bias {conv_bias.shape} must be [{conv_dim}] (conv_weight "
                      f"{conv_weight.shape})")
-  if conv_state.shape != (x.shape[0], d_conv - 1, conv_dim):
-    raise ValueError(f"conv_state {conv_state.shape} is not [{x.shape[0]}, {d_conv - 1}, "
+  if conv_state.shape != (b, d_conv - 1, conv_dim):
+    raise ValueError(f"conv_state {conv_state.shape} is not [{b}, {d_conv - 1}, "
                      f"{conv_dim}] (batch, d_conv - 1, conv_dim)")
-  if w.shape[1] <= d_inner + conv_dim:
-    raise ValueError(f"in_proj {w.shape} is narrower than z | x B C | dt: d_inner {d_inner} + "
-                     f"conv_dim {conv_dim} + heads")
+  if w_t.shape[0] <= d_inner + conv_dim:
+    raise ValueError(f"in_proj transposed {w_t.shape} has fewer outputs than z | x B C | dt: "
+                     f"d_inner {d_inner} + conv_dim {conv_dim} + heads")
 
 
 def _silu_conv(window, conv_weight, conv_bias, dtype):
@@ -107,21 +114,22 @@ def _silu_conv(window, conv_weight, conv_bias, dtype):
   return jax.nn.silu(conv).astype(dtype)
 
 
-def mamba2_in_proj_reference(x, norm_weight, w, conv_state, conv_weight, conv_bias, *,
+def mamba2_in_proj_reference(x, norm_weight, w_t, conv_state, conv_weight, conv_bias, *,
                              eps: float, dtype, d_inner: int):
   """A Mamba-2 mixer's decode in-projection and causal convolution.
 
   x: [b, d_model] the residual stream; norm_weight: [d_model] the block's RMSNorm;
-  w: [d_model, d_inner + conv_dim + heads] in_proj (columns z | x B C | dt);
+  w_t: [d_inner + conv_dim + heads, d_model] in_proj transposed (outputs z | x B C | dt; the
+  kernel reads whole rows of it);
   conv_state: [b, d_conv - 1, conv_dim] the last inputs of the convolution;
   conv_weight: [d_conv, conv_dim]; conv_bias: [conv_dim].
   Returns (zxbcdt [b, d_inner + conv_dim + heads] in dtype, its x B C columns replaced by
   silu(conv) over the cached inputs and the new one; the new conv_state).
   """
-  check_mamba2_in_proj_operands(x, norm_weight, w, conv_state, conv_weight, conv_bias,
+  check_mamba2_in_proj_operands(x, norm_weight, w_t, conv_state, conv_weight, conv_bias,
                                 d_inner=d_inner)
   conv_dim = conv_weight.shape[1]
-  zxbcdt = norm_matvec_reference(x, norm_weight, w, eps=eps, dtype=dtype)
+  zxbcdt = norm_matvec_reference(x, norm_weight, w_t.T, eps=eps, dtype=dtype)
   z, xbc, dt = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=1)
   window = jnp.concatenate([conv_state, xbc[:, None].astype(conv_state.dtype)], axis=1)
   xbc = _silu_conv(window, conv_weight, conv_bias, dtype)

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx, struct
 
 from taipan_jax.inference.sampling import GenerationError, Sampling, sample_logits
-from taipan_jax.inference.weights import cast_matmul_weights
+from taipan_jax.inference.weights import prepare_decode_weights
 
 
 @struct.dataclass
@@ -70,8 +70,8 @@ class Generator:
     [] int32, max_new_tokens (a row is done when it has emitted that many).
     Returns (loop, out [b, chunk] int32, n_out [b] int32).
     """
-    # Weights in their compute dtype once per call, not once per token inside the loop.
-    model = cast_matmul_weights(nnx.merge(self.graphdef, state))
+    # Weights in their compute dtype and decode layouts once per call, not once per token.
+    model = prepare_decode_weights(nnx.merge(self.graphdef, state))
     b = prompt_len.shape[0]
     rows = jnp.arange(b)
 

@@ -1,8 +1,10 @@
-"""Matmul weights in their compute dtype for decoding, cast once instead of once per token."""
+"""Weights for a decode loop, cast and laid out once instead of once per token."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+
+from taipan_jax.models.mamba2 import Mamba2Mixer
 
 
 def cast_matmul_weights(model):
@@ -22,4 +24,16 @@ def cast_matmul_weights(model):
       param = getattr(module, name, None)
       if isinstance(param, nnx.Param) and jnp.issubdtype(param[...].dtype, jnp.floating):
         param.set_value(param[...].astype(dtype))
+  return model
+
+
+def prepare_decode_weights(model):
+  """cast_matmul_weights, then the layouts the decode kernels read: each Mamba-2 mixer's
+  in_proj transposed (Mamba2Mixer.prepare_decode). Call it on the model merged inside the
+  jitted function, before the loop, as Generator does: the copies are made once per call.
+  Changes no result. Returns the model, changed in place."""
+  cast_matmul_weights(model)
+  mixers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Mamba2Mixer)]
+  for mixer in mixers:
+    mixer.prepare_decode()
   return model

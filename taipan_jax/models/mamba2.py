@@ -23,6 +23,10 @@ class Mamba2Cache:
   ssm: jax.Array
 
 
+class DecodeLayout(nnx.Variable):
+  """A weight copied into the layout a decode kernel reads (Mamba2Mixer.prepare_decode)."""
+
+
 def _dt_bias_init(key, heads, dt_min, dt_max, floor):
   """dt log-uniform in [dt_min, dt_max], floored; dt_bias = softplus^{-1}(dt)."""
   u = jax.random.uniform(key, (heads,), jnp.float32)
@@ -135,6 +139,13 @@ class Mamba2Mixer(nnx.Module):
     return out, Mamba2Cache(conv=ops.from_last_device(tail.astype(self.dtype)),
                             ssm=ops.from_last_device(state))
 
+  def prepare_decode(self):
+    """Stores in_proj transposed, [outputs, d_model], the layout in which the decode kernel
+    reads whole rows (ops.mamba2_in_proj). For a copy of the model made inside a jitted
+    function before its decode loop (inference.weights.prepare_decode_weights), so that
+    the transpose runs once per call, not once per token; `step` works without it."""
+    self.in_proj_t = DecodeLayout(self.in_proj.kernel[...].T)
+
   def step(self, h, cache: Mamba2Cache, norm):
     """One token of the block around this mixer.  h: [batch, d_model] the residual stream
     (fp32) -> (h + out, new cache).
@@ -143,8 +154,10 @@ class Mamba2Mixer(nnx.Module):
     added by the out-projection's (ops.decode).
     """
     impl = self.kernel
+    prepared = getattr(self, "in_proj_t", None)
+    w_t = self.in_proj.kernel[...].T if prepared is None else prepared[...]
     zxbcdt, conv = ops.mamba2_in_proj(
-        h, norm.weight[...], self.in_proj.kernel[...], cache.conv, self.conv_weight[...],
+        h, norm.weight[...], w_t, cache.conv, self.conv_weight[...],
         self.conv_bias[...], eps=norm.eps, dtype=self.dtype, d_inner=self.d_inner,
         implementation=impl)
     out, ssm = ops.mamba2_ssm_out(

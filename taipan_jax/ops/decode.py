@@ -81,17 +81,19 @@ def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None
   return norm_matvec_gpu(x, norm_weight, w, interpret=impl == "interpret", **kw)
 
 
-def mamba2_in_proj(x, norm_weight, w, conv_state, conv_weight, conv_bias, *, eps: float,
+def mamba2_in_proj(x, norm_weight, w_t, conv_state, conv_weight, conv_bias, *, eps: float,
                    dtype, d_inner: int, implementation: str = "auto"):
   """RMSNorm(x) @ in_proj, its x B C columns through the causal convolution over the cached
   inputs (SiLU after it).
 
-  x: [batch, d_model]; w: [d_model, d_inner + conv_dim + heads] (z | x B C | dt);
+  x: [batch, d_model]; w_t: [d_inner + conv_dim + heads, d_model], in_proj transposed
+  (outputs z | x B C | dt), the layout in which the kernel reads whole rows (a decode loop
+  transposes it once, inference.weights.prepare_decode_weights);
   conv_state: [batch, d_conv - 1, conv_dim]; conv_weight: [d_conv, conv_dim].
   Returns (zxbcdt [batch, d_inner + conv_dim + heads] in dtype, x B C convolved; the new
   conv_state).
   """
-  args = (x, norm_weight, w, conv_state, conv_weight, conv_bias)
+  args = (x, norm_weight, w_t, conv_state, conv_weight, conv_bias)
   kw = dict(eps=eps, dtype=dtype, d_inner=d_inner)
   impl = resolve_decode_implementation(
       implementation, kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
