@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from helpers import build, random_tokens, randomize_gates, tiny_config
+from helpers import build, jit_forward, random_tokens, randomize_gates, tiny_config
 from taipan_jax import ops
 from taipan_jax.data.tokenizer import train_tokenizer
 from taipan_jax.inference import GenerationError, Generator, Sampling, sample_logits
@@ -50,11 +51,16 @@ def test_greedy_generation_is_the_argmax_of_the_parallel_forward(rng, variant):
   model = _model(rng, variant)
   prompts = [np.asarray(random_tokens(rng, 1, n)[0]) for n in (9, 1, 4)]
   out = Generator(model).generate(prompts, max_new_tokens=11)
+  # One compiled forward: each sequence padded at the end to 20 tokens, which a causal
+  # model's earlier positions do not see.
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
   for prompt, new in zip(prompts, out):
     assert len(new) == 11
-    full = jnp.asarray(np.concatenate([prompt, new]))[None]
-    logits, _ = model(full)
-    argmax = np.asarray(jnp.argmax(logits[0], -1))[prompt.size - 1:-1]
+    full = np.zeros((1, 20), np.int32)
+    full[0, :prompt.size + 11] = np.concatenate([prompt, new])
+    logits = forward(state, jnp.asarray(full))
+    argmax = np.asarray(jnp.argmax(logits[0], -1))[prompt.size - 1:prompt.size + 10]
     np.testing.assert_array_equal(argmax, new)
 
 
@@ -115,7 +121,7 @@ def test_bad_generation_requests_are_refused(rng):
 
 def _one_shot_nll(model, tokens):
   """tokens: [n] -> [n - 1] NLL of tokens[1:] from one parallel forward."""
-  logits = model(jnp.asarray(tokens[:-1])[None])[0][0]
+  logits = jit_forward(model, jnp.asarray(tokens[:-1])[None])[0][0]
   target = jnp.asarray(tokens[1:])[:, None]
   return np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, target, -1)[:, 0])
 
@@ -233,8 +239,15 @@ def test_lm_eval_adapter_equals_a_direct_computation(text_workdir):
   request = namedtuple("Request", "args")
   sp, model = lm.tokenizer, lm.model
 
+  # One compiled forward for every direct computation: ids padded at the end to 256 tokens
+  # (not the adapter's padding), which a causal model's earlier positions do not see.
+  graphdef, state = nnx.split(model)
+  log_probs = jax.jit(lambda s, ids: jax.nn.log_softmax(nnx.merge(graphdef, s)(ids)[0][0], -1))
+
   def direct(ids, n):
-    lp = jax.nn.log_softmax(model(jnp.asarray([ids], jnp.int32))[0][0], -1)
+    padded = np.zeros((1, 256), np.int32)
+    padded[0, :len(ids)] = ids
+    lp = np.asarray(log_probs(state, jnp.asarray(padded)), np.float64)
     return float(sum(lp[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
 
   pairs = [("word1 word2", " word3 word4"), ("word7 word8 ", "word9")]
@@ -265,19 +278,24 @@ def test_sal_attention_maps_reproduce_the_attention_output(rng, variant):
   tokens = random_tokens(rng, 2, 40)
   maps = sal_attention_maps(model, tokens)
   assert len(maps) == model.num_sal
-  # The first SAL's input: the layers before it, as in the forward pass.
-  h = model.embed(tokens).astype(jnp.float32)
-  first = model.kinds.index("s")
-  for layer in model.layers[:first]:
-    h = layer(h)
-  sal = model.layers[first]
-  x = sal.norm_a(h)
-  l = tokens.shape[1]
-  q, k, v = sal._qkv(x, jnp.broadcast_to(jnp.arange(l), tokens.shape))
   selected = maps[0]["select"] > 0.5
   assert 0 < float(selected.mean()) < 1
-  expected = jnp.asarray(ops.selective_window_attention(
-      q, k, v, selected, window=sal.window,
-      kv_select=selected if sal.kv_selected_only else None, implementation="reference"))
+
+  @nnx.jit          # compiled: eager op-by-op dispatch is slow on the CPU
+  def attention(model, tokens, selected):
+    # The first SAL's input: the layers before it, as in the forward pass.
+    h = model.embed(tokens).astype(jnp.float32)
+    first = model.kinds.index("s")
+    for layer in model.layers[:first]:
+      h = layer(h)
+    sal = model.layers[first]
+    l = tokens.shape[1]
+    q, k, v = sal._qkv(sal.norm_a(h), jnp.broadcast_to(jnp.arange(l), tokens.shape))
+    out = ops.selective_window_attention(
+        q, k, v, selected, window=sal.window,
+        kv_select=selected if sal.kv_selected_only else None, implementation="reference")
+    return out, v
+
+  expected, v = attention(model, tokens, selected)
   got = jnp.einsum("bhij,bjhd->bihd", maps[0]["weights"], v.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)

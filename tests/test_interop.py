@@ -126,7 +126,7 @@ def test_upcycled_taipan_starts_equal_to_its_mamba2(case, sal_every):
                                                      gumbel_key=jax.random.key(0))
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 1]) + aux["budget_loss"]
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   sal = sal_every     # index of the first SAL
   assert float(jnp.abs(grads["layers"][sal]["gate"]["out"]["kernel"][...]).max()) > 0
   assert float(jnp.abs(grads["layers"][sal]["gate"]["out"]["bias"][...]).max()) > 0

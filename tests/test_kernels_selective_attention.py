@@ -83,10 +83,13 @@ def test_forward_and_gradients_match_reference(rng, case, family, dtype):
                                           kv_select=kv_select, segment_ids=seg)
 
   loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * weights))
-  out, out_ref = kernel(q, k, v), reference(q, k, v)
+  # Compiled, forward and gradients in one program each: eager op-by-op dispatch is slow on
+  # the CPU.
+  both = lambda f: jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(loss(f), argnums=(0, 1, 2))(
+      q, k, v)))
+  out, grads = both(kernel)(q, k, v)
+  out_ref, grads_ref = both(reference)(q, k, v)
   assert out.dtype == dtype
-  grads = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
-  grads_ref = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
   tol = 2e-5 if dtype == jnp.float32 else 3e-2
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref)):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)

@@ -58,8 +58,9 @@ def _compare(rng, shape, dtype, packed, rtol):
   kernel = _kernel(BlockSizes(chunk=q, chunk_bwd=q, block_p=bp, heads_per_program=hpp))
   (y, final), (y_ref, final_ref) = kernel(*args, seg), _reference(*args, seg)
   errors = {"y": _rel(y, y_ref), "final": _rel(final, final_ref)}
-  grads = jax.grad(_loss(kernel, seg, wy, ws), argnums=range(6))(*args)
-  grads_ref = jax.grad(_loss(_reference, seg, wy, ws), argnums=range(6))(*args)
+  # Compiled: eager op-by-op dispatch is slow on the CPU.
+  grads = jax.jit(jax.grad(_loss(kernel, seg, wy, ws), argnums=range(6)))(*args)
+  grads_ref = jax.jit(jax.grad(_loss(_reference, seg, wy, ws), argnums=range(6)))(*args)
   for name, got, want in zip(("dx", "ddt", "dA", "dB", "dC", "dinit"), grads, grads_ref):
     assert got.dtype == args[("dx", "ddt", "dA", "dB", "dC", "dinit").index(name)].dtype
     errors[name] = _rel(got, want)
@@ -106,8 +107,9 @@ def test_bf16_backward_finite_for_adversarial_decays(rng):
   wy = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
   ws = jnp.zeros((b, h, p, n))
   kernel = _kernel(BlockSizes.for_backend("gpu"))
-  grads = jax.grad(_loss(kernel, None, wy, ws), argnums=range(6))(x, dt, A, B, C, init)
-  grads_ref = jax.grad(_loss(_reference, None, wy, ws), argnums=range(6))(x, dt, A, B, C, init)
+  grads = jax.jit(jax.grad(_loss(kernel, None, wy, ws), argnums=range(6)))(x, dt, A, B, C, init)
+  grads_ref = jax.jit(jax.grad(_loss(_reference, None, wy, ws), argnums=range(6)))(
+      x, dt, A, B, C, init)
   for name, got, want in zip(("dx", "ddt", "dA", "dB", "dC", "dinit"), grads, grads_ref):
     err = _rel(got, want)
     print(f"adversarial {name}: finite={bool(np.isfinite(np.asarray(got, np.float32)).all())} "

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import build, random_tokens, randomize_gates, tiny_config
+from helpers import build, jit_forward, random_tokens, randomize_gates, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def test_decode_equals_parallel(rng, variant):
   randomize_gates(model, rng)
   model.eval()
   tokens = random_tokens(rng, 2, 29)
-  logits, aux = model(tokens, return_masks=True)
+  logits, aux = jit_forward(model, tokens, return_masks=True)
   if model.num_sal and variant != "swa_hybrid":
     frac = float(aux["select_masks"].mean())
     assert 0.05 < frac < 0.95, f"selection not mixed ({frac:.2f}): test would be vacuous"
@@ -67,8 +67,8 @@ def test_prefill_then_decode_equals_parallel(rng, variant, prompt_len):
   randomize_gates(model, rng)
   model.eval()
   tokens = random_tokens(rng, 2, 25)
-  logits, _ = model(tokens)
-  prefill_logits, _, cache = model(tokens[:, :prompt_len], return_cache=True)
+  logits, _ = jit_forward(model, tokens)
+  prefill_logits, _, cache = jit_forward(model, tokens[:, :prompt_len], return_cache=True)
   np.testing.assert_allclose(np.asarray(prefill_logits), np.asarray(logits[:, :prompt_len]),
                              atol=1e-5)
   decoded, _ = decode_all(model, tokens, cache, start=prompt_len)
@@ -82,8 +82,10 @@ def test_cache_size_does_not_grow(rng):
   cache = model.init_cache(1)
   size = lambda c: sum(x.nbytes for x in jax.tree.leaves(c))
   before = size(cache)
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda state, token, cache: nnx.merge(graphdef, state).step(token, cache))
   for t in range(12):
-    _, cache = model.step(jnp.array([t], jnp.int32), cache)
+    _, cache = step(state, jnp.array([t], jnp.int32), cache)
   assert size(cache) == before
 
 

@@ -63,8 +63,8 @@ def test_gradients_match_float64(rng, case, with_kv_select):
                         np.float64), argnums=(0, 1, 2))(
         *(jnp.asarray(t, jnp.float64) for t in (q, k, v)))
     ref = [np.asarray(r) for r in ref]
-  ours = jax.grad(loss(lambda q, k, v: ops.selective_window_attention(
-      q, k, v, sel, window=window, kv_select=kvs), np.float32), argnums=(0, 1, 2))(
+  ours = jax.jit(jax.grad(loss(lambda q, k, v: ops.selective_window_attention(
+      q, k, v, sel, window=window, kv_select=kvs), np.float32), argnums=(0, 1, 2)))(
           *(jnp.asarray(t, jnp.float32) for t in (q, k, v)))
   for name, r, o in zip("qkv", ref, ours):
     assert np.isfinite(np.asarray(o)).all(), f"d{name} not finite"
@@ -126,8 +126,8 @@ def test_segment_ids_gradients_match_float64(rng):
         q, k, v, sel, window, segment_ids=seg, xp=jnp) * cot), argnums=(0, 1, 2))(
             *(jnp.asarray(t, jnp.float64) for t in (q, k, v)))
     ref = [np.asarray(r) for r in ref]
-  ours = jax.grad(lambda q, k, v: jnp.sum(ops.selective_window_attention(
+  ours = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ops.selective_window_attention(
       q, k, v, sel, window=window, segment_ids=seg) * cot.astype(np.float32)),
-      argnums=(0, 1, 2))(*(jnp.asarray(t, jnp.float32) for t in (q, k, v)))
+      argnums=(0, 1, 2)))(*(jnp.asarray(t, jnp.float32) for t in (q, k, v)))
   for name, r, o in zip("qkv", ref, ours):
     np.testing.assert_allclose(np.asarray(o), r, atol=2e-5, err_msg=f"d{name}")

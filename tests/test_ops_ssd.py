@@ -70,9 +70,9 @@ def test_gradients_match_float64(rng, shape):
     ref = jax.grad(loss(ssd_sequential_jax, np.float64), argnums=range(6))(
         *(jnp.asarray(t, jnp.float64) for t in inputs))
     ref = [np.asarray(r) for r in ref]
-  ours = jax.grad(loss(lambda *a: ops.ssd(*a[:5], chunk_size=q, initial_state=a[5],
-                                          return_final_state=True), np.float32),
-                  argnums=range(6))(*(jnp.asarray(t, jnp.float32) for t in inputs))
+  ours = jax.jit(jax.grad(loss(lambda *a: ops.ssd(*a[:5], chunk_size=q, initial_state=a[5],
+                                                  return_final_state=True), np.float32),
+                          argnums=range(6)))(*(jnp.asarray(t, jnp.float32) for t in inputs))
   for name, r, o in zip(["x", "dt", "A", "B", "C", "s0"], ref, ours):
     err = np.abs(np.asarray(o, np.float64) - r).max() / max(1.0, np.abs(r).max())
     assert err < 5e-5, f"d{name}: relative error {err:.2e}"
@@ -173,9 +173,9 @@ def test_segment_ids_gradients_match_float64(rng):
     ref = jax.jit(jax.grad(reference, argnums=range(6)))(
         *(jnp.asarray(t, jnp.float64) for t in inputs))
     ref = [np.asarray(r) for r in ref]
-  ours = jax.grad(lambda *a: jnp.sum(ops.ssd(*a[:5], chunk_size=q, initial_state=a[5],
-                                             segment_ids=seg) * cot.astype(np.float32)),
-                  argnums=range(6))(*(jnp.asarray(t, jnp.float32) for t in inputs))
+  ours = jax.jit(jax.grad(lambda *a: jnp.sum(ops.ssd(*a[:5], chunk_size=q, initial_state=a[5],
+                                                     segment_ids=seg) * cot.astype(np.float32)),
+                          argnums=range(6)))(*(jnp.asarray(t, jnp.float32) for t in inputs))
   for name, r, o in zip(["x", "dt", "A", "B", "C", "s0"], ref, ours):
     err = np.abs(np.asarray(o, np.float64) - r).max() / max(1.0, np.abs(r).max())
     assert err < 5e-5, f"d{name}: relative error {err:.2e}"
