@@ -34,11 +34,17 @@ def random_tokens(rng, batch, seq, vocab=VOCAB):
   return jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)
 
 
-def jit_forward(model, tokens, **kwargs):
-  """model(tokens, **kwargs) compiled once (eager op-by-op dispatch is slow on the CPU)."""
+def compiled_forward(model, **kwargs):
+  """tokens -> model(tokens, **kwargs), compiled (eager op-by-op dispatch is slow on the CPU);
+  one compilation per tokens shape, however many calls."""
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens, **kwargs))
-  return fn(state, tokens)
+  return lambda tokens: fn(state, tokens)
+
+
+def jit_forward(model, tokens, **kwargs):
+  """model(tokens, **kwargs) compiled once (eager op-by-op dispatch is slow on the CPU)."""
+  return compiled_forward(model, **kwargs)(tokens)
 
 
 def ssd_inputs(rng, b, l, h, p, g, n, dtype=jnp.float32):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import build, jit_forward, random_tokens, randomize_gates, tiny_config
+from helpers import (build, compiled_forward, jit_forward, random_tokens, randomize_gates,
+                     tiny_config)
 from taipan_jax import ops
 from taipan_jax.data.tokenizer import train_tokenizer
 from taipan_jax.inference import GenerationError, Generator, Sampling, sample_logits
@@ -53,13 +54,12 @@ def test_greedy_generation_is_the_argmax_of_the_parallel_forward(rng, variant):
   out = Generator(model).generate(prompts, max_new_tokens=11)
   # One compiled forward: each sequence padded at the end to 20 tokens, which a causal
   # model's earlier positions do not see.
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+  forward = compiled_forward(model)
   for prompt, new in zip(prompts, out):
     assert len(new) == 11
     full = np.zeros((1, 20), np.int32)
     full[0, :prompt.size + 11] = np.concatenate([prompt, new])
-    logits = forward(state, jnp.asarray(full))
+    logits, _ = forward(jnp.asarray(full))
     argmax = np.asarray(jnp.argmax(logits[0], -1))[prompt.size - 1:prompt.size + 10]
     np.testing.assert_array_equal(argmax, new)
 
@@ -241,13 +241,12 @@ def test_lm_eval_adapter_equals_a_direct_computation(text_workdir):
 
   # One compiled forward for every direct computation: ids padded at the end to 256 tokens
   # (not the adapter's padding), which a causal model's earlier positions do not see.
-  graphdef, state = nnx.split(model)
-  log_probs = jax.jit(lambda s, ids: jax.nn.log_softmax(nnx.merge(graphdef, s)(ids)[0][0], -1))
+  forward = compiled_forward(model)
 
   def direct(ids, n):
     padded = np.zeros((1, 256), np.int32)
     padded[0, :len(ids)] = ids
-    lp = np.asarray(log_probs(state, jnp.asarray(padded)), np.float64)
+    lp = np.asarray(jax.nn.log_softmax(forward(jnp.asarray(padded))[0][0], -1), np.float64)
     return float(sum(lp[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
 
   pairs = [("word1 word2", " word3 word4"), ("word7 word8 ", "word9")]

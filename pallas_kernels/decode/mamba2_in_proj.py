@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.decode.norm_matvec import MAX_ROWS
 from pallas_kernels.decode.reference import check_mamba2_in_proj_operands
 
 _F32 = jnp.float32
-MAX_ROWS = 8          # rows per program; more rows take more programs
 
 
 def _kernel(x_ref, nw_ref, wt_ref, conv_ref, cw_ref, cb_ref, o_ref, conv_out_ref, *, d_inner,

@@ -45,8 +45,9 @@ def _kernel(zx_ref, ssm_ref, dtb_ref, alog_ref, d_ref, nw_ref, w_ref, part_ref, 
   # The weight first: its loads are the long ones, all in flight while the state updates.
   # jnp starts, not ints: the last block may overhang n (masked), which a static slice refuses.
   starts = [jnp.int32(j) for j in range(0, n, block_n)]
-  ws = [plgpu.load(w_ref.at[pl.ds(c0, block_p), pl.ds(j, block_n)],
-                   mask=(j + jnp.arange(block_n) < n)[None, :], other=0.0) for j in starts]
+  col_oks = [j + jnp.arange(block_n) < n for j in starts]
+  ws = [plgpu.load(w_ref.at[pl.ds(c0, block_p), pl.ds(j, block_n)], mask=ok[None, :],
+                   other=0.0) for j, ok in zip(starts, col_oks)]
   load = lambda start, size: plgpu.load(zx_ref.at[bi, pl.ds(start, size)]).astype(_F32)
   z = load(c0, block_p)
   x = load(d_inner + c0, block_p)
@@ -62,10 +63,9 @@ def _kernel(zx_ref, ssm_ref, dtb_ref, alog_ref, d_ref, nw_ref, w_ref, part_ref, 
   u = y * z * jax.nn.sigmoid(z)
   ss_ref[split, bi] = jnp.sum(u * u)
   v = u * plgpu.load(nw_ref.at[pl.ds(c0, block_p)]).astype(_F32)
-  for j, w in zip(starts, ws):
-    cols = pl.ds(j, block_n)
+  for j, ok, w in zip(starts, col_oks, ws):
     part = jnp.sum(v[:, None] * w.astype(dtype).astype(_F32), axis=0)
-    plgpu.store(part_ref.at[split, bi, cols], part, mask=j + jnp.arange(block_n) < n)
+    plgpu.store(part_ref.at[split, bi, pl.ds(j, block_n)], part, mask=ok)
 
 
 def _finish_kernel(part_ref, ss_ref, r_ref, o_ref, *, splits, groups, group_splits, eps,

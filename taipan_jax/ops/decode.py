@@ -12,7 +12,8 @@ goes to many small kernels, each paying a few microseconds of memory latency. XL
 these steps to about nine kernels per Mamba-2 block and writes the [d_inner, d_model]
 product of its out-projection to memory, because it turns small dots into a multiply and a
 reduction. The Pallas Triton kernels of pallas_kernels/decode do each line in one kernel
-(the second one plus XLA's sum of its per-program partial products). They are faster at
+(the second one plus a small kernel that sums its per-program partial products). They are
+faster at
 batch 1 (docs/kernels/decode.md has the figures), so 'auto' takes them on a GPU for one
 row; from three rows on the projection kernels ran slower than XLA, so larger batches keep
 the plain jnp forms (the same operations as the model's layers).
@@ -32,7 +33,8 @@ IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 # (10.6 against 10.7), slower at 3 and 4 (14.4 and 17.7 against 10.4 and 10.7).
 _BLOCK_KERNEL_MAX_BATCH = 1
 # norm_matvec's kernel was measured up to this k (the 190M SwiGLU's down-projection, split
-# over k: 6.6 us against XLA's 8.7, weights from memory); past it 'auto' keeps XLA.
+# over k: 6.6 us against XLA's 8.7, weights from memory); past it 'auto' keeps XLA, for the
+# Mamba-2 in-projection kernel (measured at k 768) too.
 _MATVEC_KERNEL_MAX_K = 2048
 
 
