@@ -60,7 +60,8 @@ def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int
   return "pallas_gpu" if jax.default_backend() == "gpu" and tiles else "reference"
 
 
-def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None, group_size: int | None = None,
+def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,
+                group_size: int | None = None,
                 residual=None, implementation: str = "auto"):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w for one token per row.
 
