@@ -17,8 +17,9 @@ from pallas_kernels.decode.mamba2_in_proj import mamba2_in_proj_gpu
 from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
 from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
 from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ssm_out_reference,
-                                             norm_matvec_reference, window_attention_reference)
-from pallas_kernels.decode.window_attention import window_attention_gpu
+                                             norm_matvec_reference, ring_attention_reference,
+                                             window_attention_reference)
+from pallas_kernels.decode.window_attention import ring_attention_gpu, window_attention_gpu
 from taipan_jax import ops
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -30,7 +31,8 @@ def _round(a, dtype):
   return np.asarray(jnp.asarray(a, jnp.float32).astype(dtype).astype(jnp.float32), np.float64)
 
 
-def norm_matvec_numpy(x, nw, w, *, eps, dtype, gate=None, group_size=None, residual=None):
+def norm_matvec_numpy(x, nw, w, *, eps, dtype, gate=None, group_size=None, residual=None,
+                      mix=None, product_dtypes=None):
   u = np.asarray(x, np.float64)
   if gate is not None:
     z = np.asarray(jnp.asarray(gate, jnp.float32), np.float64)[:, :u.shape[1]]
@@ -42,10 +44,16 @@ def norm_matvec_numpy(x, nw, w, *, eps, dtype, gate=None, group_size=None, resid
     grouped = grouped / np.sqrt((grouped ** 2).mean(-1, keepdims=True) + eps)
     u = grouped.reshape(b, k) * np.asarray(nw, np.float64)
   xn = _round(u, dtype)
+  ws = w if isinstance(w, tuple) else (w,)
+  ys = tuple(xn @ _round(np.asarray(jnp.asarray(wi, jnp.float32), np.float64), pd)
+             for wi, pd in zip(ws, product_dtypes or (dtype,) * len(ws)))
   if isinstance(w, tuple):
-    return tuple(xn @ _round(np.asarray(wi, np.float64), dtype) for wi in w)
-  y = xn @ _round(np.asarray(w, np.float64), dtype)
-  return y if residual is None else np.asarray(residual, np.float64) + _round(y, dtype)
+    return ys
+  if residual is None:
+    return ys[0]
+  res = np.asarray(residual, np.float64)
+  y = _round(ys[0], dtype)
+  return res + y if mix is None else res + np.asarray(mix, np.float64)[:, None] * (y - res)
 
 
 def _err(got, want):
@@ -97,6 +105,56 @@ SHARED_ROW_CASES = [
     (3, 100, (17, 33), True, True, False, jnp.float32, 16, 16, 3),      # split, overhangs
     (9, 96, (20,), False, True, True, jnp.float32, 32, 8, 2),           # split + residual
 ]
+
+
+@pytest.mark.parametrize("case", [
+    # b, k, widths, product dtypes, block_n
+    (1, 768, (96, 96, 96, 2), ("bf16",) * 3 + ("f32",), None),   # a SAL's q, k, v and gate
+    (3, 40, (2, 17), ("f32", "bf16"), 16),                        # overhangs, > 1 row
+])
+def test_norm_matvec_products_in_their_own_dtypes(rng, case):
+  """product_dtypes: the SAL's gate (fp32, 2 columns) in the launch of its bf16 q, k, v; the
+  row is rounded to bf16 for all of them, each weight to its own dtype."""
+  b, k, widths, names, bn = case
+  pds = tuple({"bf16": jnp.bfloat16, "f32": jnp.float32}[n] for n in names)
+  x = jnp.asarray(rng.standard_normal((b, k)) * 3, jnp.float32)
+  nw = jnp.asarray(1 + 0.3 * rng.standard_normal(k), jnp.float32)
+  ws = tuple(jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), pd)
+             for n, pd in zip(widths, pds))
+  kw = dict(eps=1e-5, dtype=jnp.bfloat16, product_dtypes=pds)
+  want = norm_matvec_numpy(x, nw, ws, **kw)
+  got = norm_matvec_gpu(x, nw, ws, block_n=bn, interpret=not ON_GPU, **kw)
+  ref = norm_matvec_reference(x, nw, ws, **kw)
+  for g, r, wt, n, pd in zip(got, ref, want, widths, pds):
+    assert g.shape == r.shape == (b, n) and g.dtype == r.dtype == pd
+    # fp32 products see only the fp32 accumulation (TF32 in XLA's reference on a GPU).
+    tol = TOL[pd] if pd == jnp.bfloat16 else 2e-5
+    assert _err(g, wt) < tol, ("kernel", pd)
+    assert _err(r, wt) < (2e-3 if ON_GPU and pd == jnp.float32 else tol), ("reference", pd)
+
+
+@pytest.mark.parametrize("case", [
+    # b, k, n, dtype, k_splits
+    (1, 768, 768, jnp.bfloat16, None),    # a SAL's o-projection
+    (3, 40, 24, jnp.float32, 1),          # overhangs, > 1 row
+    (2, 96, 20, jnp.float32, 3),          # k split: the blend after the partial sums
+])
+def test_norm_matvec_mixes_into_the_residual(rng, case):
+  """mix: residual + mix * (product - residual) per row, as a SAL blends its attention
+  output into the residual stream; mix 0 (an unselected token) leaves the residual exactly."""
+  b, k, n, dtype, splits = case
+  x = jnp.asarray(rng.standard_normal((b, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+  res = jnp.asarray(rng.standard_normal((b, n)), jnp.float32)
+  mix = jnp.asarray(rng.uniform(0.2, 0.9, b), jnp.float32).at[0].set(0.0)
+  kw = dict(eps=None, dtype=dtype, residual=res, mix=mix)
+  want = norm_matvec_numpy(x, None, w, **kw)
+  got = norm_matvec_gpu(x, None, w, k_splits=splits, interpret=not ON_GPU, **kw)
+  ref = norm_matvec_reference(x, None, w, **kw)
+  for name, out in (("kernel", got), ("reference", ref)):
+    assert out.shape == (b, n) and out.dtype == jnp.float32, name
+    assert _err(out, want) < (2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]), name
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(res[0]), err_msg=name)
 
 
 @pytest.mark.parametrize("case", SHARED_ROW_CASES)
@@ -269,6 +327,55 @@ def test_window_attention_matches_float64(rng, case):
     assert _err(got, want) < TOL[dtype], name
     got = np.asarray(jnp.asarray(got, jnp.float32))
     assert not got[~active].any() and not (b > 1 and got[1].any()), name
+
+
+RING_CASES = [
+    # b, slots, heads, head_dim, block_s, max_splits, dtype, kv_selected_only
+    (3, 50, 2, 16, 16, 16, jnp.float32, False),    # chunks of a block, the last overhangs
+    (4, 64, 3, 32, 16, 2, jnp.float32, True),      # 2 chunks of 2 blocks: loops; kept only
+    (2, 2048, 12, 64, 128, 16, jnp.bfloat16, False),   # a 190M SAL's ring buffer
+]
+
+
+@pytest.mark.parametrize("case", RING_CASES)
+def test_ring_attention_appends_and_attends(rng, case):
+  """ring_attention_gpu against float64 and its reference: the token's key and value land in
+  slot pos % slots (rows part filled, wrapped around, at a chunk's first and last slot),
+  flags and pos advance, the query reads the new entry; unselected rows are appended but
+  return exact zeros; a kv_select row whose window keeps nothing reads zeros."""
+  b, slots, h, d, block_s, max_splits, dtype, kv_only = case
+  q, k_new, v_new = (jnp.asarray(rng.standard_normal((b, h, d)), dtype) for _ in range(3))
+  k, v = (jnp.asarray(rng.standard_normal((b, slots, h, d)), dtype) for _ in range(2))
+  pos = np.array([7, slots + 15, 3 * slots - 1, 16][:b], np.int32)   # < slots: part filled
+  filled = np.arange(slots)[None, :] < np.minimum(pos, slots)[:, None]
+  kept = filled & (rng.random((b, slots)) < 0.5)
+  select = np.ones(b, np.float32)
+  select[1] = 0.0                           # an unselected token: appended, output zero
+  if kv_only and b > 3:
+    kept[3] = False                          # nothing kept yet: only its own key, if selected
+  args = (q, k_new, v_new, k, v, jnp.asarray(filled), jnp.asarray(kept), jnp.asarray(pos),
+          jnp.asarray(select))
+  rows, slot = np.arange(b), pos % slots
+  k64, v64 = (np.asarray(jnp.asarray(t, jnp.float32), np.float64).copy() for t in (k, v))
+  k64[rows, slot] = np.asarray(jnp.asarray(k_new, jnp.float32), np.float64)
+  v64[rows, slot] = np.asarray(jnp.asarray(v_new, jnp.float32), np.float64)
+  want_filled, want_kept = filled.copy(), kept.copy()
+  want_filled[rows, slot] = True
+  want_kept[rows, slot] = select > 0.5
+  want = window_attention_numpy(q, k64, v64, want_kept if kv_only else want_filled, select > 0.5)
+  ref_out, ref_cache = ring_attention_reference(*args, kv_selected_only=kv_only)
+  got_out, got_cache = ring_attention_gpu(*args, kv_selected_only=kv_only, block_s=block_s,
+                                          max_splits=max_splits, interpret=not ON_GPU)
+  for name, out in (("kernel", got_out), ("reference", ref_out)):
+    assert out.shape == (b, h, d) and out.dtype == dtype, name
+    assert _err(out, want) < TOL[dtype], name
+    assert not np.asarray(jnp.asarray(out[1], jnp.float32)).any(), name
+  for g, r, name in zip(got_cache, ref_cache, ("k", "v", "filled", "kept", "pos")):
+    assert g.dtype == r.dtype, name
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(r), err_msg=name)
+  np.testing.assert_array_equal(np.asarray(got_cache[2]), want_filled)
+  np.testing.assert_array_equal(np.asarray(got_cache[3]), want_kept)
+  np.testing.assert_array_equal(np.asarray(got_cache[4]), pos + 1)
 
 
 def test_bad_shapes_are_refused(rng):

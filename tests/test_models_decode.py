@@ -91,9 +91,10 @@ def test_cache_size_does_not_grow(rng):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_decode_weights_prepared_once_change_no_result(rng, dtype):
-  """inference.weights.prepare_decode_weights (what Generator's loop applies) gives the same
-  logits bit for bit, stores the Linear / Embed weights in the compute dtype and each Mamba-2
-  in_proj transposed for the decode kernel."""
+  """inference.weights.prepare_decode_weights (the copy Generator prefills and decodes with)
+  gives the same logits bit for bit, from the decode step and from the parallel forward,
+  stores the Linear / Embed weights in the compute dtype and each Mamba-2 in_proj
+  transposed for the decode kernel."""
   from taipan_jax.inference.weights import prepare_decode_weights
   model = build(tiny_config(model__dtype=dtype))
   model.eval()
@@ -105,6 +106,10 @@ def test_decode_weights_prepared_once_change_no_result(rng, dtype):
       lambda s: prepare_decode_weights(nnx.merge(graphdef, s)).step(tokens, cache)[0])
   np.testing.assert_array_equal(np.asarray(prepared(state)), np.asarray(plain))
   merged = prepare_decode_weights(nnx.merge(graphdef, state))
+  prompt = jnp.asarray(rng.integers(0, model.vocab_size, (2, 24)), jnp.int32)
+  forward = lambda g, s: jax.jit(lambda s: nnx.merge(g, s)(prompt)[0])(s)
+  np.testing.assert_array_equal(np.asarray(forward(*nnx.split(merged))),
+                                np.asarray(forward(graphdef, state)))
   assert merged.embed.embedding[...].dtype == jnp.dtype(dtype)
   mixer = merged.layers[0].mixer
   assert mixer.in_proj.kernel[...].dtype == jnp.dtype(dtype)

@@ -50,10 +50,11 @@ _SLICE_ELEMENTS = 24 * 1024       # weight elements per program for the default 
 SPLIT_K_FROM = 1536
 
 
-def _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, *, row0, col0, split, k, n,
-                  rows, block_k, block_n, k_per_split, eps, group_size, dtype):
+def _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, m_ref, o_ref, *, row0, col0, split, k,
+                  n, rows, block_k, block_n, k_per_split, eps, group_size, dtype, product_dtype):
   """Rows row0 .. row0 + rows of o[:, col0:col0 + block_n], or with k split, of the partial
-  product over channels split * k_per_split onward (see the module docstring)."""
+  product over channels split * k_per_split onward (see the module docstring). The row is
+  rounded to dtype, the weight to product_dtype."""
   col_ok = col0 + jnp.arange(block_n) < n
   # Unrolled: every load is issued up front. jnp scalars, not ints: the last chunk may
   # overhang k (masked), which a static slice would refuse.
@@ -95,7 +96,7 @@ def _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, *, row0, col0, spli
   xs = [row_chunks(r, w_starts, w_ok) for r in range(rows)]
   full = xs if whole or nws is None else [
       row_chunks(r, starts, [ks < k for ks in channels]) for r in range(rows)]
-  ws = [w.astype(dtype).astype(_F32) for w in ws]
+  ws = [w.astype(product_dtype).astype(_F32) for w in ws]
   for r in range(rows):
     if nws is not None:
       sums = [sum(jnp.sum(jnp.where(in_group[c][g], u * u, 0.0)) for c, u in enumerate(full[r]))
@@ -116,15 +117,19 @@ def _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, *, row0, col0, spli
     if not whole:     # a partial sum, fp32; the wrapper adds the splits and rounds
       plgpu.store(o_ref.at[split, row0 + r, pl.ds(col0, block_n)], out, mask=ok)
       continue
-    out = out.astype(dtype)
+    out = out.astype(product_dtype)
     if r_ref is not None:
       res = plgpu.load(r_ref.at[row0 + r, pl.ds(col0, block_n)], mask=ok, other=0.0)
-      out = res.astype(_F32) + out.astype(_F32)
+      res = res.astype(_F32)
+      if m_ref is None:
+        out = res + out.astype(_F32)
+      else:     # residual + mix * (product - residual): a SAL's mix of eq. 5
+        out = res + m_ref[jnp.minimum(row0 + r, x_ref.shape[0] - 1)] * (out.astype(_F32) - res)
     plgpu.store(o_ref.at[row0 + r, pl.ds(col0, block_n)], out.astype(o_ref.dtype), mask=ok)
 
 
-def _kernel(*refs, ns, gated, normed, has_residual, block_n, **kw):
-  """Operands x, [gate], [norm weight], w_1 .. w_m, [residual]; outputs o_1 .. o_m. The
+def _kernel(*refs, ns, gated, normed, has_residual, mixed, block_n, product_dtypes, **kw):
+  """Operands x, [gate], [norm weight], w_1 .. w_m, [residual, [mix]]; outputs o_1 .. o_m. The
   column blocks of all m products form one grid axis: weight i takes cdiv(n_i, block_n) of
   them, so a single launch covers every product of the shared row."""
   x_ref, *refs = refs
@@ -132,18 +137,20 @@ def _kernel(*refs, ns, gated, normed, has_residual, block_n, **kw):
   nw_ref = refs.pop(0) if normed else None
   w_refs, refs = refs[:len(ns)], refs[len(ns):]
   r_ref = refs.pop(0) if has_residual else None
+  m_ref = refs.pop(0) if mixed else None
   o_refs = refs
   # Program ids are read here, outside pl.when: interpret mode cannot read them in a branch.
   row0 = pl.program_id(0) * kw["rows"]
   block = pl.program_id(1)
   split = pl.program_id(2)
   first = 0
-  for w_ref, o_ref, n in zip(w_refs, o_refs, ns):
+  for w_ref, o_ref, n, product_dtype in zip(w_refs, o_refs, ns, product_dtypes):
     blocks = pl.cdiv(n, block_n)
 
-    def body(w_ref=w_ref, o_ref=o_ref, n=n, first=first):
-      _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, o_ref, row0=row0,
-                    col0=(block - first) * block_n, split=split, n=n, block_n=block_n, **kw)
+    def body(w_ref=w_ref, o_ref=o_ref, n=n, first=first, product_dtype=product_dtype):
+      _matvec_block(x_ref, g_ref, nw_ref, w_ref, r_ref, m_ref, o_ref, row0=row0,
+                    col0=(block - first) * block_n, split=split, n=n, block_n=block_n,
+                    product_dtype=product_dtype, **kw)
 
     if len(ns) == 1:
       body()
@@ -165,10 +172,12 @@ def default_blocks(k: int, block_k: int) -> tuple[int, int]:
   return block_n, 1
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "dtype", "group_size", "block_k", "block_n",
-                                             "k_splits", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "dtype", "group_size", "product_dtypes",
+                                             "block_k", "block_n", "k_splits", "num_warps",
+                                             "interpret"))
 def norm_matvec_gpu(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,
-                    group_size: int | None = None, residual=None, block_k: int = 256,
+                    group_size: int | None = None, residual=None, mix=None,
+                    product_dtypes: tuple | None = None, block_k: int = 256,
                     block_n: int | None = None, k_splits: int | None = None,
                     num_warps: int = 4, interpret: bool = False):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w; see reference.norm_matvec_reference.
@@ -176,16 +185,20 @@ def norm_matvec_gpu(x, norm_weight, w, *, eps: float | None = None, dtype, gate=
   x: [b, k]; gate: [b, >= k] (its first k columns are used, so a slice of a wider
   projection need not be copied out); norm_weight: [k], or None (no normalisation);
   w: [k, n] (any float dtype; rounded to `dtype` as loaded), or a tuple of such weights,
-  all products in one launch; residual: [b, n] (a single weight only). block_k and block_n:
+  all products in one launch; residual: [b, n] (a single weight only); mix: [b] fp32, with a
+  residual: residual + mix * (product - residual) instead of residual + product;
+  product_dtypes: one dtype per weight, which that weight is rounded to and its product
+  returned in (default dtype; the row is rounded to dtype either way). block_k and block_n:
   powers of two. k_splits > 1 splits the channels among that many programs per column
   block, which write fp32 partial products that XLA adds up (with the residual) after the
   kernel. block_n and k_splits default to default_blocks(k, block_k).
   Returns [b, n], or a tuple of [b, n_i] for a tuple of weights.
   """
   check_norm_matvec_operands(x, norm_weight, w, eps=eps, gate=gate, group_size=group_size,
-                             residual=residual)
+                             residual=residual, mix=mix, product_dtypes=product_dtypes)
   b, k = x.shape
   ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+  product_dtypes = tuple(jnp.dtype(t) for t in product_dtypes or (dtype,) * len(ws))
   default_n, default_splits = default_blocks(k, block_k)
   block_n = block_n or default_n
   k_splits = default_splits if k_splits is None else k_splits
@@ -202,22 +215,27 @@ def norm_matvec_gpu(x, norm_weight, w, *, eps: float | None = None, dtype, gate=
   if splits > 1:
     out_shapes = tuple(jax.ShapeDtypeStruct((splits, b, n), _F32) for n in ns)
   else:
-    out_dtype = _F32 if residual is not None else dtype
-    out_shapes = tuple(jax.ShapeDtypeStruct((b, n), out_dtype) for n in ns)
+    out_shapes = tuple(jax.ShapeDtypeStruct((b, n), _F32 if residual is not None else pd)
+                       for n, pd in zip(ns, product_dtypes))
   kernel = functools.partial(
       _kernel, ns=ns, k=k, rows=rows, block_k=block_k, block_n=block_n,
       k_per_split=k_per_split if splits > 1 else k, eps=eps, group_size=group_size or k,
       gated=gate is not None, normed=norm_weight is not None,
-      has_residual=residual is not None and splits == 1, dtype=dtype)
+      has_residual=residual is not None and splits == 1,
+      mixed=mix is not None and splits == 1, dtype=dtype, product_dtypes=product_dtypes)
   operands = [x] + [t for t in (gate, norm_weight) if t is not None] + list(ws)
-  operands += [residual] if residual is not None and splits == 1 else []
+  if splits == 1:
+    operands += [t for t in (residual, None if mix is None else mix.astype(_F32))
+                 if t is not None]
   out = pl.pallas_call(
       kernel, out_shape=out_shapes,
       grid=(pl.cdiv(b, rows), sum(pl.cdiv(n, block_n) for n in ns), splits),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="norm_matvec")(*operands)
   if splits > 1:
-    out = tuple(jnp.sum(partial, axis=0).astype(dtype) for partial in out)
+    out = tuple(jnp.sum(partial, axis=0).astype(pd) for partial, pd in zip(out, product_dtypes))
     if residual is not None:
-      out = (residual.astype(_F32) + out[0].astype(_F32),)
+      res = residual.astype(_F32)
+      out = (res + out[0].astype(_F32) if mix is None
+             else res + mix.astype(_F32)[:, None] * (out[0].astype(_F32) - res),)
   return out if isinstance(w, (tuple, list)) else out[0]

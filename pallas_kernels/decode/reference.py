@@ -19,7 +19,7 @@ def _normalize(u, weight, eps, group_size):
 
 
 def check_norm_matvec_operands(x, norm_weight, w, *, eps=None, gate=None, group_size=None,
-                               residual=None):
+                               residual=None, mix=None, product_dtypes=None):
   """Raises ValueError naming the operand whose shape disagrees (see norm_matvec_reference)."""
   if x.ndim != 2:
     raise ValueError(f"x {x.shape} must be [batch, k]: one token per row")
@@ -50,36 +50,53 @@ def check_norm_matvec_operands(x, norm_weight, w, *, eps=None, gate=None, group_
                        f"{len(ws)} in a tuple")
     if residual.shape != (b, ws[0].shape[1]):
       raise ValueError(f"residual {residual.shape} must be [{b}, {ws[0].shape[1]}]")
+  if mix is not None:
+    if residual is None:
+      raise ValueError("mix blends the product into a residual: pass residual= too")
+    if mix.shape != (b,):
+      raise ValueError(f"mix {mix.shape} must be [{b}], one weight per row")
+  if product_dtypes is not None and len(product_dtypes) != len(ws):
+    raise ValueError(f"product_dtypes has {len(product_dtypes)} entries for {len(ws)} "
+                     "weights: give one per weight")
 
 
 def norm_matvec_reference(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,
-                          group_size: int | None = None, residual=None):
+                          group_size: int | None = None, residual=None, mix=None,
+                          product_dtypes: tuple | None = None):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w, for one token per row.
 
   x: [b, k]; gate: [b, >= k] (its first k columns); norm_weight: [k], or None to skip the
   normalisation (eps, the norm's epsilon, is needed only with a norm_weight); w: [k, n], or a
   tuple of weights that share the normalised row; residual: [b, n] fp32 (a single weight
-  only).
+  only); mix: [b], with a residual: residual + mix * (product - residual), a SAL's mix.
   The normalised row is rounded to `dtype` and multiplied in `dtype` (an nnx.Linear with that
-  dtype); groups of group_size channels (default k) are normalised separately.
-  Returns [b, n] (a tuple of [b, n_i] for a tuple of weights): in `dtype`, or fp32 (residual
-  + the product) with a residual.
+  dtype), or for weight i in product_dtypes[i] (a fp32 gate beside bf16 projections: the
+  row is still rounded to `dtype`, as the gate's input is); groups of group_size channels
+  (default k) are normalised separately.
+  Returns [b, n] (a tuple of [b, n_i] for a tuple of weights): in the product's dtype, or
+  fp32 with a residual.
   """
   check_norm_matvec_operands(x, norm_weight, w, eps=eps, gate=gate, group_size=group_size,
-                             residual=residual)
+                             residual=residual, mix=mix, product_dtypes=product_dtypes)
   u = x.astype(_F32)
   if gate is not None:
     u = u * jax.nn.silu(gate[:, :u.shape[1]].astype(_F32))
   if norm_weight is not None:
     u = _normalize(u, norm_weight, eps, group_size or u.shape[-1])
   xn = u.astype(dtype)
-  product = lambda wi: jax.lax.dot_general(xn, wi.astype(dtype), (((1,), (0,)), ((), ())))
+  ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+  products = tuple(
+      jax.lax.dot_general(xn.astype(pd), wi.astype(pd), (((1,), (0,)), ((), ())))
+      for wi, pd in zip(ws, product_dtypes or (dtype,) * len(ws)))
   if isinstance(w, (tuple, list)):
-    return tuple(product(wi) for wi in w)
-  y = product(w)
+    return products
+  y, = products
   if residual is None:
     return y
-  return residual.astype(_F32) + y.astype(_F32)
+  res = residual.astype(_F32)
+  if mix is None:
+    return res + y.astype(_F32)
+  return res + mix.astype(_F32)[:, None] * (y.astype(_F32) - res)
 
 
 def check_mamba2_in_proj_operands(x, norm_weight, w_t, conv_state, conv_weight, conv_bias, *,
@@ -216,3 +233,45 @@ def window_attention_reference(q, k_cache, v_cache, valid, active=None):
   if active is not None:
     out = out * active[:, None, None]
   return out.astype(q.dtype)
+
+
+def check_ring_attention_operands(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select):
+  """Raises ValueError naming the operand whose shape disagrees (ring_attention_reference)."""
+  if q.ndim != 3 or k_new.shape != q.shape or v_new.shape != q.shape:
+    raise ValueError(f"q {q.shape}, k_new {k_new.shape} and v_new {v_new.shape} must all be "
+                     "[batch, heads, head_dim]")
+  b, h, d = q.shape
+  if (k_cache.shape != v_cache.shape or k_cache.ndim != 4 or k_cache.shape[0] != b
+      or k_cache.shape[2:] != (h, d)):
+    raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must be "
+                     f"[{b}, slots, {h}, {d}]")
+  slots = k_cache.shape[1]
+  for name, t in (("filled", filled), ("kept", kept)):
+    if t.shape != (b, slots) or t.dtype != jnp.bool_:
+      raise ValueError(f"{name} {t.shape} {t.dtype} must be bool [{b}, {slots}]")
+  for name, t in (("pos", pos), ("select", select)):
+    if t.shape != (b,):
+      raise ValueError(f"{name} {t.shape} must be [{b}], one per row")
+
+
+def ring_attention_reference(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select, *,
+                             kv_selected_only: bool = False):
+  """A SAL's decode step on its ring buffer: the token's key and value into slot
+  pos % slots (filled, kept if selected), pos + 1, then its query against the filled slots
+  (the kept ones with kv_selected_only), zeros for unselected rows.
+
+  q, k_new, v_new: [b, heads, head_dim]; k_cache, v_cache: [b, slots, heads, head_dim];
+  filled, kept: [b, slots] bool; pos: [b] int32; select: [b] float mask (> 0.5: selected).
+  Returns (out [b, heads, head_dim] in q.dtype, (k_cache, v_cache, filled, kept, pos + 1)).
+  """
+  check_ring_attention_operands(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select)
+  rows = jnp.arange(q.shape[0])
+  slot = pos % k_cache.shape[1]
+  selected = select > 0.5
+  k_cache = k_cache.at[rows, slot].set(k_new.astype(k_cache.dtype))
+  v_cache = v_cache.at[rows, slot].set(v_new.astype(v_cache.dtype))
+  filled = filled.at[rows, slot].set(True)
+  kept = kept.at[rows, slot].set(selected)
+  out = window_attention_reference(q, k_cache, v_cache, kept if kv_selected_only else filled,
+                                   selected)
+  return out, (k_cache, v_cache, filled, kept, pos + 1)

@@ -48,7 +48,9 @@ class Generator:
     self.vocab_size = model.vocab_size
     self.max_prompt_len = max_prompt_len
     self.cache_limit = (model.config.attention.max_cache_len if "a" in model.kinds else None)
-    self.graphdef, self.state = nnx.split(model)
+    # Weights in their compute dtype and decode layouts once, not once per call: a copy that
+    # both the prefill and the decode loop read (it gives the same results as the model's).
+    self.graphdef, self.state = nnx.split(prepare_decode_weights(nnx.merge(*nnx.split(model))))
     self.cache_bytes = 0      # the decode cache's size after the last chunk (it never grows)
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "chunk"),
@@ -70,8 +72,7 @@ class Generator:
     [] int32, max_new_tokens (a row is done when it has emitted that many).
     Returns (loop, out [b, chunk] int32, n_out [b] int32).
     """
-    # Weights in their compute dtype and decode layouts once per call, not once per token.
-    model = prepare_decode_weights(nnx.merge(self.graphdef, state))
+    model = nnx.merge(self.graphdef, state)
     b = prompt_len.shape[0]
     rows = jnp.arange(b)
 

@@ -13,8 +13,8 @@ def cast_matmul_weights(model):
   Those layers cast their parameters to `dtype` on every call, so this changes no result.
   Inside a decode loop it matters: the per-call cast re-reads the fp32 weights each token
   (XLA does not hoist it out of the loop), twice the bytes of the weights themselves. Call it
-  on the model merged inside the jitted function, before the loop, so the trained fp32 copy
-  is left alone. Returns the model, changed in place.
+  on a copy (nnx.merge of the split model) so that the trained fp32 weights are left alone.
+  Returns the model, changed in place.
   """
   for _, module in nnx.iter_graph(model):
     if not isinstance(module, (nnx.Linear, nnx.Embed)) or module.dtype is None:
@@ -29,9 +29,11 @@ def cast_matmul_weights(model):
 
 def prepare_decode_weights(model):
   """cast_matmul_weights, then the layouts the decode kernels read: each Mamba-2 mixer's
-  in_proj transposed (Mamba2Mixer.prepare_decode). Call it on the model merged inside the
-  jitted function, before the loop, as Generator does: the copies are made once per call.
-  Changes no result. Returns the model, changed in place."""
+  in_proj transposed (Mamba2Mixer.prepare_decode). Changes no result, of the decode step or
+  of the parallel forward. Call it once on a copy of the model, outside the jitted decode
+  function, as Generator does when it is built: inside that function the casts and the
+  transpose would run again on every call (a chunk of tokens), re-reading every weight.
+  Returns the model, changed in place."""
   cast_matmul_weights(model)
   mixers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Mamba2Mixer)]
   for mixer in mixers:

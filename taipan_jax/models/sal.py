@@ -233,36 +233,44 @@ class SelectiveAttentionLayer(nnx.Module):
     return out, aux, jax.tree.map(ops.from_last_device, new)
 
   def step(self, h, cache: SALCache):
-    """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache)."""
+    """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache).
+
+    Four launches on the kernel path besides the SwiGLU's: norm_a, q, k, v and (a one-layer
+    gate) the gate's scores in one call (ops.norm_matvec); the ring buffer's append with the
+    attention (ops.ring_decode_attention, two kernels); the output projection with the mix of
+    eq. 5 (norm_matvec's residual and mix).
+    """
     b, _ = h.shape
-    x = self.norm_a(h)
-    scores = self.gate(x)                                   # [b, 2]
+    projections = (self.q_proj.kernel[...], self.k_proj.kernel[...], self.v_proj.kernel[...])
+    fused_gate = self.gate.hidden is None
+    if fused_gate:      # the gate reads norm_a(h) rounded to the compute dtype, as q, k, v do
+      *qkv, scores = ops.norm_matvec(
+          h, self.norm_a.weight[...], projections + (self.gate.out.kernel[...],),
+          eps=self.norm_a.eps, dtype=self.dtype,
+          product_dtypes=(self.dtype,) * 3 + (jnp.dtype(self.gate.out.dtype),),
+          implementation=self.kernel)
+      scores = (scores + self.gate.out.bias[...]).astype(jnp.float32)        # [b, 2]
+    else:
+      scores = self.gate(self.norm_a(h))
+      qkv = ops.norm_matvec(h, self.norm_a.weight[...], projections, eps=self.norm_a.eps,
+                            dtype=self.dtype, implementation=self.kernel)
     if self.select_all:
       mask = jnp.ones((b,), jnp.float32)
     else:
       mask = ops.deterministic_selection(scores)
-    slot = cache.pos % self.window
-    rows = jnp.arange(b)
     if self.inference_capacity is not None and not self.select_all:
       # Tokens pos-window+1 .. pos-1 are the filled slots other than the one being replaced.
-      others = cache.kept.at[rows, slot].set(False)
+      slot = cache.pos % self.window
+      others = cache.kept.at[jnp.arange(b), slot].set(False)
       mask = mask * (jnp.sum(others, axis=-1) < self.inference_capacity)
-    selected = mask > 0.5
-    # norm_a again inside the projections' one call (ops.norm_matvec); x feeds the gate only.
-    qkv = ops.norm_matvec(h, self.norm_a.weight[...], (self.q_proj.kernel[...],
-                                                        self.k_proj.kernel[...],
-                                                        self.v_proj.kernel[...]),
-                          eps=self.norm_a.eps, dtype=self.dtype, implementation=self.kernel)
     q, k, v = self._heads(*(t[:, None] for t in qkv), cache.pos[:, None])
-    ck = cache.k.at[rows, slot].set(k[:, 0].astype(self.dtype))
-    cv = cache.v.at[rows, slot].set(v[:, 0].astype(self.dtype))
-    filled = cache.filled.at[rows, slot].set(True)
-    kept = cache.kept.at[rows, slot].set(selected)
-    attn = ops.window_decode_attention(q[:, 0], ck, cv,
-                                       kept if self.kv_selected_only else filled,
-                                       active=selected, implementation=self.kernel)
-    o = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...], dtype=self.dtype,
-                        implementation=self.kernel)
-    out = self.mlp.step(self._mix(h, mask, scores, o), self.norm_b, implementation=self.kernel)
-    new = SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=cache.pos + 1)
-    return out, {"mask": mask}, new
+    attn, (ck, cv, filled, kept, pos) = ops.ring_decode_attention(
+        q[:, 0], k[:, 0].astype(self.dtype), v[:, 0].astype(self.dtype), cache.k, cache.v,
+        cache.filled, cache.kept, cache.pos, mask, kv_selected_only=self.kv_selected_only,
+        implementation=self.kernel)
+    alpha = jax.nn.softmax(scores, axis=-1)[..., 1]
+    mixed = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...],
+                            dtype=self.dtype, residual=h, mix=mask * alpha,
+                            implementation=self.kernel)          # _mix(h, mask, scores, o)
+    out = self.mlp.step(mixed, self.norm_b, implementation=self.kernel)
+    return out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=pos)

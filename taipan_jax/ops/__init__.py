@@ -2,7 +2,8 @@
 from taipan_jax.ops.context_parallel import (from_last_device, left_halo, rows_length,
                                              sequence_axis, sequence_parallel, tokens_before)
 from taipan_jax.ops.attention import (attention_with_prefix, resolve_attention_implementation,
-                                      selective_window_attention, window_decode_attention)
+                                      ring_decode_attention, selective_window_attention,
+                                      window_decode_attention)
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
                                       selected_fraction, straight_through_gumbel)
 from taipan_jax.ops.decode import (mamba2_in_proj, mamba2_ssm_out, norm_matvec,
@@ -13,6 +14,7 @@ __all__ = [
     "ssd", "resolve_implementation", "norm_matvec", "mamba2_in_proj", "mamba2_ssm_out",
     "resolve_decode_implementation", "resolve_attention_implementation",
     "selective_window_attention", "attention_with_prefix", "window_decode_attention",
+    "ring_decode_attention",
     "straight_through_gumbel", "deterministic_selection", "capped_selection",
     "selected_fraction", "budget_loss", "left_halo", "sequence_axis", "sequence_parallel",
     "from_last_device", "tokens_before", "rows_length",

@@ -13,7 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode.reference import window_attention_reference
+from pallas_kernels.decode.reference import ring_attention_reference, window_attention_reference
 from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
 from taipan_jax.ops.decode import resolve_decode_implementation
 from taipan_jax.ops.kernel_sharding import per_shard
@@ -234,3 +234,32 @@ def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
   from pallas_kernels.decode.window_attention import window_attention_gpu
   return window_attention_gpu(q, k_cache, v_cache, valid, active,
                               interpret=impl == "interpret")
+
+
+def ring_decode_attention(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select, *,
+                          kv_selected_only: bool = False, implementation: str = "auto"):
+  """A SAL's decode step on its ring buffer of the last `slots` tokens: appends this token's
+  key and value at slot pos % slots, then attends.
+
+  Args:
+    q, k_new, v_new: [batch, heads, head_dim], this token's.
+    k_cache, v_cache: [batch, slots, heads, head_dim]; filled, kept: [batch, slots] bool
+      (slot holds a token; that token was selected); pos: [batch] int32, tokens seen.
+    select: [batch] float, the token's selection mask: its row attends if > 0.5 (and is kept),
+      the others return zeros and read no cache on the kernel path.
+    kv_selected_only: attend to the kept slots only (the kv_select variant), not all filled.
+    implementation: as window_decode_attention's.
+
+  Returns:
+    (out [batch, heads, head_dim] in q.dtype, (k_cache, v_cache, filled, kept, pos + 1)).
+    The Triton kernel updates the cache in place: it does not copy the buffers.
+  """
+  impl = resolve_decode_implementation(
+      implementation, head_dim=q.shape[-1],
+      kernel_by_default=k_cache.shape[1] <= _DECODE_KERNEL_MAX_SLOTS)
+  args = (q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select)
+  if impl == "reference":
+    return ring_attention_reference(*args, kv_selected_only=kv_selected_only)
+  from pallas_kernels.decode.window_attention import ring_attention_gpu
+  return ring_attention_gpu(*args, kv_selected_only=kv_selected_only,
+                            interpret=impl == "interpret")

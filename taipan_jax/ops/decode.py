@@ -61,20 +61,24 @@ def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int
 
 
 def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,
-                group_size: int | None = None,
-                residual=None, implementation: str = "auto"):
+                group_size: int | None = None, residual=None, mix=None,
+                product_dtypes: tuple | None = None, implementation: str = "auto"):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w for one token per row.
 
   x: [batch, k]; gate: [batch, >= k] (its first k columns); norm_weight: [k], or None for a
   plain (optionally gated) product (eps: the norm's epsilon, needed only with a norm
   weight); w: [k, n], or a tuple of weights that share the
   normalised row (q, k and v; a SwiGLU's two up-projections), one kernel for all of them;
-  residual: [batch, n] (one weight only).
+  residual: [batch, n] (one weight only); mix: [batch], with a residual: residual +
+  mix * (product - residual) (a SAL's mix, eq. 5).
   The normalised row is rounded to `dtype` and multiplied in `dtype`, as an nnx.Linear of
-  that dtype does; group_size channels (default k) are normalised together.
-  Returns [batch, n] in `dtype`, or fp32 with a residual; a tuple for a tuple of weights.
+  that dtype does, or for weight i in product_dtypes[i] (the SAL's fp32 gate beside its bf16
+  q, k, v); group_size channels (default k) are normalised together.
+  Returns [batch, n] in the product's dtype, or fp32 with a residual; a tuple for a tuple of
+  weights.
   """
-  kw = dict(eps=eps, dtype=dtype, gate=gate, group_size=group_size, residual=residual)
+  kw = dict(eps=eps, dtype=dtype, gate=gate, group_size=group_size, residual=residual,
+            mix=mix, product_dtypes=product_dtypes)
   impl = resolve_decode_implementation(
       implementation, kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
                                          and x.shape[1] <= _MATVEC_KERNEL_MAX_K))
