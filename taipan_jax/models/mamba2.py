@@ -141,9 +141,9 @@ class Mamba2Mixer(nnx.Module):
 
   def prepare_decode(self):
     """Stores in_proj transposed, [outputs, d_model], the layout in which the decode kernel
-    reads whole rows (ops.mamba2_in_proj). For a copy of the model made inside a jitted
-    function before its decode loop (inference.weights.prepare_decode_weights), so that
-    the transpose runs once per call, not once per token; `step` works without it."""
+    reads whole rows (ops.mamba2_in_proj). For a copy of the model prepared once before
+    decoding (inference.weights.prepare_decode_weights, which Generator applies when it is
+    built), so that the transpose does not run once per token; `step` works without it."""
     self.in_proj_t = DecodeLayout(self.in_proj.kernel[...].T)
 
   def step(self, h, cache: Mamba2Cache, norm):
