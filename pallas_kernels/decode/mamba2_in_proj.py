@@ -35,7 +35,7 @@ _F32 = jnp.float32
 
 
 def _kernel(x_ref, nw_ref, wt_ref, conv_ref, cw_ref, cb_ref, o_ref, conv_out_ref, *, d_inner,
-            d_conv, rows, block_n, block_k, eps, dtype):
+            d_conv, rows, block_n, block_k, eps, dtype, barrier):
   n, k = wt_ref.shape
   conv_dim = conv_ref.shape[2]
   row0 = pl.program_id(0) * rows
@@ -73,6 +73,12 @@ def _kernel(x_ref, nw_ref, wt_ref, conv_ref, cw_ref, cb_ref, o_ref, conv_out_ref
     conv = bias
     for tap, u in zip(taps, window):
       conv = conv + u.astype(_F32) * tap
+    if barrier:
+      # The cache is shifted in place, and a [block_n] vector is held by many threads (8
+      # warps): the thread that stores a slot need not be the one whose load of the old value
+      # fed its copy of conv. Without this barrier a thread's load could see another's store
+      # (seen on an H200: a few x B C outputs wrong, the cache right, on the first call).
+      plgpu.debug_barrier()
     for i in range(d_conv - 1):
       plgpu.store(conv_out_ref.at[row, jnp.int32(i), chans], window[i + 1], mask=ok & in_conv)
     out = jnp.where(in_conv, (conv * jax.nn.sigmoid(conv)).astype(dtype), out)
@@ -112,7 +118,8 @@ def mamba2_in_proj_gpu(x, norm_weight, w_t, conv_state, conv_weight, conv_bias, 
     raise ValueError(f"block_k={block_k} must be a power of two (a Triton block)")
   rows = min(b, MAX_ROWS)
   kernel = functools.partial(_kernel, d_inner=d_inner, d_conv=d_conv, rows=rows,
-                             block_n=block_n, block_k=block_k, eps=eps, dtype=jnp.dtype(dtype))
+                             block_n=block_n, block_k=block_k, eps=eps, dtype=jnp.dtype(dtype),
+                             barrier=not interpret)     # interpret mode runs no threads
   return pl.pallas_call(
       kernel, out_shape=(jax.ShapeDtypeStruct((b, n), dtype),
                          jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype)),

@@ -14,8 +14,9 @@ no cache: the first kernel skips them and the second writes zeros. The XLA path 
 row and multiplies by the mask after.
 
 ring_attention_gpu is the SAL's whole decode step on its ring buffer: the first kernel also
-writes the token's key and value into slot pos % slots (in place), sets that slot's filled
-and kept flags and advances pos, and attends with the new entry from registers. XLA spent
+writes the token's key and value into slot pos % slots (in place) and sets that slot's
+filled and kept flags, and attends with the new entry from registers; the second advances
+pos. XLA spent
 about seven kernels on those scattered updates and their bounds checks (9 µs a SAL on an
 H200, more than the attention itself).
 """
@@ -84,13 +85,14 @@ def _partial_kernel(q_ref, k_ref, v_ref, valid_ref, active_ref, acc_ref, m_ref, 
 
 
 def _append_kernel(q_ref, kn_ref, vn_ref, k_ref, v_ref, filled_ref, kept_ref, pos_ref, sel_ref,
-                   acc_ref, m_ref, l_ref, k_out, v_out, filled_out, kept_out, pos_out, *,
-                   slots, chunk, block_s, scale, kv_selected_only):
+                   acc_ref, m_ref, l_ref, k_out, v_out, filled_out, kept_out, *, slots, chunk,
+                   block_s, scale, kv_selected_only):
   """The ring buffer's append and the partial attention (grid batch, heads, splits): the
-  program whose chunk holds slot pos % slots writes this head's new key and value there, head
-  0's also the slot's flags, and program (row, 0, 0) the advanced pos. The outputs alias the
-  cache, so nothing else is copied; a program reads the appended entry from registers, never
-  the slot it may have just written."""
+  program whose chunk holds slot pos % slots writes this head's new key and value there, and
+  head 0's also the slot's flags. The outputs alias the cache, so nothing else is copied.
+  Only programs of that chunk read the slot, and they take the appended entry from registers,
+  whatever the cache holds there when their loads land. pos is not written here: every
+  program reads it, and the combine kernel advances it."""
   bi, hi, ci = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   d = q_ref.shape[-1]
   pos = pos_ref[bi]
@@ -111,10 +113,6 @@ def _append_kernel(q_ref, kn_ref, vn_ref, k_ref, v_ref, filled_ref, kept_ref, po
     filled_out[bi, slot] = True
     kept_out[bi, slot] = selected
 
-  @pl.when((ci == 0) & (hi == 0))
-  def _():
-    pos_out[bi] = pos + 1
-
   # The attention reads the flags that decide validity; the new slot's is set from registers.
   new = (slot, k_new.astype(k_out.dtype).astype(_F32), v_new.astype(v_out.dtype).astype(_F32),
          selected if kv_selected_only else True)
@@ -123,8 +121,19 @@ def _append_kernel(q_ref, kn_ref, vn_ref, k_ref, v_ref, filled_ref, kept_ref, po
                   scale=scale, new=new)
 
 
-def _combine_kernel(active_ref, acc_ref, m_ref, l_ref, o_ref):
-  bi, hi = pl.program_id(0), pl.program_id(1)
+def _combine_kernel(active_ref, acc_ref, m_ref, l_ref, *refs):
+  """Outputs o, or (ring_attention_gpu) the operand pos aliased to the output pos + 1, which
+  program (row, 0) writes: no other program reads pos, and the partial kernel is done."""
+  bi, hi = pl.program_id(0), pl.program_id(1)    # outside pl.when: interpret mode needs it
+  if len(refs) == 1:
+    o_ref, = refs
+  else:
+    pos_ref, o_ref, pos_out = refs
+
+    @pl.when(hi == 0)
+    def _():
+      pos_out[bi] = pos_ref[bi] + 1
+
   d = o_ref.shape[-1]
   active = _is_active(active_ref, bi)
 
@@ -211,20 +220,22 @@ def ring_attention_gpu(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, sel
   splits, chunk = _splits(slots, block_s, max_splits)
   select = select.astype(_F32)
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
-  acc, m, l, k_cache, v_cache, filled, kept, pos = pl.pallas_call(
+  acc, m, l, k_cache, v_cache, filled, kept = pl.pallas_call(
       functools.partial(_append_kernel, slots=slots, chunk=chunk, block_s=block_s,
                         scale=1.0 / math.sqrt(d), kv_selected_only=kv_selected_only),
       out_shape=[jax.ShapeDtypeStruct((b, h, splits, d), _F32),
                  jax.ShapeDtypeStruct((b, h, splits), _F32),
                  jax.ShapeDtypeStruct((b, h, splits), _F32),
                  *(jax.ShapeDtypeStruct(t.shape, t.dtype)
-                   for t in (k_cache, v_cache, filled, kept, pos))],
+                   for t in (k_cache, v_cache, filled, kept))],
       grid=(b, h, splits), compiler_params=params, interpret=interpret,
-      input_output_aliases={3: 3, 4: 4, 5: 5, 6: 6, 7: 7},
+      input_output_aliases={3: 3, 4: 4, 5: 5, 6: 6},
       name="ring_attention_partial",
-  )(q, k_new, v_new, k_cache, v_cache, filled, kept, pos.astype(jnp.int32), select)
-  out = pl.pallas_call(
-      _combine_kernel, out_shape=jax.ShapeDtypeStruct((b, h, d), q.dtype), grid=(b, h),
-      compiler_params=params, interpret=interpret, name="window_decode_attention_combine",
-  )(select, acc, m, l)
+  )(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select)
+  out, pos = pl.pallas_call(
+      _combine_kernel, out_shape=(jax.ShapeDtypeStruct((b, h, d), q.dtype),
+                                  jax.ShapeDtypeStruct(pos.shape, pos.dtype)),
+      grid=(b, h), compiler_params=params, interpret=interpret, input_output_aliases={4: 1},
+      name="window_decode_attention_combine",
+  )(select, acc, m, l, pos)
   return out, (k_cache, v_cache, filled, kept, pos)
