@@ -8,4 +8,4 @@ os.environ.setdefault("TAIPAN_NOTEBOOK_IMAGES", tempfile.mkdtemp(prefix="taipan_
 # The compilation cache tests/conftest.py sets up, for a run of the notebooks alone.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

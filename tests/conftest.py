@@ -12,7 +12,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # (notebooks/conftest.py names the same folder, for a run of the notebooks alone.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import zlib
 
@@ -28,18 +28,34 @@ def rng(request):
   return np.random.default_rng(seed)
 
 
-# The longest tests (30 s to 2 min each on the 2-core CI machine), longest first. Moved to the
-# front, both pytest-xdist workers start on them and short tests fill the end; in collection
-# order one of them could run alone at the end while the other worker sits idle.
+def pytest_configure(config):
+  # pytest-xdist's load scheduling hands each worker a first chunk of consecutive tests (a
+  # quarter of its share): every test at the front of the order below went to one worker,
+  # which ran them all in a row while the other worker ran the short tests. Handing out one
+  # test at a time (the option's documented use: a few slow tests) lets whichever worker is
+  # free take the next longest one.
+  if config.pluginmanager.hasplugin("xdist") and config.getoption("maxschedchunk") is None:
+    config.option.maxschedchunk = 1
+
+
+# The longest tests (30 s to 1.5 min each on the 2-core CI machine), about longest first:
+# moved to the front, the two pytest-xdist workers take them in turn and short tests fill the
+# end; in collection order one of them could run alone at the end while the other worker sits
+# idle. Tests that compile what another one compiles come after it (each worker starts on two
+# tests, then takes the next free one), so that they find it in the compilation cache: the
+# mesh steps of test_sharding, the 24-step CLI run of test_training_resume.
 _LONGEST_FIRST = (
-    "test_tiny_taipan_learns_mqar", "test_checkpoint_moves_between_meshes",
-    "test_training_is_the_same_on_every_mesh", "test_two_processes_train_like_one",
-    "test_training_with_the_length_split_equals_one_device", "02_long_context.ipynb",
-    "04_compare_architectures.ipynb", "01_quickstart.ipynb",
-    "test_lm_eval_adapter_equals_a_direct_computation",
+    "test_tiny_taipan_learns_mqar", "02_long_context.ipynb",
+    "test_training_is_the_same_on_every_mesh",
     "test_kill_and_resume_matches_an_uninterrupted_run_bitwise",
-    "test_upcycled_taipan_starts_equal_to_its_mamba2",
+    "test_training_with_the_length_split_equals_one_device", "04_compare_architectures.ipynb",
+    "test_two_processes_train_like_one", "01_quickstart.ipynb",
+    "test_ops_dispatch_and_mesh", "test_lm_eval_adapter_equals_a_direct_computation",
+    "test_checkpoint_moves_between_meshes",
     "test_corrupt_latest_checkpoint_falls_back_to_the_previous",
+    "test_model_decode_with_the_kernels_equals_the_jnp_path",
+    "test_upcycled_taipan_starts_equal_to_its_mamba2", "test_sigterm_checkpoints_and_exits_cleanly",
+    "test_memory_estimate_matches_the_state_and_grows_with_tokens", "03_kernels.ipynb",
 )
 
 

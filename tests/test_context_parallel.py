@@ -111,8 +111,12 @@ def test_training_with_the_length_split_equals_one_device(rng):
   """Two training steps of Taipan on packed documents (Gumbel selection, budget loss) with
   mesh data 2 x sequence 4: the losses, gradient norms and parameters of one device."""
   length = 4 * 64             # each device's quarter holds the SAL's window - 1 = 63 halo
+  # One Mamba-2 block and one SAL: every kind of halo (the convolution's, the SSM state's,
+  # the window's) and the selection crosses the devices; more layers would only repeat them
+  # and multiply the compile time of the two train steps (one device, the split mesh).
   common = dict(data__task="text", data__path="unused", data__tokenizer="unused",
-                data__seq_len=length, train__batch_size=4, optim__warmup_steps=1)
+                data__seq_len=length, train__batch_size=4, optim__warmup_steps=1,
+                model__pattern="ms", model__num_units=1)
   batches = [_packed_batch(rng, 4, length, 100) for _ in range(2)]
   want, params_want, _ = _train(tiny_config(**common), jax.devices()[:1], batches)
   split = tiny_config(**common, mesh__data=2, mesh__sequence=4)

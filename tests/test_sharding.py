@@ -14,7 +14,7 @@ from taipan_jax.sharding.rules import RulesError
 from taipan_jax.training import partition
 from taipan_jax.training.step import make_steps
 
-from helpers import tiny_config
+from helpers import VOCAB, tiny_config
 
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 2, 4), (2, 2, 2)]     # (data, fsdp, tensor)
 
@@ -24,8 +24,11 @@ def _mesh_overrides(data, fsdp, tensor):
 
 
 def _small(**overrides):
+  # train.steps shapes the learning-rate schedule, a constant of the compiled step: with the
+  # same 4 everywhere, the tests below compile each mesh's train step once between them (the
+  # persistent compilation cache, conftest) instead of once per test.
   return tiny_config(**{"train__batch_size": 8, "data__seq_len": 16, "data__num_kv_pairs": 2,
-                        "model__pattern": "ms", "model__num_units": 1,
+                        "model__pattern": "ms", "model__num_units": 1, "train__steps": 4,
                         "optim__warmup_steps": 2, "train__eval_batches": 1, **overrides})
 
 
@@ -103,17 +106,21 @@ def test_training_is_the_same_on_every_mesh():
 
 
 def test_checkpoint_moves_between_meshes(tmp_path):
-  """Train 2 steps on mesh (2, 2, 2), resume on (1, 2, 4) to step 4: the same losses as 4
-  uninterrupted steps on (8, 1, 1)."""
+  """4 uninterrupted steps on mesh (2, 2, 2), checkpointed at step 2; resumed from that
+  checkpoint on (1, 2, 4) to step 4: the same losses at steps 3 and 4."""
+  import shutil
   from taipan_jax.training.loop import train
-  quiet = lambda *_: None
-  common = dict(train__log_every=1, train__eval_every=0, train__checkpoint_every=2)
-  straight = train(_small(train__steps=4, **common, **_mesh_overrides(8, 1, 1)), None,
-                   log=quiet)
-  workdir = str(tmp_path / "run")
-  train(_small(train__steps=2, **common, **_mesh_overrides(2, 2, 2)), workdir, log=quiet)
+  common = dict(train__steps=4, train__log_every=1, train__eval_every=0,
+                train__checkpoint_every=2)
+  workdir = tmp_path / "run"
+  straight = train(_small(**common, **_mesh_overrides(2, 2, 2)), str(workdir),
+                   log=lambda *_: None)
+  # Without step 4's checkpoint the next run starts from step 2's. (The first run goes on to
+  # step 4 itself, rather than stopping at 2, so that it is the same compiled program as the
+  # uninterrupted run, and as the other tests' (2, 2, 2) step.)
+  shutil.rmtree(workdir / "checkpoints" / "4")
   lines = []
-  resumed = train(_small(train__steps=4, **common, **_mesh_overrides(1, 2, 4)), workdir,
+  resumed = train(_small(**common, **_mesh_overrides(1, 2, 4)), str(workdir),
                   log=lines.append)
   assert any("resumed from step 2" in line for line in lines), lines
   want = {r["step"]: r["loss"] for r in straight if "loss" in r}
@@ -137,15 +144,15 @@ def test_two_processes_train_like_one(tmp_path):
   import socket
   import subprocess
   import sys
+  from taipan_jax.training.loop import train
   from trainer_helpers import SMALL, losses, metric_rows
-  args = ["train", "--config=tiny", *SMALL, "--config.train.steps=2"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  # One process on 8 devices: this one, with the config the processes get from their flags
+  # (its compiled step is the other tests' mesh (8, 1, 1) step).
+  single = train(_small(train__log_every=1, train__eval_every=0), None, log=lambda *_: None)
+  args = ["train", "--config=tiny", *SMALL, "--config.train.steps=4",
+          f"--config.model.vocab_size={VOCAB}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "taipan_jax.cli"]
-  single = str(tmp_path / "single")
-  done = subprocess.run([*cmd, *args, f"--workdir={single}"], env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -159,12 +166,15 @@ def test_two_processes_train_like_one(tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   assert "8 cpu device(s)" in outs[0][1] + outs[0][0]
-  want, got = losses(single), losses(multi)
-  assert sorted(got) == [1, 2]
+  want = {r["step"]: r["loss"] for r in single if "loss" in r}
+  got = losses(multi)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=2e-5)
-  held_out = lambda w: [r["eval/loss"] for r in metric_rows(w) if "eval/loss" in r]
-  np.testing.assert_allclose(held_out(multi), held_out(single), rtol=2e-5)
+  held_out = [r["eval/loss"] for r in metric_rows(multi) if "eval/loss" in r]
+  assert len(held_out) == 1, held_out
+  np.testing.assert_allclose(held_out, [r["eval/loss"] for r in single if "eval/loss" in r],
+                             rtol=2e-5)
 
 
 def test_memory_estimate_matches_the_state_and_grows_with_tokens():

@@ -11,6 +11,7 @@ import taipan_jax
 from taipan_jax.data import copy_example, mqar_example
 from taipan_jax.training.loop import train
 from taipan_jax.training.optimizer import weight_decay_mask
+from trainer_helpers import SMALL
 
 
 def test_mqar_example_layout():
@@ -55,27 +56,35 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_module_entry_point_runs_with_overrides():
+  # The CLI tests' small model and the resume tests' 24 steps: their compiled steps, which the
+  # persistent compilation cache (conftest) holds for whichever test runs them first.
   out = subprocess.run(
-      [sys.executable, "-m", "taipan_jax.train", "--config.train.steps=3",
-       "--config.train.log_every=1", "--config.train.batch_size=8"],
+      [sys.executable, "-m", "taipan_jax.train", *SMALL, "--config.train.steps=24"],
       capture_output=True, text=True, env=os.environ.copy(), timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "step       3/3" in out.stdout
+  assert "step      24/24" in out.stdout
 
 
 def test_tiny_taipan_learns_mqar():
   # 4 pairs: a model without memory can at best guess among the 4 values it saw (0.25);
-  # uniform guessing over the 16 values gives 0.0625. The README's main job, cut to 600 of
-  # its 1000 steps for the suite's time (held-out recall 0.44 there on a 2-core CPU).
-  cfg = taipan_jax.load_config("tiny", {"train.log_every": 1000, "train.steps": 600})
+  # uniform guessing over the 16 values gives 0.0625. The README's main job (the tiny config)
+  # with a constant learning rate of 2e-2 after a 20-step warmup, instead of its cosine decay
+  # from 6e-3: recall emerges at ~200 steps rather than ~500 (the cosine run is already at a
+  # low rate there), and 300 steps reach 0.80 held out on a 2-core CPU (0.63 at step 250).
+  # 0.5 is twice what any model without memory can reach; the README's schedule at 600 steps
+  # reached 0.35 there.
+  cfg = taipan_jax.load_config("tiny", {"train.log_every": 1000, "train.steps": 300,
+                                        "optim.peak_lr": 2e-2, "optim.final_lr": 2e-2,
+                                        "optim.warmup_steps": 20})
   history = train(cfg, None, log=print)
   first = history[0]
   last_train = [r for r in history if "loss" in r][-1]
   last_eval = [r for r in history if "eval/accuracy" in r][-1]
   print(f"MQAR: accuracy {first['accuracy']:.3f} -> eval {last_eval['eval/accuracy']:.3f}, "
         f"ce {first['ce']:.3f} -> {last_train['ce']:.3f}")
+  assert last_eval["step"] == 300, last_eval
   assert first["accuracy"] < 0.15
-  assert last_eval["eval/accuracy"] > 0.35, last_eval
+  assert last_eval["eval/accuracy"] > 0.5, last_eval
   assert last_train["ce"] < 0.75 * first["ce"]
   for i in range(2):          # the budget loss holds selection near C = 0.5
     assert 0.3 < last_eval[f"eval/selected_sal{i}"] < 0.7, last_eval

@@ -60,11 +60,13 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
-  args = SMALL + ["--config.train.steps=10", "--config.train.checkpoint_every=5"]
+  # The kill-and-resume test's run: the same compiled step (the persistent compilation
+  # cache, conftest), checkpoints at steps 15, 20 and 24 (3 kept).
+  args = SMALL + [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5"]
   first = taipan("train", f"--workdir={tmp_path}", *args)
   assert first.returncode == 0, first.stderr[-2000:]
-  # Damage every array file of the newest step (10).
-  latest = tmp_path / "checkpoints" / "10"
+  # Damage every array file of the newest step.
+  latest = tmp_path / "checkpoints" / str(STEPS)
   damaged = 0
   for root, _, files in os.walk(latest / "state"):
     for f in files:
@@ -73,14 +75,16 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
         fh.truncate(max(os.path.getsize(path) // 3, 1))
       damaged += 1
   assert damaged
-  again = taipan("train", f"--workdir={tmp_path}", *SMALL, "--config.train.steps=12",
-                 "--config.train.checkpoint_every=5")
+  again = taipan("train", f"--workdir={tmp_path}", *args)
   assert again.returncode == 0, again.stderr[-2000:]
-  lines = [l for l in again.stderr.splitlines() if "checkpoint step 10 is unreadable" in l]
+  lines = [l for l in again.stderr.splitlines()
+           if f"checkpoint step {STEPS} is unreadable" in l]
   assert len(lines) == 1, again.stderr[-3000:]
-  assert "resumed from step 5" in again.stdout
+  assert "resumed from step 20" in again.stdout
   assert os.listdir(tmp_path / "checkpoints_corrupt")
-  assert max(losses(tmp_path)) == 12
+  # It trained the steps after the fallback again, to the end.
+  assert f"done: {STEPS - 20} steps in" in again.stdout, again.stdout[-2000:]
+  assert max(losses(tmp_path)) == STEPS
 
 
 @pytest.fixture(scope="module")
