@@ -36,7 +36,7 @@ from flax import nnx
 
 import taipan_jax
 from taipan_jax.inference.long_context import stream_nll
-from taipan_jax.inference.weights import prepare_decode_weights
+from taipan_jax.inference.weights import split_for_decode
 from taipan_jax.models.attention import KVCache
 from taipan_jax.models.mamba2 import Mamba2Cache
 from taipan_jax.models.sal import SALCache
@@ -78,7 +78,7 @@ def decode_sweep(name, contexts, args, record, path):
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
   model.eval()
   # Prepared once, as Generator does: the timed calls read weights cast and laid out for decode.
-  graphdef, state = nnx.split(prepare_decode_weights(nnx.merge(*nnx.split(model))))
+  graphdef, state = split_for_decode(model)
 
   @jax.jit
   def decode(state, cache, token):

@@ -16,9 +16,8 @@ row and multiplies by the mask after.
 ring_attention_gpu is the SAL's whole decode step on its ring buffer: the first kernel also
 writes the token's key and value into slot pos % slots (in place) and sets that slot's
 filled and kept flags, and attends with the new entry from registers; the second advances
-pos. XLA spent
-about seven kernels on those scattered updates and their bounds checks (9 µs a SAL on an
-H200, more than the attention itself).
+pos. XLA spent about seven kernels on those scattered updates and their bounds checks (9 µs
+a SAL on an H200, more than the attention itself).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx, struct
 
 from taipan_jax.inference.sampling import GenerationError, Sampling, sample_logits
-from taipan_jax.inference.weights import prepare_decode_weights
+from taipan_jax.inference.weights import split_for_decode
 
 
 @struct.dataclass
@@ -50,7 +50,7 @@ class Generator:
     self.cache_limit = (model.config.attention.max_cache_len if "a" in model.kinds else None)
     # Weights in their compute dtype and decode layouts once, not once per call: a copy that
     # both the prefill and the decode loop read (it gives the same results as the model's).
-    self.graphdef, self.state = nnx.split(prepare_decode_weights(nnx.merge(*nnx.split(model))))
+    self.graphdef, self.state = split_for_decode(model)
     self.cache_bytes = 0      # the decode cache's size after the last chunk (it never grows)
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "chunk"),

@@ -39,3 +39,9 @@ def prepare_decode_weights(model):
   for mixer in mixers:
     mixer.prepare_decode()
   return model
+
+
+def split_for_decode(model):
+  """(graphdef, state) of a copy of `model` with prepare_decode_weights applied; the model
+  itself is left as it is."""
+  return nnx.split(prepare_decode_weights(nnx.merge(*nnx.split(model))))

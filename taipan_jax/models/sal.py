@@ -125,11 +125,15 @@ class SelectiveAttentionLayer(nnx.Module):
       k = apply_rope(k, positions, self.rope_theta)
     return q, k, v
 
+  @staticmethod
+  def _mix_weight(mask, scores):
+    """eq. 5's weight of the attention output: mask * alpha, alpha = softmax(scores)[1]."""
+    return mask * jax.nn.softmax(scores, axis=-1)[..., 1]
+
   def _mix(self, h, mask, scores, o):
     """eq. 5: selected tokens move to (1 - alpha) h + alpha o; the others keep h exactly.
     o: the attention's output projection."""
-    alpha = jax.nn.softmax(scores, axis=-1)[..., 1]
-    return h + (mask * alpha)[..., None] * (o.astype(jnp.float32) - h)
+    return h + self._mix_weight(mask, scores)[..., None] * (o.astype(jnp.float32) - h)
 
   def _mix_and_mlp(self, h, mask, scores, attn):
     h = self._mix(h, mask, scores, self.o_proj(attn.reshape(*attn.shape[:-2], -1)))
@@ -242,8 +246,7 @@ class SelectiveAttentionLayer(nnx.Module):
     """
     b, _ = h.shape
     projections = (self.q_proj.kernel[...], self.k_proj.kernel[...], self.v_proj.kernel[...])
-    fused_gate = self.gate.hidden is None
-    if fused_gate:      # the gate reads norm_a(h) rounded to the compute dtype, as q, k, v do
+    if self.gate.hidden is None:      # the gate reads norm_a(h) rounded to the compute dtype, as q, k, v do
       *qkv, scores = ops.norm_matvec(
           h, self.norm_a.weight[...], projections + (self.gate.out.kernel[...],),
           eps=self.norm_a.eps, dtype=self.dtype,
@@ -268,9 +271,8 @@ class SelectiveAttentionLayer(nnx.Module):
         q[:, 0], k[:, 0].astype(self.dtype), v[:, 0].astype(self.dtype), cache.k, cache.v,
         cache.filled, cache.kept, cache.pos, mask, kv_selected_only=self.kv_selected_only,
         implementation=self.kernel)
-    alpha = jax.nn.softmax(scores, axis=-1)[..., 1]
     mixed = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...],
-                            dtype=self.dtype, residual=h, mix=mask * alpha,
+                            dtype=self.dtype, residual=h, mix=self._mix_weight(mask, scores),
                             implementation=self.kernel)          # _mix(h, mask, scores, o)
     out = self.mlp.step(mixed, self.norm_b, implementation=self.kernel)
     return out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=pos)
