@@ -299,6 +299,8 @@ WINDOW_ATTENTION_CASES = [
     (4, 200, 2, 16, 16, 4, jnp.bfloat16),       # 13 blocks in 4 chunks of 4: loops, and a
                                                 # chunk past the end
     (2, 2048, 12, 64, 128, 16, jnp.bfloat16),   # a 190M SAL's ring buffer
+    (1, 9000, 1, 16, 64, None, jnp.bfloat16),   # the default split count: 32 chunks of 5
+                                                # blocks, one cut short, three past the end
 ]
 
 
@@ -520,9 +522,16 @@ def test_model_decode_with_the_kernels_equals_the_jnp_path(dtype):
       assert _err(a, np.asarray(jnp.asarray(b, jnp.float32), np.float64)) < tol
 
 
+def test_default_split_count():
+  """About 512 slots a chunk, 16 to 128 chunks, a power of two."""
+  from pallas_kernels.decode.window_attention import default_max_splits
+  assert [default_max_splits(s) for s in (1, 2048, 8192, 8193, 16384, 65536, 1 << 20)] == [
+      16, 16, 16, 32, 32, 128, 128]
+
+
 def test_decode_attention_dispatch(monkeypatch):
-  """'auto' takes the kernel on a GPU for a SAL-sized cache, XLA for longer ones and on other
-  backends; $TAIPAN_KERNELS overrides. Each route gives the same result."""
+  """'auto' takes the kernel on a GPU at any cache length, XLA on other backends;
+  $TAIPAN_KERNELS overrides. Each route gives the same result."""
   import pallas_kernels.decode.window_attention as kernel_module
   rng = np.random.default_rng(0)
   calls = []
@@ -530,7 +539,7 @@ def test_decode_attention_dispatch(monkeypatch):
   monkeypatch.setattr(kernel_module, "window_attention_gpu",
                       lambda *a, **k: calls.append(k["interpret"]) or real(*a, **k))
   monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
-  for slots, env, kernel in ((64, None, ON_GPU), (8192, None, False),
+  for slots, env, kernel in ((64, None, ON_GPU), (8192, None, ON_GPU),
                              (64, "interpret", True), (64, "reference", False)):
     if env:
       monkeypatch.setenv("TAIPAN_KERNELS", env)

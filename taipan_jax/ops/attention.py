@@ -203,11 +203,13 @@ def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_i
                                implementation=implementation)
 
 
-# 'auto' takes the decode attention kernel on a GPU for caches up to this many slots: at a
-# 190M SAL's 2048-slot ring buffer on an H100 it took 9.8 us per call against XLA's 10.7
-# (6.7 against 10.4 for an unselected token) and the whole decode step 0.716 ms against
-# 0.778. Longer caches (a Transformer++'s) were not timed through it, so they stay on XLA.
-_DECODE_KERNEL_MAX_SLOTS = 4096
+# 'auto' takes the decode attention kernel on a GPU at every cache length. At a 190M SAL's
+# 2048-slot ring buffer on an H100 it took 9.8 us per call against XLA's 10.7 (6.7 against
+# 10.4 for an unselected token) and the whole decode step 0.716 ms against 0.778. On a
+# Transformer++ layer's cache (12 heads of 64) on an H200, with the split count of
+# window_attention.default_max_splits: 4K slots 19.6 us against XLA's 18.0 (within the
+# spread of single runs), 16K 30.3 against 37.2, 64K 76.2 against 85.6, 128K 132.3 against
+# 143.0 (docs/kernels/decode.md).
 
 
 def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
@@ -219,16 +221,15 @@ def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
     valid: [batch, slots] bool, the slots this query may read.
     active: optional [batch] bool, the rows whose output is needed (a SAL's selected tokens);
       the others return zeros, and the Triton kernel reads no cache for them.
-    implementation: as ops.resolve_decode_implementation, except that 'auto' (with
-      $TAIPAN_KERNELS unset) takes the Triton kernel on a GPU for caches of up to
-      _DECODE_KERNEL_MAX_SLOTS slots.
+    implementation: as ops.resolve_decode_implementation; 'auto' (with $TAIPAN_KERNELS
+      unset) takes the Triton kernel on a GPU.
 
   Returns:
     [batch, heads, head_dim] in q.dtype (zeros where no slot is valid).
   """
   impl = resolve_decode_implementation(
       implementation, head_dim=q.shape[-1],
-      kernel_by_default=k_cache.shape[1] <= _DECODE_KERNEL_MAX_SLOTS)
+      kernel_by_default=True)
   if impl == "reference":
     return window_attention_reference(q, k_cache, v_cache, valid, active)
   from pallas_kernels.decode.window_attention import window_attention_gpu
@@ -256,7 +257,7 @@ def ring_decode_attention(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, 
   """
   impl = resolve_decode_implementation(
       implementation, head_dim=q.shape[-1],
-      kernel_by_default=k_cache.shape[1] <= _DECODE_KERNEL_MAX_SLOTS)
+      kernel_by_default=True)
   args = (q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select)
   if impl == "reference":
     return ring_attention_reference(*args, kv_selected_only=kv_selected_only)
