@@ -37,6 +37,9 @@ _SEGMENT = flags.DEFINE_integer("segment_len", 16384, "eval --long_context: toke
                                 "forward call.")
 _FIRST_BUCKET = flags.DEFINE_integer("first_bucket", 1024, "eval --long_context: the first "
                                      "position bucket's size; each next one doubles.")
+_FRESH = flags.DEFINE_list("fresh_starts", [], "eval --long_context: positions from which the "
+                          "document is streamed again from an empty cache, to tell a bucket's "
+                          "position from its text (long_context.fresh_start_control).")
 _OUT = flags.DEFINE_string("out", None, "eval --long_context: output stem for .json/.png "
                            "(default <workdir>/long_context/<data name>).")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: text to continue (text models).")
@@ -123,12 +126,23 @@ def _eval_long_context():
     raise UsageError(f"--max_tokens={_MAX_TOKENS.value} must be >= 2 and --segment_len="
                      f"{_SEGMENT.value} >= 1")
   try:
+    fresh_starts = [int(v) for v in _FRESH.value]
+  except ValueError:
+    raise UsageError(f"--fresh_starts={','.join(_FRESH.value)} must be token positions "
+                     "(integers), e.g. --fresh_starts=262144,524288") from None
+  if any(s < 1 or s >= _MAX_TOKENS.value - 1 for s in fresh_starts):
+    raise UsageError(f"--fresh_starts={','.join(_FRESH.value)} must lie inside the document: "
+                     f"1 .. --max_tokens - 2 = {_MAX_TOKENS.value - 2}")
+  try:
     import matplotlib  # noqa: F401  -- checked before minutes of evaluation, not after
   except ImportError:
     raise UsageError("eval --long_context writes a PNG and needs matplotlib; fix: pip install "
                      "'taipan-jax[plot]'") from None
   loaded = load_workdir(_WORKDIR.value)
   tokens = read_document_tokens(_DATA.value, loaded.tokenizer, _MAX_TOKENS.value)
+  if any(s >= tokens.size - 1 for s in fresh_starts):
+    raise UsageError(f"--fresh_starts={','.join(_FRESH.value)}: the document has only "
+                     f"{tokens.size:,} tokens")
   print(f"{_DATA.value}: {tokens.size:,} tokens, step {loaded.step}, segments of "
         f"{_SEGMENT.value:,}", flush=True)
   start = time.perf_counter()
@@ -138,6 +152,12 @@ def _eval_long_context():
   print(f"{'positions':>22} {'tokens':>10} {'ppl':>9}")
   for r in rows:
     print(f"{r['from']:>10,} - {r['to']:<10,} {r['tokens']:>10,} {r['ppl']:>9.3f}")
+  control = long_context.fresh_start_control(loaded.model, tokens, nll, fresh_starts,
+                                             segment_len=_SEGMENT.value)
+  for r in control:
+    print(f"targets {r['from']:>10,} - {r['to']:<10,} ppl streamed from 0 "
+          f"{r['ppl_streamed']:8.3f}, from an empty cache at {r['start']:,} "
+          f"{r['ppl_fresh_cache']:8.3f}")
   base = os.path.basename(_DATA.value.rstrip("/"))
   if any(c in base for c in "*?["):          # a glob: named after its directory
     base = os.path.basename(os.path.dirname(_DATA.value.rstrip("/")))
@@ -147,7 +167,8 @@ def _eval_long_context():
   meta = {"workdir": os.path.abspath(_WORKDIR.value), "step": loaded.step,
           "data": _DATA.value, "tokens": int(tokens.size), "segment_len": _SEGMENT.value,
           "train_seq_len": train_len, "seconds": seconds,
-          "tokens_per_second": tokens.size / seconds, "overall_ppl": float(np.exp(nll.mean()))}
+          "tokens_per_second": tokens.size / seconds, "overall_ppl": float(np.exp(nll.mean())),
+          **({"fresh_starts": control} if control else {})}
   paths = long_context.write_report(
       rows, stem, meta=meta, train_len=train_len,
       title=f"{loaded.cfg.model.pattern} x {loaded.cfg.model.num_units}, step {loaded.step}: "

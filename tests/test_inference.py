@@ -13,7 +13,8 @@ from helpers import (build, compiled_forward, jit_forward, random_tokens, random
 from taipan_jax import ops
 from taipan_jax.data.tokenizer import train_tokenizer
 from taipan_jax.inference import GenerationError, Generator, Sampling, sample_logits
-from taipan_jax.inference.long_context import bucket_table, position_buckets, stream_nll
+from taipan_jax.inference.long_context import (bucket_table, fresh_start_control,
+                                               position_buckets, stream_nll)
 from trainer_helpers import SMALL
 
 
@@ -135,6 +136,26 @@ def test_streaming_in_segments_equals_one_shot(rng, variant):
   np.testing.assert_allclose(streamed, direct, atol=2e-5, rtol=1e-5)
 
 
+def test_fresh_start_control_compares_against_direct_forwards(rng):
+  """Each row's two perplexities equal those of independent parallel forwards: the whole
+  document's over the span, and the span's own document from position s (an empty cache);
+  the carried state changes the second from the first."""
+  model = _model(rng, "taipan")
+  tokens = np.asarray(random_tokens(rng, 1, 61)[0])
+  nll = stream_nll(model, tokens, segment_len=13, log=None)
+  rows = fresh_start_control(model, tokens, nll, [20, 45], segment_len=13, probe=8)
+  assert [(r["start"], r["to"]) for r in rows] == [(20, 28), (20, 60), (45, 53), (45, 60)]
+  whole = _one_shot_nll(model, tokens)
+  for r in rows:
+    s, hi = r["start"], r["to"]
+    alone = _one_shot_nll(model, tokens[s:])
+    np.testing.assert_allclose(r["ppl_streamed"], np.exp(whole[s:hi].mean()), rtol=1e-5)
+    np.testing.assert_allclose(r["ppl_fresh_cache"], np.exp(alone[:hi - s].mean()), rtol=1e-5)
+  assert all(abs(r["ppl_streamed"] / r["ppl_fresh_cache"] - 1) > 1e-4 for r in rows)
+  with pytest.raises(ValueError, match="inside the document"):
+    fresh_start_control(model, tokens, nll, [60])
+
+
 def test_position_buckets():
   assert position_buckets(5000) == [(0, 1024), (1024, 2048), (2048, 4096), (4096, 5000)]
   rows = bucket_table(np.log(np.full(3000, 2.0)))
@@ -176,11 +197,13 @@ def test_generate_and_long_context_commands(text_workdir, tmp_path, capsys):
   stem = tmp_path / "lc"
   code, out, err = _cli(capsys, "eval", f"--workdir={workdir}", "--long_context",
                         f"--data={corpus}", "--max_tokens=1500", "--segment_len=512",
-                        f"--out={stem}")
+                        "--fresh_starts=1100", f"--out={stem}")
   assert code == 0, err[-2000:]
   report = json.loads((tmp_path / "lc.json").read_text())
   assert report["tokens"] == 1500
   assert [b["to"] for b in report["buckets"]] == [1024, 1499]
+  assert [(r["start"], r["to"]) for r in report["fresh_starts"]] == [(1100, 1499)]
+  assert "from an empty cache at 1,100" in out
   assert (tmp_path / "lc.png").stat().st_size > 1000
 
 
@@ -206,6 +229,10 @@ def test_inference_input_errors_are_one_clear_line(text_workdir, tmp_path, capsy
       (["eval", f"--workdir={workdir}", "--long_context"], "needs --data"),
       (["eval", f"--workdir={workdir}", "--long_context", f"--data={tmp_path}/none.txt"],
        "matches no file"),
+      (["eval", f"--workdir={workdir}", "--long_context", f"--data={corpus}",
+        "--fresh_starts=half"], "must be token positions"),
+      (["eval", f"--workdir={workdir}", "--long_context", f"--data={corpus}",
+        "--max_tokens=100000", "--fresh_starts=90000"], "the document has only"),
   ]
   for args, message in cases:
     code, _, err = _cli(capsys, *args)

@@ -146,6 +146,33 @@ def stream_nll(model, tokens, *, segment_len: int = 16384, mesh: Mesh | None | s
   return out
 
 
+def fresh_start_control(model, tokens, nll: np.ndarray, starts, *, segment_len: int = 16384,
+                        probe: int = 1024, mesh: Mesh | None | str = "auto") -> list[dict]:
+  """Position or text? For each start s, streams tokens[s:] again from an empty cache and
+  compares its perplexity with the full stream's over the same targets (tokens s+1 ..):
+  over the first `probe` of them, where the carried state could matter most, and over all.
+
+  tokens: [n] the document streamed; nll: [n - 1] stream_nll(model, tokens) (nll[i] scores
+  token i + 1). A late bucket that is as hard from a fresh cache as in the stream is hard
+  because of its text, not its position. Returns one row per (start, span).
+  """
+  tokens = np.asarray(tokens)
+  if nll.shape != (tokens.size - 1,):
+    raise ValueError(f"nll {nll.shape} must be stream_nll(model, tokens) over these "
+                     f"{tokens.size} tokens, [{tokens.size - 1}]")
+  rows = []
+  for s in starts:
+    if not 0 < s < tokens.size - 1:
+      raise ValueError(f"fresh start {s} must lie inside the document (0 < s < "
+                       f"{tokens.size - 1})")
+    fresh = stream_nll(model, tokens[s:], segment_len=segment_len, mesh=mesh, log=None)
+    for hi in sorted({min(probe, fresh.size), fresh.size}):
+      rows.append({"start": s, "from": s, "to": s + hi, "tokens": hi,
+                   "ppl_streamed": math.exp(float(nll[s:s + hi].mean())),
+                   "ppl_fresh_cache": math.exp(float(fresh[:hi].mean()))})
+  return rows
+
+
 def bucket_table(nll: np.ndarray, first: int = 1024) -> list[dict]:
   """Per position bucket: positions [lo, hi), tokens, mean NLL, perplexity."""
   rows = []
