@@ -13,6 +13,19 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# On the CPU the suite's time is mostly XLA compiling hundreds of small programs that then
+# run for milliseconds: compile them with LLVM's optimizations off (jax's own switch,
+# JAX_DISABLE_MOST_OPTIMIZATIONS) and XLA:CPU's older loop emitters (its MLIR fusion emitters
+# cost compile time that only pays off for long runs). That cuts the compile time of a train
+# step about threefold; the programs compute the same operations in the same IEEE fp32, at
+# a lower speed. Tests whose time is the programs' run time (a few hundred training steps,
+# kernels in interpret mode on 190M-sized shapes) are marked `optimized` and compile with
+# XLA's defaults (the fixture below). TAIPAN_TESTS_OPTIMIZE=1 compiles everything that way.
+if (os.environ["JAX_PLATFORMS"] == "cpu"
+    and os.environ.get("TAIPAN_TESTS_OPTIMIZE", "0") != "1"):
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  if "--xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
 import zlib
 
@@ -28,7 +41,27 @@ def rng(request):
   return np.random.default_rng(seed)
 
 
+@pytest.fixture(autouse=True)
+def _optimized_compilation(request):
+  """`@pytest.mark.optimized`: the test's programs (its subprocesses' too) compile with all
+  of XLA's optimizations, for tests whose time goes into running them, not compiling."""
+  if (request.node.get_closest_marker("optimized") is None
+      or os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") != "1"):
+    yield
+    return
+  import jax
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+
+
 def pytest_configure(config):
+  config.addinivalue_line("markers", "optimized: compile this test's programs with XLA's "
+                          "optimizations on (it spends its time running them)")
   # pytest-xdist's load scheduling hands each worker a first chunk of consecutive tests (a
   # quarter of its share): every test at the front of the order below went to one worker,
   # which ran them all in a row while the other worker ran the short tests. Handing out one

@@ -24,6 +24,9 @@ from taipan_jax import ops
 
 ON_GPU = jax.default_backend() == "gpu"
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}   # relative to the output's largest entry
+# The 190M-sized cases: their interpret-mode grids run for seconds, so they compile with XLA's
+# optimizations (conftest); the small cases compile faster without.
+OPTIMIZED = pytest.mark.optimized
 
 
 def _round(a, dtype):
@@ -250,7 +253,9 @@ MAMBA2_SSM_OUT_CASES = [
     (1, 4, 16, 1, 1, 32, 48, jnp.float32, 8, 32),     # d_model overhangs its last block
     (3, 6, 8, 2, 2, 16, 40, jnp.float32, None, 16),   # 2 groups: B, C shared by 3 heads each
     (2, 4, 16, 2, 4, 16, 24, jnp.bfloat16, 8, 16),    # norm groups finer than B/C groups
-    (2, 24, 64, 1, 1, 128, 768, jnp.bfloat16, None, 256),  # the 190M model's mixer
+    # The 190M model's mixer (interpret mode runs its grid for seconds: XLA's optimizations
+    # on, conftest)
+    pytest.param((2, 24, 64, 1, 1, 128, 768, jnp.bfloat16, None, 256), marks=OPTIMIZED),
 ]
 
 
@@ -298,7 +303,8 @@ WINDOW_ATTENTION_CASES = [
     (4, 64, 3, 32, 32, 16, jnp.float32),        # a row with no valid slot, an inactive row
     (4, 200, 2, 16, 16, 4, jnp.bfloat16),       # 13 blocks in 4 chunks of 4: loops, and a
                                                 # chunk past the end
-    (2, 2048, 12, 64, 128, 16, jnp.bfloat16),   # a 190M SAL's ring buffer
+    pytest.param((2, 2048, 12, 64, 128, 16, jnp.bfloat16),   # a 190M SAL's ring buffer
+                 marks=OPTIMIZED),
     (1, 9000, 1, 16, 64, None, jnp.bfloat16),   # the default split count: 32 chunks of 5
                                                 # blocks, one cut short, three past the end
 ]
@@ -335,7 +341,8 @@ RING_CASES = [
     # b, slots, heads, head_dim, block_s, max_splits, dtype, kv_selected_only
     (3, 50, 2, 16, 16, 16, jnp.float32, False),    # chunks of a block, the last overhangs
     (4, 64, 3, 32, 16, 2, jnp.float32, True),      # 2 chunks of 2 blocks: loops; kept only
-    (2, 2048, 12, 64, 128, 16, jnp.bfloat16, False),   # a 190M SAL's ring buffer
+    pytest.param((2, 2048, 12, 64, 128, 16, jnp.bfloat16, False),   # a 190M SAL's ring buffer
+                 marks=OPTIMIZED),
 ]
 
 

@@ -5,6 +5,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 import taipan_jax
@@ -65,6 +66,7 @@ def test_module_entry_point_runs_with_overrides():
   assert "step      24/24" in out.stdout
 
 
+@pytest.mark.optimized        # 300 training steps: run time, not compile time
 def test_tiny_taipan_learns_mqar():
   # 4 pairs: a model without memory can at best guess among the 4 values it saw (0.25);
   # uniform guessing over the 16 values gives 0.0625. The README's main job (the tiny config)
