@@ -5,14 +5,12 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 import taipan_jax
 from taipan_jax.data import copy_example, mqar_example
-from taipan_jax.training.loop import train
 from taipan_jax.training.optimizer import weight_decay_mask
-from trainer_helpers import SMALL
+from trainer_helpers import SMALL, metric_rows, optimizing_env, taipan
 
 
 def test_mqar_example_layout():
@@ -66,8 +64,7 @@ def test_module_entry_point_runs_with_overrides():
   assert "step      24/24" in out.stdout
 
 
-@pytest.mark.optimized        # 300 training steps: run time, not compile time
-def test_tiny_taipan_learns_mqar():
+def test_tiny_taipan_learns_mqar(tmp_path):
   # 4 pairs: a model without memory can at best guess among the 4 values it saw (0.25);
   # uniform guessing over the 16 values gives 0.0625. The README's main job (the tiny config)
   # with a constant learning rate of 2e-2 after a 20-step warmup, instead of its cosine decay
@@ -75,10 +72,15 @@ def test_tiny_taipan_learns_mqar():
   # low rate there), and 300 steps reach 0.80 held out on a 2-core CPU (0.63 at step 250).
   # 0.5 is twice what any model without memory can reach; the README's schedule at 600 steps
   # reached 0.35 there.
-  cfg = taipan_jax.load_config("tiny", {"train.log_every": 1000, "train.steps": 300,
-                                        "optim.peak_lr": 2e-2, "optim.final_lr": 2e-2,
-                                        "optim.warmup_steps": 20})
-  history = train(cfg, None, log=print)
+  # The `taipan train` command in a child process with XLA's default optimizations: its time
+  # is 300 steps' run time, which the other tests' compile-time settings (conftest) slow by
+  # half; its metrics file holds the rows train() returns.
+  run = taipan("train", "--config=tiny", f"--workdir={tmp_path}", "--config.train.steps=300",
+               "--config.train.log_every=1000", "--config.optim.peak_lr=0.02",
+               "--config.optim.final_lr=0.02", "--config.optim.warmup_steps=20",
+               env=optimizing_env(), timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  history = metric_rows(tmp_path)
   first = history[0]
   last_train = [r for r in history if "loss" in r][-1]
   last_eval = [r for r in history if "eval/accuracy" in r][-1]

@@ -12,10 +12,22 @@ SMALL = ["--config.model.pattern=ms", "--config.model.num_units=1",
          "--config.optim.warmup_steps=2"]
 
 
-def taipan(*args, timeout=300, **popen):
-  """Runs `python -m taipan_jax.cli <args>`; returns the CompletedProcess."""
+def taipan(*args, timeout=300, env=None, **popen):
+  """Runs `python -m taipan_jax.cli <args>` (in this environment, or `env`); returns the
+  CompletedProcess."""
   return subprocess.run([sys.executable, "-m", "taipan_jax.cli", *args], capture_output=True,
-                        text=True, env=os.environ.copy(), timeout=timeout, **popen)
+                        text=True, env=os.environ.copy() if env is None else env,
+                        timeout=timeout, **popen)
+
+
+def optimizing_env():
+  """This environment with XLA's default optimizations back on (conftest turns some off on
+  the CPU to compile faster): for a child process that spends its time running programs."""
+  env = os.environ.copy()
+  env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_cpu_use_fusion_emitters=false", "").strip()
+  return env
 
 
 def start_taipan(*args):
