@@ -1,5 +1,7 @@
 """Preemption: kill -9 and resume bitwise, SIGTERM, corrupt checkpoints, exact data resume."""
+import fcntl
 import os
+import shutil
 import signal
 import time
 
@@ -24,21 +26,42 @@ def _wait_for_step(proc, workdir, step, timeout=240):
   raise AssertionError("run too slow")
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
-  args = SMALL + [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5"]
-  ref = taipan("train", f"--workdir={tmp_path / 'ref'}", *args)
-  assert ref.returncode == 0, ref.stderr[-2000:]
-  expected = losses(tmp_path / "ref")
+ARGS = SMALL + [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The workdir of an uninterrupted run of ARGS (checkpoints at steps 15, 20 and 24 kept),
+  made once per test session: the kill-and-resume test's reference and the corrupt-checkpoint
+  test's first run. Under pytest-xdist the first worker that needs it trains it in the
+  session's shared temporary directory and the other waits for it (a file lock)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent                    # popen-gw<N>/.. : shared by the workers
+  workdir = root / "uninterrupted_run"
+  done = root / "uninterrupted_run.done"
+  with open(root / "uninterrupted_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      ref = taipan("train", f"--workdir={workdir}", *ARGS)
+      assert ref.returncode == 0, ref.stderr[-2000:]
+      done.touch()
+  return workdir
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run_bitwise(tmp_path, uninterrupted):
+  expected = losses(uninterrupted)
   assert sorted(expected) == list(range(1, STEPS + 1))
 
   work = tmp_path / "killed"
-  proc = start_taipan("train", f"--workdir={work}", *args)
+  proc = start_taipan("train", f"--workdir={work}", *ARGS)
   _wait_for_step(proc, work, 12)          # past the checkpoints of steps 5 and 10
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(losses(work))
   assert killed_at < STEPS, "the run finished before it was killed"
-  resumed = taipan("train", f"--workdir={work}", *args)
+  resumed = taipan("train", f"--workdir={work}", *ARGS)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from step" in resumed.stdout
   got = losses(work)
@@ -59,14 +82,12 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
   assert os.path.isdir(tmp_path / "checkpoints" / str(step))
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
-  # The kill-and-resume test's run: the same compiled step (the persistent compilation
-  # cache, conftest), checkpoints at steps 15, 20 and 24 (3 kept).
-  args = SMALL + [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5"]
-  first = taipan("train", f"--workdir={tmp_path}", *args)
-  assert first.returncode == 0, first.stderr[-2000:]
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted):
+  # A copy of the uninterrupted run: checkpoints at steps 15, 20 and 24 (3 kept).
+  work = tmp_path / "run"
+  shutil.copytree(uninterrupted, work)
   # Damage every array file of the newest step.
-  latest = tmp_path / "checkpoints" / str(STEPS)
+  latest = work / "checkpoints" / str(STEPS)
   damaged = 0
   for root, _, files in os.walk(latest / "state"):
     for f in files:
@@ -75,16 +96,16 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
         fh.truncate(max(os.path.getsize(path) // 3, 1))
       damaged += 1
   assert damaged
-  again = taipan("train", f"--workdir={tmp_path}", *args)
+  again = taipan("train", f"--workdir={work}", *ARGS)
   assert again.returncode == 0, again.stderr[-2000:]
   lines = [l for l in again.stderr.splitlines()
            if f"checkpoint step {STEPS} is unreadable" in l]
   assert len(lines) == 1, again.stderr[-3000:]
   assert "resumed from step 20" in again.stdout
-  assert os.listdir(tmp_path / "checkpoints_corrupt")
+  assert os.listdir(work / "checkpoints_corrupt")
   # It trained the steps after the fallback again, to the end.
   assert f"done: {STEPS - 20} steps in" in again.stdout, again.stdout[-2000:]
-  assert max(losses(tmp_path)) == STEPS
+  assert max(losses(work)) == STEPS
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +136,11 @@ def _text_cfg(corpus, **extra):
 def test_data_resume_repeats_and_skips_nothing(corpus, workers):
   cfg = _text_cfg(corpus, **{"data.num_workers": workers})
   it = make_train_iterator(cfg)
-  reference = [next(it) for _ in range(40)]       # more than one epoch
-  it = make_train_iterator(cfg)
-  for _ in range(5):
-    next(it)
-  state = it.get_state()
+  reference = []
+  for i in range(40):                             # more than one epoch
+    if i == 5:
+      state = it.get_state()                      # after 5 batches, as a checkpoint takes it
+    reference.append(next(it))
   del it
   resumed_it = make_train_iterator(cfg)
   resumed_it.set_state(state)
