@@ -95,6 +95,7 @@ def test_sampling_filters():
     Sampling(top_p=0.0)
 
 
+@pytest.mark.optimized       # 10,000 decode steps: run time, not compile time (conftest)
 def test_cache_size_is_the_same_after_100_and_10000_tokens(rng):
   model = _model(rng, "taipan")
   gen = Generator(model)
