@@ -177,7 +177,8 @@ def window_attention_gpu(q, k_cache, v_cache, valid, active=None, *, block_s: in
   q: [batch, heads, head_dim]; k_cache, v_cache: [batch, slots, heads, head_dim] (any slot
   count; head_dim a power of two); valid: [batch, slots] bool; active: optional [batch] bool
   (default all). The slots are split into up to max_splits chunks (a power of two; default
-  default_max_splits(slots)) of whole blocks of block_s. Returns [batch, heads, head_dim] in q.dtype.
+  default_max_splits(slots)) of whole blocks of block_s. Returns [batch, heads, head_dim] in
+  q.dtype.
   """
   b, h, d = q.shape
   if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[2:] != (h, d):

@@ -160,11 +160,12 @@ def fresh_start_control(model, tokens, nll: np.ndarray, starts, *, segment_len: 
   if nll.shape != (tokens.size - 1,):
     raise ValueError(f"nll {nll.shape} must be stream_nll(model, tokens) over these "
                      f"{tokens.size} tokens, [{tokens.size - 1}]")
+  outside = [s for s in starts if not 0 < s < tokens.size - 1]
+  if outside:                    # checked before any start is streamed
+    raise ValueError(f"fresh starts {outside} must lie inside the document (0 < s < "
+                     f"{tokens.size - 1})")
   rows = []
   for s in starts:
-    if not 0 < s < tokens.size - 1:
-      raise ValueError(f"fresh start {s} must lie inside the document (0 < s < "
-                       f"{tokens.size - 1})")
     fresh = stream_nll(model, tokens[s:], segment_len=segment_len, mesh=mesh, log=None)
     for hi in sorted({min(probe, fresh.size), fresh.size}):
       rows.append({"start": s, "from": s, "to": s + hi, "tokens": hi,
