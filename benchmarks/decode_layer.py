@@ -97,6 +97,12 @@ VARIANTS = {
     "blocks": ("blocks", {}, {}),
     "blocks 4 warps": ("blocks", dict(num_warps=4), {}),
     "blocks atomic barrier": ("blocks", dict(barrier="atomic"), {}),
+    "blocks split prefetch": ("blocks", dict(prefetch="split"), {}),
+    "blocks atomic plain loads": ("blocks", dict(barrier="atomic", volatile=False), {}),
+    "blocks atomic plain loads 4 warps": ("blocks", dict(barrier="atomic", volatile=False,
+                                                         num_warps=4), {}),
+    "blocks atomic plain loads split": ("blocks", dict(barrier="atomic", volatile=False,
+                                                       prefetch="split"), {}),
     "blocks phased": ("blocks", dict(mode="phased"), {}),
 }
 

@@ -50,17 +50,19 @@ FINISH_COLUMNS = 16
 SSM_BLOCK_N = 256
 
 
-def _grid_barrier(sync_ref, target, how):
-  """Waits until every program of the launch has arrived at this barrier (the target'th
-  arrival on the counter).
-
-  The thread barrier orders the program's stores before its arrival, an acquire-release
-  atomic (one thread of the program) at GPU scope. 'atomic' then polls with such atomics;
-  'volatile_acquire' polls with uncached loads, which do not queue at the L2's atomic unit,
-  and ends with one atomic read for the acquire. The thread barrier after it orders every
-  thread's later loads after that acquire."""
+def _arrive(sync_ref):
+  """This program's arrival at the next grid barrier: a thread barrier orders its threads'
+  stores before an acquire-release atomic add (one thread of the program) at GPU scope."""
   plgpu.debug_barrier()
   plgpu.atomic_add(sync_ref, 0, jnp.int32(1))
+
+
+def _wait(sync_ref, target, how):
+  """Waits until the counter reaches target (every program's arrival at this barrier).
+
+  'atomic' polls with acquire-release atomics; 'volatile_acquire' polls with uncached loads,
+  which do not queue at the L2's atomic unit, and ends with one atomic read for the acquire.
+  The thread barrier after it orders every thread's later loads after that acquire."""
   if how == "atomic":
     jax.lax.while_loop(lambda v: v < target,
                        lambda _: plgpu.atomic_add(sync_ref, 0, jnp.int32(0)), jnp.int32(0))
@@ -104,14 +106,16 @@ class _Plan:
     return f // self.col_blocks, f % self.col_blocks
 
 
-def _phases(plan, refs, pid, *, barrier, thread_barrier, only=None):
+def _phases(plan, refs, pid, *, barrier, thread_barrier, prefetch="early", volatile=True,
+            only=None):
   """The program's work for every block, phase by phase. refs: a dict of refs and lists of
-  refs. barrier(k): the k'th grid barrier (None: phased, `only` = (phase, block) names the one
-  phase this launch runs). thread_barrier: mamba2_in_proj's barrier before its in-place
+  refs. barrier: (arrive, wait), the two halves of the next grid barrier (None: phased,
+  `only` = (phase, block) names the one phase this launch runs). prefetch: issue the next
+  phase's loads before the phase that precedes the barrier ('early') or between arriving and
+  waiting ('split'). thread_barrier: mamba2_in_proj's barrier before its in-place
   cache shift (off in interpret mode, which runs no threads)."""
   p = plan
   n_layers = len(refs["conv"])
-  arrivals = iter(range(1, 3 * n_layers))
 
   def in_weights(l):
     nw, wt, cw, cb = (refs["w"][l][i] for i in (0, 1, 2, 3))
@@ -134,7 +138,7 @@ def _phases(plan, refs, pid, *, barrier, thread_barrier, only=None):
       in_proj.compute_rows(x_ref, refs["conv"][l], refs["zx"], refs["conv_out"][l], weights,
                            row0=row0, j0=j0, rows=p.rows, block_n=p.block_n, d_conv=p.d_conv,
                            eps=p.eps, dtype=p.dtype, barrier=thread_barrier,
-                           volatile=l > 0)
+                           volatile=l > 0 and volatile)
 
   def run_ssm(l, weights):
     bi, hi, _ = p.ssm_item(pid)
@@ -144,7 +148,7 @@ def _phases(plan, refs, pid, *, barrier, thread_barrier, only=None):
       ssm_out.compute_program(refs["zx"], refs["ssm_out"][l], refs["part"], refs["ss"],
                               weights, bi=bi, hi=hi, heads=p.heads, head_dim=p.head_dim,
                               n_groups=p.n_groups, d_state=p.d_state, block_p=p.block_p,
-                              dtype=p.dtype, volatile=True)
+                              dtype=p.dtype, volatile=volatile)
 
   def run_finish(l):
     bi, j = p.finish_item(pid)
@@ -156,7 +160,7 @@ def _phases(plan, refs, pid, *, barrier, thread_barrier, only=None):
                              refs["h_out"], bi=bi, j=j, splits=p.splits, groups=groups,
                              group_splits=p.splits // groups, eps=p.gate_eps,
                              group_size=p.group_size, block_n=FINISH_COLUMNS, dtype=p.dtype,
-                             volatile=True)
+                             volatile=volatile)
 
   if barrier is None:                     # phased: one phase of one block
     phase, l = only
@@ -167,21 +171,31 @@ def _phases(plan, refs, pid, *, barrier, thread_barrier, only=None):
     else:
       run_finish(l)
     return
+  arrive, wait = barrier
+  split = prefetch == "split"
   weights_in = in_weights(0)
   for l in range(n_layers):
-    weights_ssm = ssm_weights(l)          # in flight during the in-projection and barrier
+    if not split:
+      weights_ssm = ssm_weights(l)        # in flight during the in-projection and barrier
     run_in(l, weights_in)
-    barrier(next(arrivals))
+    arrive()
+    if split:
+      weights_ssm = ssm_weights(l)        # in flight while the other programs arrive
+    wait()
     run_ssm(l, weights_ssm)
-    if l + 1 < n_layers:
+    if l + 1 < n_layers and not split:
       weights_in = in_weights(l + 1)      # in flight during the finishing phase
-    barrier(next(arrivals))
+    arrive()
+    if l + 1 < n_layers and split:
+      weights_in = in_weights(l + 1)
+    wait()
     run_finish(l)
     if l + 1 < n_layers:
-      barrier(next(arrivals))
+      arrive()
+      wait()
 
 
-def _kernel(*refs, plan, n_layers, fused, only, how, thread_barrier):
+def _kernel(*refs, plan, n_layers, fused, only, how, thread_barrier, prefetch, volatile):
   """refs: h, weights (WEIGHTS_PER_BLOCK a block), conv states, ssm states, sync, [phased:
   h_out, zx, part, ss as inputs too], then the outputs h_out, zx, part, ss, conv states,
   ssm states, sync."""
@@ -200,8 +214,13 @@ def _kernel(*refs, plan, n_layers, fused, only, how, thread_barrier):
   named = dict(h=h, w=w, conv=conv, ssm=ssm, h_out=h_out, zx=zx, part=part, ss=ss,
                conv_out=conv_out, ssm_out=ssm_out_refs)
   pid = pl.program_id(0)
-  barrier = (lambda k: _grid_barrier(sync, k * plan.programs, how)) if fused else None
-  _phases(plan, named, pid, barrier=barrier, thread_barrier=thread_barrier, only=only)
+  barrier = None
+  if fused:
+    arrivals = iter(range(1, 3 * n_layers))
+    barrier = (lambda: _arrive(sync),
+               lambda: _wait(sync, next(arrivals) * plan.programs, how))
+  _phases(plan, named, pid, barrier=barrier, thread_barrier=thread_barrier, prefetch=prefetch,
+          volatile=volatile, only=only)
 
 
 def default_block_n(d_inner: int, conv_dim: int, n: int, rows_blocks: int,
@@ -248,11 +267,13 @@ def multiprocessor_count() -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "eps", "gate_eps", "dtype", "group_size", "heads", "head_dim", "n_groups", "d_state",
-    "mode", "max_programs", "block_k", "num_warps", "barrier", "interpret"))
+    "mode", "max_programs", "block_k", "num_warps", "barrier", "prefetch", "volatile",
+    "interpret"))
 def mamba2_blocks_gpu(h, blocks, conv_states, ssm_states, *, eps: float, gate_eps: float, dtype,
                       group_size: int, heads: int, head_dim: int, n_groups: int, d_state: int,
                       mode: str = "fused", max_programs: int | None = None, block_k: int = 256,
                       num_warps: int = 8, barrier: str = "volatile_acquire",
+                      prefetch: str = "early", volatile: bool = True,
                       interpret: bool = False):
   """See reference.mamba2_blocks_reference (same arguments and results).
 
@@ -300,7 +321,8 @@ def mamba2_blocks_gpu(h, blocks, conv_states, ssm_states, *, eps: float, gate_ep
   aliases[first_conv + 2 * n_layers] = 4 + 2 * n_layers
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
   kernel = functools.partial(_kernel, plan=plan, n_layers=n_layers, how=barrier,
-                             thread_barrier=not interpret)
+                             thread_barrier=not interpret, prefetch=prefetch,
+                             volatile=volatile)
   if fused:
     outs = pl.pallas_call(
         functools.partial(kernel, fused=True, only=None), out_shape=out_shape,
