@@ -1,13 +1,11 @@
-r"""A Mamba-2 block's decode token, the 190M model's shapes, through the decode kernels against
-XLA (the same ops with implementation='reference'), and the kernels' block choices.
+r"""A Mamba-2 block's decode token, the 190M model's shapes, through the two decode kernels
+against XLA (the same ops with implementation='reference'), and the kernels' block choices.
 
 One timed call is a jitted `lax.scan` of `--steps` tokens through `--layers` blocks, each
 with its own weights and caches (as in the model's decode step, so no block's weights are
 still in L2 when it runs): per block, `ops.mamba2_in_proj` then `ops.mamba2_ssm_out`, the
-residual stream carried from one block to the next; or, for the 'blocks' variants,
-`mamba2_blocks_gpu` over runs of `--run` consecutive blocks (6 in Taipan's pattern), one
-launch a run. Reported: µs per block, XLA's time over each variant's, and each variant's
-largest difference from the per-block kernels' residual stream after the first token.
+residual stream carried from one block to the next. Reported: µs per block, and XLA's time
+over each variant's.
 
     python benchmarks/decode_layer.py                 # GPU
 Writes benchmarks/results/decode_layer_<device>.json.
@@ -21,7 +19,6 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode.mamba2_blocks import mamba2_blocks_gpu
 from pallas_kernels.decode.mamba2_in_proj import mamba2_in_proj_gpu
 from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
 from report import write_result
@@ -71,19 +68,6 @@ def block(h, w, cache, *, variant, dims, dtype):
   return h, dict(conv=conv, ssm=ssm)
 
 
-def blocks_run(h, ws, caches, *, variant, dims, dtype):
-  """A run of blocks in one mamba2_blocks_gpu call: (h, new caches)."""
-  _, kw, _ = variant
-  heads, head_dim, d_state = dims
-  blocks = tuple((w["norm"], w["w_in_t"], w["conv_w"], w["conv_b"], w["dt_bias"], w["A_log"],
-                  w["D"], w["gnorm"], w["w_out"]) for w in ws)
-  h, conv, ssm = mamba2_blocks_gpu(
-      h, blocks, tuple(c["conv"] for c in caches), tuple(c["ssm"] for c in caches), eps=1e-5,
-      gate_eps=1e-5, dtype=dtype, group_size=heads * head_dim, heads=heads, head_dim=head_dim,
-      n_groups=1, d_state=d_state, **kw)
-  return h, [dict(conv=c, ssm=s) for c, s in zip(conv, ssm)]
-
-
 VARIANTS = {
     "xla": ("reference", {}, {}),
     "kernels": ("pallas", {}, {}),
@@ -94,16 +78,6 @@ VARIANTS = {
     "ssm_out block_n 128": ("pallas", {}, dict(block_n=128)),
     "in_proj block_n 32": ("pallas", dict(block_n=32), {}),
     "in_proj 4 warps": ("pallas", dict(num_warps=4), {}),
-    "blocks": ("blocks", {}, {}),
-    "blocks 4 warps": ("blocks", dict(num_warps=4), {}),
-    "blocks atomic barrier": ("blocks", dict(barrier="atomic"), {}),
-    "blocks split prefetch": ("blocks", dict(prefetch="split"), {}),
-    "blocks atomic plain loads": ("blocks", dict(barrier="atomic", volatile=False), {}),
-    "blocks atomic plain loads 4 warps": ("blocks", dict(barrier="atomic", volatile=False,
-                                                         num_warps=4), {}),
-    "blocks atomic plain loads split": ("blocks", dict(barrier="atomic", volatile=False,
-                                                       prefetch="split"), {}),
-    "blocks phased": ("blocks", dict(mode="phased"), {}),
 }
 
 
@@ -111,7 +85,6 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--layers", type=int, default=18)
   parser.add_argument("--steps", type=int, default=16, help="tokens per timed call")
-  parser.add_argument("--run", type=int, default=6, help="blocks a 'blocks' call takes")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -121,40 +94,23 @@ def main():
   weights, caches = make_layers(jax.random.key(0), args.layers, 768, *dims, 4, dtype)
   h0 = jax.random.normal(jax.random.key(1), (1, 768), jnp.float32)
   rows = []
-  first_token = {}
   for name in args.variants.split(","):
-    variant = VARIANTS[name]
-    if variant[0] == "blocks":
-      step = functools.partial(blocks_run, variant=variant, dims=dims, dtype=dtype)
-      group = args.run
-    else:
-      step = functools.partial(block, variant=variant, dims=dims, dtype=dtype)
-      group = 1
+    step = functools.partial(block, variant=VARIANTS[name], dims=dims, dtype=dtype)
 
-    @functools.partial(jax.jit, static_argnames="steps")
-    def run(h, weights, caches, steps=args.steps, step=step, group=group):
+    @jax.jit
+    def run(h, weights, caches, step=step):
       def token(carry, _):
         h, caches = carry
         new = []
-        for i in range(0, len(weights), group):
-          if group == 1:
-            h, cache = step(h, weights[i], caches[i])
-            new.append(cache)
-          else:
-            h, cache = step(h, weights[i:i + group], caches[i:i + group])
-            new.extend(cache)
+        for w, cache in zip(weights, caches):
+          h, cache = step(h, w, cache)
+          new.append(cache)
         return (h, new), None
-      return jax.lax.scan(token, (h, caches), None, length=steps)[0]
+      return jax.lax.scan(token, (h, caches), None, length=args.steps)[0]
 
-    first_token[name] = run(h0, weights, caches, steps=1)[0]
     ms = median_ms(lambda: run(h0, weights, caches), reps=args.reps, loops=1)
     us = ms * 1e3 / (args.steps * args.layers)
-    row = {"variant": name, "us_per_block": us}
-    if "kernels" in first_token:
-      row["max_diff_from_kernels"] = float(jnp.max(jnp.abs(first_token[name]
-                                                           - first_token["kernels"])))
-    rows.append(row)
-    print(row, flush=True)
+    rows.append({"variant": name, "us_per_block": us})
   xla = next((r["us_per_block"] for r in rows if r["variant"] == "xla"), None)
   for r in rows:
     if xla:

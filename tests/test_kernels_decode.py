@@ -6,8 +6,6 @@ writes with NaN, so an unwritten output block fails the comparison; with JAX_PLA
 they are compiled. The kernels are inference-only (no gradients: nothing trains through a
 decode step).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,14 +13,11 @@ import pytest
 from flax import nnx
 
 import taipan_jax
-from pallas_kernels.decode import mamba2_blocks as blocks_module
-from pallas_kernels.decode.mamba2_blocks import mamba2_blocks_gpu
 from pallas_kernels.decode.mamba2_in_proj import mamba2_in_proj_gpu
 from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
 from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
-from pallas_kernels.decode.reference import (mamba2_blocks_reference, mamba2_in_proj_reference,
-                                             mamba2_ssm_out_reference, norm_matvec_reference,
-                                             ring_attention_reference,
+from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ssm_out_reference,
+                                             norm_matvec_reference, ring_attention_reference,
                                              window_attention_reference)
 from pallas_kernels.decode.window_attention import ring_attention_gpu, window_attention_gpu
 from taipan_jax import ops
@@ -289,138 +284,6 @@ def test_mamba2_ssm_out_matches_float64(rng, case):
     product = want[0] - np.asarray(res, np.float64)
     assert got[0].shape == (b, d) and _err(got[0] - res, product) < tol, (name, "out")
     assert got[1].shape == want[1].shape and _err(got[1], want[1]) < 1e-5, (name, "ssm")
-
-
-def mamba2_blocks_numpy(h, blocks, convs, ssms, *, eps, gate_eps, dtype, group_size, heads,
-                        head_dim, n_groups, d_state):
-  """The run of blocks in float64: mamba2_in_proj_numpy then mamba2_ssm_out_numpy, chained."""
-  h = np.asarray(h, np.float64)
-  new_convs, new_ssms = [], []
-  for (nw, w_t, cw, cb, dtb, alog, D, gnw, w_out), conv, ssm in zip(blocks, convs, ssms):
-    zx, conv = mamba2_in_proj_numpy(h, nw, w_t.T, conv, cw, cb, eps=eps, dtype=dtype,
-                                    d_inner=heads * head_dim)
-    h, ssm = mamba2_ssm_out_numpy(zx, ssm, dtb, alog, D, gnw, w_out, h, eps=gate_eps,
-                                  group_size=group_size, heads=heads, head_dim=head_dim,
-                                  n_groups=n_groups, d_state=d_state, dtype=dtype)
-    new_convs.append(conv)
-    new_ssms.append(ssm)
-  return h, new_convs, new_ssms
-
-
-def random_mamba2_blocks(rng, layers, b, d, heads, head_dim, n_groups, d_state, d_conv, dtype):
-  """(h, blocks, conv states, ssm states) of `layers` random Mamba-2 blocks, as
-  mamba2_blocks takes them (in_proj transposed)."""
-  di = heads * head_dim
-  cd = di + 2 * n_groups * d_state
-  normal = lambda shape, scale=1.0, dt=jnp.float32: jnp.asarray(
-      rng.standard_normal(shape) * scale, dt)
-  blocks = tuple((normal(d, 0.3) + 1, normal((di + cd + heads, d), d ** -0.5, dtype),
-                  normal((d_conv, cd), 0.5), normal(cd, 0.5), normal(heads, 0.5),
-                  normal(heads, 0.5), normal(heads, 0.5), normal(di, 0.3) + 1,
-                  normal((di, d), di ** -0.5, dtype)) for _ in range(layers))
-  convs = tuple(normal((b, d_conv - 1, cd), 1.0, dtype) for _ in range(layers))
-  ssms = tuple(normal((b, heads, head_dim, d_state)) for _ in range(layers))
-  return normal((b, d), 3.0), blocks, convs, ssms
-
-
-MAMBA2_BLOCKS_CASES = [
-    # blocks, b, d_model, heads, head_dim, n_groups, norm groups, d_state, d_conv, dtype
-    (3, 1, 48, 4, 16, 1, 1, 32, 4, jnp.float32),
-    (2, 3, 40, 6, 8, 2, 2, 16, 4, jnp.float32),      # 3 rows; B, C shared by 3 heads each
-    (2, 2, 24, 4, 16, 2, 4, 16, 3, jnp.bfloat16),    # norm groups finer than B/C groups
-    (2, 11, 24, 2, 16, 1, 1, 16, 4, jnp.float32),    # > MAX_ROWS rows: two row blocks
-    # Two blocks of the 190M model (one launch of 105 programs on a GPU)
-    pytest.param((2, 1, 768, 24, 64, 1, 1, 128, 4, jnp.bfloat16), marks=OPTIMIZED),
-]
-
-
-@pytest.mark.parametrize("case", MAMBA2_BLOCKS_CASES)
-def test_mamba2_blocks_match_float64(rng, case):
-  """The run of blocks in one call (on a GPU one launch with grid barriers, in interpret mode
-  a launch per phase) against the float64 chain of the two per-block computations."""
-  layers, b, d, h, p, g, norm_groups, n, kc, dtype = case
-  hh, blocks, convs, ssms = random_mamba2_blocks(rng, layers, b, d, h, p, g, n, kc, dtype)
-  kw = dict(eps=1e-5, gate_eps=1e-6, dtype=dtype, group_size=h * p // norm_groups, heads=h,
-            head_dim=p, n_groups=g, d_state=n)
-  want = mamba2_blocks_numpy(hh, blocks, convs, ssms, **kw)
-  # On a GPU the fused launch needs b * heads * head_dim / 16 programs resident.
-  fused = not ON_GPU or blocks_module.fits_one_launch(
-      hh, blocks, heads=h, head_dim=p, group_size=h * p // norm_groups,
-      max_programs=blocks_module.multiprocessor_count())
-  kernel = mamba2_blocks_gpu(hh, blocks, convs, ssms, interpret=not ON_GPU,
-                             mode="fused" if fused else "phased", **kw)
-  ref_tol = 2e-3 if ON_GPU and dtype == jnp.float32 else TOL[dtype]
-  for name, got, tol in (("kernel", kernel, TOL[dtype]),
-                         ("reference", mamba2_blocks_reference(hh, blocks, convs, ssms, **kw),
-                          ref_tol)):
-    h_out, new_convs, new_ssms = got
-    # Relative to what the blocks added: h itself is the residual, kept in fp32.
-    added = want[0] - np.asarray(hh, np.float64)
-    assert h_out.dtype == jnp.float32 and _err(h_out - hh, added) < tol, (name, "h")
-    assert len(new_convs) == len(new_ssms) == layers, name
-    for i in range(layers):
-      assert new_convs[i].dtype == dtype and _err(new_convs[i], want[1][i]) < tol, (name, i)
-      # The first block's state is fp32 arithmetic on exact inputs; later ones see h.
-      assert _err(new_ssms[i], want[2][i]) < (1e-5 if i == 0 else tol), (name, "ssm", i)
-
-
-def test_mamba2_blocks_refuse_bad_runs(rng):
-  hh, blocks, convs, ssms = random_mamba2_blocks(rng, 2, 1, 24, 2, 16, 1, 16, 4, jnp.float32)
-  kw = dict(eps=1e-5, gate_eps=1e-5, dtype=jnp.float32, group_size=32, heads=2, head_dim=16,
-            n_groups=1, d_state=16)
-  with pytest.raises(ValueError, match="2 blocks but 1 conv states and 2 ssm states"):
-    mamba2_blocks_reference(hh, blocks, convs[:1], ssms, **kw)
-  other = blocks[:1] + (blocks[1][:8] + (jnp.ones((32, 20)),),)
-  with pytest.raises(ValueError, match="block 1's weight shapes .* differ from block 0's"):
-    mamba2_blocks_gpu(hh, other, convs, ssms, interpret=True, **kw)
-  with pytest.raises(ValueError, match="block 0 has 8 weights"):
-    mamba2_blocks_gpu(hh, (blocks[0][:8],), convs[:1], ssms[:1], interpret=True, **kw)
-  with pytest.raises(ValueError, match=r"conv_state \(1, 2, 64\) is not \[1, 3, 64\]"):
-    mamba2_blocks_gpu(hh, blocks, (convs[0][:, 1:],) * 2, ssms, interpret=True, **kw)
-  with pytest.raises(ValueError, match="mode='fast'"):
-    mamba2_blocks_gpu(hh, blocks, convs, ssms, mode="fast", interpret=True, **kw)
-  # The fused launch's condition is checked before any work: the 98 in-projection outputs
-  # in blocks of at most 32 (block_n must divide d_inner 32) take 4 programs, not 3.
-  with pytest.raises(ValueError, match="one launch needs 4 programs .* max_programs=3"):
-    mamba2_blocks_gpu(hh, blocks, convs, ssms, mode="fused", max_programs=3, **kw)
-  # The 190M block: 96 state-update programs a row; the in-projection widens its blocks to
-  # fit (105 programs of 32 outputs in 132, 53 of 64 in 96).
-  h190, blocks190 = jnp.ones((1, 768)), ((None, jnp.ones((3352, 768)), jnp.ones((4, 1792))),)
-  fits = functools.partial(blocks_module.fits_one_launch, blocks=blocks190, heads=24,
-                           head_dim=64, group_size=1536)
-  assert fits(h190, max_programs=132) and fits(h190, max_programs=96)
-  assert not fits(h190, max_programs=95)
-  assert not fits(jnp.ones((2, 768)), max_programs=132)
-
-
-def test_mamba2_blocks_dispatch(monkeypatch, rng):
-  """'auto' takes the one-launch kernel on a GPU when its programs fit on the
-  multiprocessors, the per-block kernels at batch 1 when they do not, and XLA for more rows;
-  the backend is faked as a GPU and the kernels run in interpret mode."""
-  import pallas_kernels.decode.mamba2_in_proj as in_module
-  import pallas_kernels.decode.mamba2_ssm_out as out_module
-  calls = []
-  for module, name in ((blocks_module, "mamba2_blocks_gpu"), (in_module, "mamba2_in_proj_gpu"),
-                       (out_module, "mamba2_ssm_out_gpu")):
-    real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: (
-        calls.append(name), real(*a, **{**k, "interpret": True}))[1])
-  monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  kw = dict(eps=1e-5, gate_eps=1e-5, dtype=jnp.float32, group_size=32, heads=2, head_dim=16,
-            n_groups=1, d_state=16)
-  per_block = ["mamba2_in_proj_gpu", "mamba2_ssm_out_gpu"] * 2
-  # 2 state-update programs a row, 4 in-projection programs (blocks of 32) for one row.
-  for b, sms, want_calls in ((1, 4, ["mamba2_blocks_gpu"]), (1, 3, per_block), (3, 4, [])):
-    calls.clear()
-    monkeypatch.setattr(blocks_module, "multiprocessor_count", lambda sms=sms: sms)
-    args = random_mamba2_blocks(rng, 2, b, 24, 2, 16, 1, 16, 4, jnp.float32)
-    got = ops.mamba2_blocks(*args, **kw)
-    want = mamba2_blocks_reference(*args, **kw)
-    assert _err(got[0], np.asarray(want[0], np.float64)) < 1e-5
-    for g, w in zip(got[2], want[2]):
-      assert _err(g, np.asarray(w, np.float64)) < 1e-5
-    assert calls == want_calls, (b, sms)
 
 
 def window_attention_numpy(q, k, v, valid, active):

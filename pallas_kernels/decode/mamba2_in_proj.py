@@ -34,14 +34,12 @@ from pallas_kernels.decode.reference import check_mamba2_in_proj_operands
 _F32 = jnp.float32
 
 
-def load_weights(wt_ref, nw_ref, cw_ref, cb_ref, *, j0, d_inner, d_conv, block_n, block_k,
-                 dtype) -> dict:
-  """Issues the loads of output block j0 .. j0 + block_n that no earlier kernel phase writes:
-  its [block_n, d_model] slice of w_t (the k chunks unrolled, every load up front), the norm
-  weight, the convolution's taps and bias. Returns them for compute_rows; mamba2_blocks
-  issues them before the grid barrier that precedes the block's phase."""
+def _kernel(x_ref, nw_ref, wt_ref, conv_ref, cw_ref, cb_ref, o_ref, conv_out_ref, *, d_inner,
+            d_conv, rows, block_n, block_k, eps, dtype, barrier):
   n, k = wt_ref.shape
-  conv_dim = cw_ref.shape[1]
+  conv_dim = conv_ref.shape[2]
+  row0 = pl.program_id(0) * rows
+  j0 = pl.program_id(1) * block_n
   out_ok = j0 + jnp.arange(block_n) < n
   # jnp starts, not ints: the last chunk may overhang k (masked), which a static slice refuses.
   starts = [jnp.int32(s) for s in range(0, k, block_k)]
@@ -58,35 +56,22 @@ def load_weights(wt_ref, nw_ref, cw_ref, cb_ref, *, j0, d_inner, d_conv, block_n
   chans = pl.ds(jnp.clip(j0 - d_inner, 0, conv_dim - block_n), block_n)
   taps = [plgpu.load(cw_ref.at[jnp.int32(i), chans]).astype(_F32) for i in range(d_conv)]
   bias = plgpu.load(cb_ref.at[chans]).astype(_F32)
-  return dict(ws=ws, nws=nws, taps=taps, bias=bias, starts=starts, k_ok=k_ok, out_ok=out_ok,
-              in_conv=in_conv, chans=chans)
-
-
-def compute_rows(x_ref, conv_ref, o_ref, conv_out_ref, weights, *, row0, j0, rows, block_n,
-                 d_conv, eps, dtype, barrier, volatile=False):
-  """Rows row0 .. row0 + rows of output block j0: normalise h, reduce against the loaded
-  weights, convolve the x B C outputs over their cached inputs and shift those in place.
-  volatile: read h uncached (another program of the same launch wrote it)."""
-  k = x_ref.shape[1]
-  w = weights
-  chans, in_conv = w["chans"], w["in_conv"]
   for r in range(rows):
     row = row0 + r
     row_ok = row < x_ref.shape[0]
-    xs = [plgpu.load(x_ref.at[row, pl.ds(s, ok.shape[0])], mask=ok & row_ok, other=0.0,
-                     volatile=volatile).astype(_F32)
-          for s, ok in zip(w["starts"], w["k_ok"])]
+    xs = [plgpu.load(x_ref.at[row, pl.ds(s, block_k)], mask=ok & row_ok, other=0.0).astype(_F32)
+          for s, ok in zip(starts, k_ok)]
     inv_rms = jax.lax.rsqrt(sum(jnp.sum(u * u) for u in xs) / k + eps)
-    acc = jnp.zeros(w["ws"][0].shape, _F32)
-    for u, nw, wk in zip(xs, w["nws"], w["ws"]):
-      acc = acc + wk * (u * inv_rms * nw).astype(dtype).astype(_F32)[None, :]
+    acc = jnp.zeros((block_n, block_k), _F32)
+    for u, nw, w in zip(xs, nws, ws):
+      acc = acc + w * (u * inv_rms * nw).astype(dtype).astype(_F32)[None, :]
     out = jnp.sum(acc, axis=1).astype(dtype)                          # [block_n]
-    ok = w["out_ok"] & row_ok
+    ok = out_ok & row_ok
     window = [plgpu.load(conv_ref.at[row, jnp.int32(i), chans], mask=ok, other=0.0)
               for i in range(d_conv - 1)]
     window.append(out.astype(conv_ref.dtype))
-    conv = w["bias"]
-    for tap, u in zip(w["taps"], window):
+    conv = bias
+    for tap, u in zip(taps, window):
       conv = conv + u.astype(_F32) * tap
     if barrier:
       # The cache is shifted in place, and a [block_n] vector is held by many threads (8
@@ -98,16 +83,6 @@ def compute_rows(x_ref, conv_ref, o_ref, conv_out_ref, weights, *, row0, j0, row
       plgpu.store(conv_out_ref.at[row, jnp.int32(i), chans], window[i + 1], mask=ok & in_conv)
     out = jnp.where(in_conv, (conv * jax.nn.sigmoid(conv)).astype(dtype), out)
     plgpu.store(o_ref.at[row, pl.ds(j0, block_n)], out, mask=ok)
-
-
-def _kernel(x_ref, nw_ref, wt_ref, conv_ref, cw_ref, cb_ref, o_ref, conv_out_ref, *, d_inner,
-            d_conv, rows, block_n, block_k, eps, dtype, barrier):
-  j0 = pl.program_id(1) * block_n
-  weights = load_weights(wt_ref, nw_ref, cw_ref, cb_ref, j0=j0, d_inner=d_inner, d_conv=d_conv,
-                         block_n=block_n, block_k=block_k, dtype=dtype)
-  compute_rows(x_ref, conv_ref, o_ref, conv_out_ref, weights, row0=pl.program_id(0) * rows,
-               j0=j0, rows=rows, block_n=block_n, d_conv=d_conv, eps=eps, dtype=dtype,
-               barrier=barrier)
 
 
 def default_block_n(d_inner: int, conv_dim: int) -> int:

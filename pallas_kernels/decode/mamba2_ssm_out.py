@@ -33,96 +33,61 @@ from pallas_kernels.decode.reference import check_mamba2_ssm_out_operands
 _F32 = jnp.float32
 
 
-def load_weights(ssm_ref, dtb_ref, alog_ref, d_ref, nw_ref, w_ref, *, bi, hi, pi, block_p,
-                 block_n, head_dim) -> dict:
-  """Issues the loads of program (row bi, head hi, channel block pi) that no earlier kernel
-  phase writes: its block_p rows of out_proj (all d_model columns, block_n at a time), the
-  gated norm's weight, dt_bias / A_log / D of the head and the head's old state rows.
-  mamba2_blocks issues them before the grid barrier that precedes this phase."""
+def _kernel(zx_ref, ssm_ref, dtb_ref, alog_ref, d_ref, nw_ref, w_ref, part_ref, ss_ref,
+            ssm_out_ref, *, heads, head_dim, n_groups, d_state, block_p, block_n, dtype):
+  bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  d_inner = heads * head_dim
+  conv_dim = d_inner + 2 * n_groups * d_state
   n = w_ref.shape[1]
+  gi = hi // (heads // n_groups)
   c0 = hi * head_dim + pi * block_p              # this program's channels c0 .. c0 + block_p
+  split = c0 // block_p
+  # The weight first: its loads are the long ones, all in flight while the state updates.
   # jnp starts, not ints: the last block may overhang n (masked), which a static slice refuses.
   starts = [jnp.int32(j) for j in range(0, n, block_n)]
   col_oks = [j + jnp.arange(block_n) < n for j in starts]
   ws = [plgpu.load(w_ref.at[pl.ds(c0, block_p), pl.ds(j, block_n)], mask=ok[None, :],
                    other=0.0) for j, ok in zip(starts, col_oks)]
-  ps = pl.ds(pi * block_p, block_p)
-  return dict(ws=ws, starts=starts, col_oks=col_oks, c0=c0, ps=ps,
-              state=plgpu.load(ssm_ref.at[bi, hi, ps, :]),
-              nw=plgpu.load(nw_ref.at[pl.ds(c0, block_p)]).astype(_F32),
-              dt_bias=dtb_ref[hi].astype(_F32), A_log=alog_ref[hi].astype(_F32),
-              D=d_ref[hi].astype(_F32))
-
-
-def compute_program(zx_ref, ssm_out_ref, part_ref, ss_ref, weights, *, bi, hi, heads, head_dim,
-                    n_groups, d_state, block_p, dtype, volatile=False):
-  """The state update of the loaded rows, u = y * silu(z), its sum of squares and its fp32
-  partial product with out_proj's rows. volatile: read zxbcdt uncached (another program of
-  the same launch wrote it)."""
-  w = weights
-  d_inner = heads * head_dim
-  conv_dim = d_inner + 2 * n_groups * d_state
-  gi = hi // (heads // n_groups)
-  c0 = w["c0"]
-  split = c0 // block_p
-  load = lambda start, size: plgpu.load(zx_ref.at[bi, pl.ds(start, size)],
-                                        volatile=volatile).astype(_F32)
+  load = lambda start, size: plgpu.load(zx_ref.at[bi, pl.ds(start, size)]).astype(_F32)
   z = load(c0, block_p)
   x = load(d_inner + c0, block_p)
   B = load(2 * d_inner + gi * d_state, d_state)
   C = load(2 * d_inner + (n_groups + gi) * d_state, d_state)
-  raw = plgpu.load(zx_ref.at[bi, d_inner + conv_dim + hi], volatile=volatile).astype(_F32)
-  raw = raw + w["dt_bias"]
+  raw = zx_ref[bi, d_inner + conv_dim + hi].astype(_F32) + dtb_ref[hi].astype(_F32)
   dt = jnp.maximum(raw, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(raw)))       # softplus
-  decay = jnp.exp(dt * -jnp.exp(w["A_log"]))
-  state = decay * w["state"] + (x * dt)[:, None] * B[None, :]
-  plgpu.store(ssm_out_ref.at[bi, hi, w["ps"], :], state)
-  y = jnp.sum(state * C[None, :], axis=1).astype(dtype).astype(_F32) + x * w["D"]
+  decay = jnp.exp(dt * -jnp.exp(alog_ref[hi].astype(_F32)))
+  ps = pl.ds(pi * block_p, block_p)
+  state = decay * plgpu.load(ssm_ref.at[bi, hi, ps, :]) + (x * dt)[:, None] * B[None, :]
+  plgpu.store(ssm_out_ref.at[bi, hi, ps, :], state)
+  y = jnp.sum(state * C[None, :], axis=1).astype(dtype).astype(_F32) + x * d_ref[hi].astype(_F32)
   u = y * z * jax.nn.sigmoid(z)
   ss_ref[split, bi] = jnp.sum(u * u)
-  v = u * w["nw"]
-  for j, ok, wj in zip(w["starts"], w["col_oks"], w["ws"]):
-    part = jnp.sum(v[:, None] * wj.astype(dtype).astype(_F32), axis=0)
-    plgpu.store(part_ref.at[split, bi, pl.ds(j, wj.shape[1])], part, mask=ok)
+  v = u * plgpu.load(nw_ref.at[pl.ds(c0, block_p)]).astype(_F32)
+  for j, ok, w in zip(starts, col_oks, ws):
+    part = jnp.sum(v[:, None] * w.astype(dtype).astype(_F32), axis=0)
+    plgpu.store(part_ref.at[split, bi, pl.ds(j, block_n)], part, mask=ok)
 
 
-def _kernel(zx_ref, ssm_ref, dtb_ref, alog_ref, d_ref, nw_ref, w_ref, part_ref, ss_ref,
-            ssm_out_ref, *, heads, head_dim, n_groups, d_state, block_p, block_n, dtype):
-  bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  # The weight first: its loads are the long ones, all in flight while the state updates.
-  weights = load_weights(ssm_ref, dtb_ref, alog_ref, d_ref, nw_ref, w_ref, bi=bi, hi=hi, pi=pi,
-                         block_p=block_p, block_n=block_n, head_dim=head_dim)
-  compute_program(zx_ref, ssm_out_ref, part_ref, ss_ref, weights, bi=bi, hi=hi, heads=heads,
-                  head_dim=head_dim, n_groups=n_groups, d_state=d_state, block_p=block_p,
-                  dtype=dtype)
-
-
-def finish_columns(part_ref, ss_ref, r_ref, o_ref, *, bi, j, splits, groups, group_splits, eps,
-                   group_size, block_n, dtype, volatile=False):
-  """o[bi, cols] = residual + sum_s scale(group of s) * part[s, bi, cols], rounded as a
-  product; cols = column block j. volatile: read the partials (and the residual) uncached."""
+def _finish_kernel(part_ref, ss_ref, r_ref, o_ref, *, splits, groups, group_splits, eps,
+                   group_size, block_n, dtype):
+  """o[b, cols] = residual + sum_s scale(group of s) * part[s, b, cols], rounded as a product."""
+  bi, j = pl.program_id(0), pl.program_id(1)
   n = o_ref.shape[1]
   padded = pl.next_power_of_2(splits)
   s_idx = jnp.arange(padded)
   cols = pl.ds(j * block_n, block_n)
   col_ok = j * block_n + jnp.arange(block_n) < n
-  ss = plgpu.load(ss_ref.at[pl.ds(0, padded), bi], mask=s_idx < splits, other=0.0,
-                  volatile=volatile)
+  ss = plgpu.load(ss_ref.at[pl.ds(0, padded), bi], mask=s_idx < splits, other=0.0)
   scale = jnp.zeros((padded,), _F32)
   for g in range(groups):          # few: one per norm group
     in_g = (s_idx >= g * group_splits) & (s_idx < (g + 1) * group_splits)
     inv = jax.lax.rsqrt(jnp.sum(jnp.where(in_g, ss, 0.0)) / group_size + eps)
     scale = jnp.where(in_g, inv, scale)
   part = plgpu.load(part_ref.at[pl.ds(0, padded), bi, cols],
-                    mask=(s_idx < splits)[:, None] & col_ok[None, :], other=0.0,
-                    volatile=volatile)
+                    mask=(s_idx < splits)[:, None] & col_ok[None, :], other=0.0)
   out = jnp.sum(part * scale[:, None], axis=0).astype(dtype).astype(_F32)
-  res = plgpu.load(r_ref.at[bi, cols], mask=col_ok, other=0.0, volatile=volatile).astype(_F32)
+  res = plgpu.load(r_ref.at[bi, cols], mask=col_ok, other=0.0).astype(_F32)
   plgpu.store(o_ref.at[bi, cols], res + out, mask=col_ok)
-
-
-def _finish_kernel(part_ref, ss_ref, r_ref, o_ref, **kw):
-  finish_columns(part_ref, ss_ref, r_ref, o_ref, bi=pl.program_id(0), j=pl.program_id(1), **kw)
 
 
 def default_block_p(head_dim: int, group_size: int) -> int:

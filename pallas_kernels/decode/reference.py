@@ -213,66 +213,6 @@ def mamba2_ssm_out_reference(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, 
   return out, state
 
 
-def check_mamba2_blocks_operands(h, blocks, conv_states, ssm_states, *, group_size, heads,
-                                 head_dim, n_groups, d_state):
-  """Raises ValueError naming the operand that disagrees (mamba2_blocks_reference)."""
-  if not blocks:
-    raise ValueError("mamba2_blocks needs at least one block")
-  if len(conv_states) != len(blocks) or len(ssm_states) != len(blocks):
-    raise ValueError(f"{len(blocks)} blocks but {len(conv_states)} conv states and "
-                     f"{len(ssm_states)} ssm states: one of each per block")
-  if h.ndim != 2:
-    raise ValueError(f"h {h.shape} must be [batch, d_model]")
-  first = [w.shape for w in blocks[0]]
-  for i, block in enumerate(blocks):
-    if len(block) != 9:
-      raise ValueError(f"block {i} has {len(block)} weights; each block is (norm, in_proj^T, "
-                       "conv weight, conv bias, dt_bias, A_log, D, gated norm, out_proj)")
-    if [w.shape for w in block] != first:
-      raise ValueError(f"block {i}'s weight shapes {[w.shape for w in block]} differ from "
-                       f"block 0's {first}: a run must be blocks of one shape")
-  d_inner = heads * head_dim
-  norm_weight, w_t, conv_weight, conv_bias, dt_bias, A_log, D, gate_weight, out_proj = blocks[0]
-  check_mamba2_in_proj_operands(h, norm_weight, w_t, conv_states[0], conv_weight, conv_bias,
-                                d_inner=d_inner)
-  zxbcdt = jax.ShapeDtypeStruct((h.shape[0], w_t.shape[0]), w_t.dtype)
-  check_mamba2_ssm_out_operands(zxbcdt, ssm_states[0], dt_bias, A_log, D, gate_weight,
-                                out_proj, h, group_size=group_size, heads=heads,
-                                head_dim=head_dim, n_groups=n_groups, d_state=d_state)
-  for i, (c, s) in enumerate(zip(conv_states, ssm_states)):
-    if c.shape != conv_states[0].shape or s.shape != ssm_states[0].shape:
-      raise ValueError(f"block {i}'s states {c.shape}, {s.shape} differ from block 0's "
-                       f"{conv_states[0].shape}, {ssm_states[0].shape}")
-
-
-def mamba2_blocks_reference(h, blocks, conv_states, ssm_states, *, eps: float, gate_eps: float,
-                            dtype, group_size: int, heads: int, head_dim: int, n_groups: int,
-                            d_state: int):
-  """A decode token through consecutive Mamba-2 blocks: for each, mamba2_in_proj_reference
-  then mamba2_ssm_out_reference on the residual stream.
-
-  h: [b, d_model] fp32; blocks: per block (norm_weight, in_proj^T, conv_weight, conv_bias,
-  dt_bias, A_log, D, gated norm weight, out_proj), the arguments of those two functions;
-  conv_states, ssm_states: per block. eps: the blocks' RMSNorm; gate_eps: the gated norm's.
-  Returns (h [b, d_model] fp32, the new conv states, the new ssm states), tuples per block.
-  """
-  check_mamba2_blocks_operands(h, blocks, conv_states, ssm_states, group_size=group_size,
-                               heads=heads, head_dim=head_dim, n_groups=n_groups,
-                               d_state=d_state)
-  convs, ssms = [], []
-  for block, conv, ssm in zip(blocks, conv_states, ssm_states):
-    norm_weight, w_t, conv_weight, conv_bias, dt_bias, A_log, D, gate_weight, out_proj = block
-    zxbcdt, conv = mamba2_in_proj_reference(h, norm_weight, w_t, conv, conv_weight, conv_bias,
-                                            eps=eps, dtype=dtype, d_inner=heads * head_dim)
-    h, ssm = mamba2_ssm_out_reference(zxbcdt, ssm, dt_bias, A_log, D, gate_weight, out_proj, h,
-                                      eps=gate_eps, dtype=dtype, group_size=group_size,
-                                      heads=heads, head_dim=head_dim, n_groups=n_groups,
-                                      d_state=d_state)
-    convs.append(conv)
-    ssms.append(ssm)
-  return h, tuple(convs), tuple(ssms)
-
-
 def window_attention_reference(q, k_cache, v_cache, valid, active=None):
   """softmax(q k^T / sqrt(d)) v over the valid slots, fp32 statistics; zeros for rows with no
   valid slot and for inactive rows.

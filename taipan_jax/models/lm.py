@@ -11,15 +11,12 @@ from flax import nnx
 from taipan_jax import ops
 from taipan_jax.config import layer_kinds, padded_vocab_size, residual_branches
 from taipan_jax.models.attention import AttentionBlock
-from taipan_jax.models.mamba2 import Mamba2Block, step_blocks
+from taipan_jax.models.mamba2 import Mamba2Block
 from taipan_jax.models.norms import RMSNorm
 from taipan_jax.models.sal import SelectiveAttentionLayer
 from taipan_jax.sharding import constrain
 
 _LAYERS = {"m": Mamba2Block, "s": SelectiveAttentionLayer, "a": AttentionBlock}
-# Longer runs of Mamba-2 blocks (the Mamba-2 baseline's 24) decode in calls of at most this
-# many, so that one fused kernel's unrolled code stays the size of Taipan's six-block run.
-MAX_MAMBA2_BLOCKS_PER_CALL = 6
 
 
 class LanguageModel(nnx.Module):
@@ -136,23 +133,10 @@ class LanguageModel(nnx.Module):
     """
     h = self.embed(tokens).astype(jnp.float32)
     new_cache = []
-    i = 0
-    while i < len(self.layers):
-      kind, layer = self.kinds[i], self.layers[i]
-      if kind == "m":
-        # Consecutive Mamba-2 blocks decode in one call (one launch on a GPU at batch 1).
-        end = i
-        while end < len(self.layers) and self.kinds[end] == "m" \
-            and end - i < MAX_MAMBA2_BLOCKS_PER_CALL:
-          end += 1
-        h, caches = step_blocks(list(self.layers[i:end]), h, list(cache[i:end]))
-        new_cache.extend(caches)
-        i = end
-        continue
+    for kind, layer, c in zip(self.kinds, self.layers, cache):
       if kind == "s":
-        h, _, c = layer.step(h, cache[i])
+        h, _, c = layer.step(h, c)
       else:
-        h, c = layer.step(h, cache[i])
+        h, c = layer.step(h, c)
       new_cache.append(c)
-      i += 1
     return self.logits(h), tuple(new_cache)

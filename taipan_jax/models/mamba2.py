@@ -146,29 +146,26 @@ class Mamba2Mixer(nnx.Module):
     built), so that the transpose does not run once per token; `step` works without it."""
     self.in_proj_t = DecodeLayout(self.in_proj.kernel[...].T)
 
-  def decode_weights(self, norm) -> tuple:
-    """The operands of ops.mamba2_blocks for the block around this mixer (norm: its RMSNorm):
-    (norm weight, in_proj^T, conv weight, conv bias, dt_bias, A_log, D, gated norm weight,
-    out_proj)."""
+  def step(self, h, cache: Mamba2Cache, norm):
+    """One token of the block around this mixer.  h: [batch, d_model] the residual stream
+    (fp32) -> (h + out, new cache).
+
+    norm: the block's RMSNorm, applied to h inside the in-projection's call; the residual is
+    added by the out-projection's (ops.decode).
+    """
+    impl = self.kernel
     prepared = getattr(self, "in_proj_t", None)
     w_t = self.in_proj.kernel[...].T if prepared is None else prepared[...]
-    return (norm.weight[...], w_t, self.conv_weight[...], self.conv_bias[...],
-            self.dt_bias[...], self.A_log[...], self.D[...], self.norm.weight[...],
-            self.out_proj.kernel[...])
-
-
-def step_blocks(blocks, h, caches):
-  """One token through consecutive Mamba2Blocks of one shape, in one ops.mamba2_blocks call
-  (on a GPU at batch 1 one launch for the run).  h: [batch, d_model] the residual stream
-  (fp32); caches: a Mamba2Cache per block -> (h after the last block, new caches)."""
-  first = blocks[0].mixer
-  h, convs, ssms = ops.mamba2_blocks(
-      h, tuple(b.mixer.decode_weights(b.norm) for b in blocks),
-      tuple(c.conv for c in caches), tuple(c.ssm for c in caches), eps=blocks[0].norm.eps,
-      gate_eps=first.norm.eps, dtype=first.dtype, group_size=first.norm.group_size,
-      heads=first.heads, head_dim=first.head_dim, n_groups=first.n_groups,
-      d_state=first.d_state, implementation=first.kernel)
-  return h, [Mamba2Cache(conv=c, ssm=s) for c, s in zip(convs, ssms)]
+    zxbcdt, conv = ops.mamba2_in_proj(
+        h, norm.weight[...], w_t, cache.conv, self.conv_weight[...],
+        self.conv_bias[...], eps=norm.eps, dtype=self.dtype, d_inner=self.d_inner,
+        implementation=impl)
+    out, ssm = ops.mamba2_ssm_out(
+        zxbcdt, cache.ssm, self.dt_bias[...], self.A_log[...], self.D[...], self.norm.weight[...],
+        self.out_proj.kernel[...], h, eps=self.norm.eps, dtype=self.dtype,
+        group_size=self.norm.group_size, heads=self.heads, head_dim=self.head_dim,
+        n_groups=self.n_groups, d_state=self.d_state, implementation=impl)
+    return out, Mamba2Cache(conv=conv, ssm=ssm)
 
 
 class Mamba2Block(nnx.Module):
@@ -196,5 +193,4 @@ class Mamba2Block(nnx.Module):
 
   def step(self, h, cache: Mamba2Cache):
     """One token.  h: [batch, d_model] fp32 -> (h + mixer(norm(h)), new cache)."""
-    h, (cache,) = step_blocks([self], h, [cache])
-    return h, cache
+    return self.mixer.step(h, cache, self.norm)

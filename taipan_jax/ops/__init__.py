@@ -6,12 +6,12 @@ from taipan_jax.ops.attention import (attention_with_prefix, resolve_attention_i
                                       window_decode_attention)
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
                                       selected_fraction, straight_through_gumbel)
-from taipan_jax.ops.decode import (mamba2_blocks, mamba2_in_proj, mamba2_ssm_out, norm_matvec,
+from taipan_jax.ops.decode import (mamba2_in_proj, mamba2_ssm_out, norm_matvec,
                                    resolve_decode_implementation)
 from taipan_jax.ops.ssd import resolve_implementation, ssd
 
 __all__ = [
-    "ssd", "resolve_implementation", "norm_matvec", "mamba2_in_proj", "mamba2_ssm_out", "mamba2_blocks",
+    "ssd", "resolve_implementation", "norm_matvec", "mamba2_in_proj", "mamba2_ssm_out",
     "resolve_decode_implementation", "resolve_attention_implementation",
     "selective_window_attention", "attention_with_prefix", "window_decode_attention",
     "ring_decode_attention",

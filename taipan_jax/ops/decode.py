@@ -1,10 +1,7 @@
-"""Decode-step operations: one token per row through a Mamba-2 block in two calls,
+"""Decode-step operations: one token per row through a Mamba-2 block in two calls.
 
     zxbcdt, conv = mamba2_in_proj(h, block norm, in_proj, conv cache and parameters)
     h, ssm       = mamba2_ssm_out(zxbcdt, ssm cache, dt / A / D, gated norm, out_proj, h)
-
-or through a run of consecutive blocks in one, mamba2_blocks (on a GPU at batch 1, one
-launch for the whole run).
 
 The SAL and attention blocks use norm_matvec for their projections too: (q, k, v) in one
 call, the output projection without a norm, and a SwiGLU as two calls, (up, gate) =
@@ -135,47 +132,3 @@ def mamba2_ssm_out(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residua
     return mamba2_ssm_out_reference(*args, **kw)
   from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
   return mamba2_ssm_out_gpu(*args, interpret=impl == "interpret", **kw)
-
-
-def mamba2_blocks(h, blocks, conv_states, ssm_states, *, eps: float, gate_eps: float, dtype,
-                  group_size: int, heads: int, head_dim: int, n_groups: int, d_state: int,
-                  implementation: str = "auto"):
-  """A token through consecutive Mamba-2 blocks: for each, mamba2_in_proj then
-  mamba2_ssm_out on the residual stream.
-
-  h: [batch, d_model] fp32; blocks: per block (norm_weight, in_proj^T, conv_weight, conv_bias,
-  dt_bias, A_log, D, gated norm weight, out_proj), the operands of those two ops;
-  conv_states, ssm_states: per block. eps: the blocks' RMSNorm; gate_eps: the gated norm's.
-  Returns (h, the new conv states, the new ssm states), tuples per block.
-
-  On a GPU, where the two ops take their kernels and one launch's programs fit on the
-  multiprocessors (batch 1 for the 190M shapes), the whole run is one launch
-  (pallas_kernels/decode/mamba2_blocks.py: the same phases with grid barriers between them);
-  otherwise each block goes through the two ops, which pick their own paths.
-  """
-  kw = dict(group_size=group_size, heads=heads, head_dim=head_dim, n_groups=n_groups,
-            d_state=d_state)
-  b, d_model = h.shape
-  impl = resolve_decode_implementation(
-      implementation, head_dim=head_dim, d_state=d_state,
-      kernel_by_default=b <= _BLOCK_KERNEL_MAX_BATCH and d_model <= _MATVEC_KERNEL_MAX_K)
-  if impl in ("pallas_gpu", "interpret"):
-    from pallas_kernels.decode import mamba2_blocks as fused
-    if impl == "interpret":
-      return fused.mamba2_blocks_gpu(h, blocks, conv_states, ssm_states, eps=eps,
-                                     gate_eps=gate_eps, dtype=dtype, interpret=True, **kw)
-    if fused.fits_one_launch(h, blocks, heads=heads, head_dim=head_dim, group_size=group_size,
-                             max_programs=fused.multiprocessor_count()):
-      return fused.mamba2_blocks_gpu(h, blocks, conv_states, ssm_states, eps=eps,
-                                     gate_eps=gate_eps, dtype=dtype, **kw)
-  convs, ssms = [], []
-  for block, conv, ssm in zip(blocks, conv_states, ssm_states):
-    norm_weight, w_t, conv_weight, conv_bias, dt_bias, A_log, D, gate_weight, out_proj = block
-    zxbcdt, conv = mamba2_in_proj(h, norm_weight, w_t, conv, conv_weight, conv_bias, eps=eps,
-                                  dtype=dtype, d_inner=heads * head_dim,
-                                  implementation=implementation)
-    h, ssm = mamba2_ssm_out(zxbcdt, ssm, dt_bias, A_log, D, gate_weight, out_proj, h,
-                            eps=gate_eps, dtype=dtype, implementation=implementation, **kw)
-    convs.append(conv)
-    ssms.append(ssm)
-  return h, tuple(convs), tuple(ssms)
