@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 import taipan_jax
+from pallas_kernels.decode.window_attention import default_max_splits
 from taipan_jax.config import layer_kinds, mlp_hidden_size, padded_vocab_size
 from decode import decode_sweep
 from report import result_path
@@ -68,7 +69,7 @@ def decode_phases(cfg, context: int) -> list[tuple[str, int, int]]:
   phases = []
 
   def attention_block(kind, slots, heads):
-    splits = max(1, slots // 512)         # flash decoding: about 512 slots a chunk
+    splits = default_max_splits(slots)    # the decode attention kernel's chunk count
     phases.extend([
         (f"{kind} q k v", 3 * d * d * bf16 + (2 * d * f32 if kind == "sal" else 0), 0),
         (f"{kind} attention", 0, 2 * slots * d * bf16),
@@ -190,13 +191,15 @@ def main():
             "steps_per_call": args.steps, "rows": [], "anchor_rows": []}
   path = result_path(args.out, "decode_floor", suffix="")
   contexts = [int(c) for c in args.contexts.split(",")]
+  names = args.configs.split(",")
+  configs = {n: taipan_jax.load_config(n, {"model.dtype": "bfloat16"}) for n in names}
+  # A model without full attention has the same step at every context: timed at the first.
+  model_contexts = {n: contexts if "a" in layer_kinds(cfg) else contexts[:1]
+                    for n, cfg in configs.items()}
   check_stream(args.interpret)
   tuned = {}                # phase bytes -> (fastest shape, µs per phase of each shape)
-  for name in args.configs.split(","):
-    cfg = taipan_jax.load_config(name, {"model.dtype": "bfloat16"})
-    # A model without full attention has the same phases at every context.
-    has_context = "a" in layer_kinds(cfg)
-    for context in contexts if has_context else contexts[:1]:
+  for name, cfg in configs.items():
+    for context in model_contexts[name]:
       phases = [(p, w + o) for p, w, o in decode_phases(cfg, context)]
       for _, nbytes in phases:
         if nbytes not in tuned:
@@ -238,17 +241,14 @@ def main():
   if args.anchor:
     anchor_args = types.SimpleNamespace(steps=args.steps, reps=args.reps)
     anchor = {"rows": []}
-    for name in args.configs.split(","):
-      has_context = "a" in layer_kinds(taipan_jax.load_config(name))
-      decode_sweep(name, contexts if has_context else contexts[:1], anchor_args, anchor,
-                   path + "_anchor")
+    for name in names:
+      decode_sweep(name, model_contexts[name], anchor_args, anchor, path + "_anchor")
     record["anchor_rows"] = anchor["rows"]
     os.remove(path + "_anchor.json")      # decode_sweep's running copy; the record has it
   floor = {(r["model"], r["context"]): r["floor_ms"] for r in record["rows"]}
   bound = {(r["model"], r["context"]): r["bound_ms"] for r in record["rows"]}
   real = {(r["model"], r["context"]): r.get("ms_per_token") for r in record["anchor_rows"]}
-  names = args.configs.split(",")
-  at = lambda table, n, c: table.get((n, c), table.get((n, contexts[0])))
+  at = lambda table, n, c: table.get((n, c if c in model_contexts[n] else contexts[0]))
   print(f"\n{'context':>9}" + "".join(f"{n + ' floor':>24}{'real':>9}{'real/floor':>11}"
                                      for n in names))
   for c in contexts:
