@@ -32,6 +32,24 @@ def test_mqar_example_layout():
   assert (a["tokens"] == b["tokens"]).all() and not (a["tokens"] == c["tokens"]).all()
 
 
+def test_mqar_spaced_queries():
+  for index in range(6):
+    ex = mqar_example(1, index, seq_len=64, num_kv_pairs=4, vocab_size=32, num_queries=6)
+    tokens, targets, mask = ex["tokens"], ex["targets"], ex["loss_mask"] > 0
+    pairs = dict(zip(tokens[0:8:2], tokens[1:8:2]))
+    queried = np.nonzero(mask)[0]
+    assert len(queried) == 6 and (queried >= 8).all() and ((queried - 8) % 2 == 0).all()
+    for t in queried:
+      assert targets[t] == pairs[tokens[t]] and tokens[t + 1] == targets[t]
+    # every key is asked once before any is asked twice
+    asked = [tokens[t] for t in queried]
+    assert len(set(asked[:4])) == 4
+    rest = np.ones(64, bool)
+    rest[:8] = False
+    rest[queried] = rest[queried + 1] = False
+    assert (tokens[rest] == 0).all()
+
+
 def test_copy_example_layout():
   ex = copy_example(0, 5, seq_len=12, vocab_size=20)
   tokens, targets, mask = ex["tokens"], ex["targets"], ex["loss_mask"] > 0

@@ -36,10 +36,10 @@ _SYNTHETIC_LENGTH = 2**40      # "infinite": example indices never wrap in a rea
 
 
 def _synthetic_example(index, *, task: str, seed: int, seq_len: int, num_kv_pairs: int,
-                       vocab_size: int):
+                       num_queries: int, vocab_size: int):
   if task == "mqar":
     ex = synthetic.mqar_example(seed, int(index), seq_len=seq_len, num_kv_pairs=num_kv_pairs,
-                                vocab_size=vocab_size)
+                                vocab_size=vocab_size, num_queries=num_queries)
   else:
     ex = synthetic.copy_example(seed, int(index), seq_len=seq_len, vocab_size=vocab_size)
   ex["example_ids"] = np.full(seq_len, index, np.int32)
@@ -57,7 +57,8 @@ def _synthetic_dataset(cfg, seed: int, *, rows: int = 1, process_index: int = 0,
                        process_count: int = 1) -> grain.MapDataset:
   d = cfg.data
   make = functools.partial(_synthetic_example, task=d.task, seed=seed, seq_len=d.seq_len,
-                           num_kv_pairs=d.num_kv_pairs, vocab_size=cfg.model.vocab_size)
+                           num_kv_pairs=d.num_kv_pairs, num_queries=d.num_queries,
+                           vocab_size=cfg.model.vocab_size)
   ds = grain.MapDataset.range(_SYNTHETIC_LENGTH // process_count)
   if process_count > 1:
     ds = ds.map(functools.partial(_process_block, rows=rows, process_index=process_index,
