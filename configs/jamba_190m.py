@@ -1,12 +1,11 @@
-"""Jamba-style baseline at 190M: Mamba-2 and full RoPE attention at 1:7, no selection."""
-from taipan_jax.configs import base
+"""Jamba-style baseline at 190M: taipan_190m's layout with full RoPE attention in place of each
+SAL (Mamba-2 : attention = 6 : 1, no selection; docs/decisions.md says why not 1:7)."""
+from taipan_jax.configs import taipan_190m
 
 
 def get_config():
-  cfg = base.get_config()
+  cfg = taipan_190m.get_config()
   cfg.name = "jamba_190m"
-  cfg.model.d_model = 768
-  cfg.model.pattern = "mmmmmmma"
-  cfg.model.num_units = 3
+  cfg.model.pattern = "mmmmmma"
   cfg.loss.budget_weight = 0.0
   return cfg
