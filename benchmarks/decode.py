@@ -55,6 +55,7 @@ def cache_after(model, context: int, room: int, key) -> tuple:
       full = jnp.ones_like(layer_cache.filled)
       caches.append(SALCache(k=rand(layer_cache.k), v=rand(layer_cache.v), filled=full,
                              kept=jax.random.uniform(next(keys), full.shape) < 0.15,
+                             margin=rand(layer_cache.margin),
                              pos=jnp.full_like(layer_cache.pos, context)))
     elif isinstance(layer_cache, Mamba2Cache):
       caches.append(Mamba2Cache(conv=rand(layer_cache.conv), ssm=rand(layer_cache.ssm)))

@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.sal.selection = "gumbel"           # "gumbel" (Taipan) or "all" (SWA-only hybrid)
   cfg.sal.rope = False                   # decision (g): no positional encoding
   cfg.sal.inference_capacity = config_dict.placeholder(int)  # cap on selected per window
+  # Selection in eval mode and decoding: "sign" [s1 > s0], "threshold" (calibrated margin),
+  # "positional_gumbel" (the training draw, noise fixed by position), "window_rank" (causal
+  # top-C of each window); "none" / "all" switch the SAL off / on for every token.
+  cfg.sal.inference_selection = "window_rank"
   cfg.sal.kernel = "auto"                # attention: auto | reference | pallas | interpret
 
   # --- full attention ('a' layers) ----------------------------------------------------------
@@ -89,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.checkpoint_every = 1000      # 0: only at the end and on SIGTERM
   cfg.train.keep_checkpoints = 3         # newest checkpoints kept
   cfg.train.max_nonfinite_steps = 10     # stop after this many non-finite steps in a row
+  cfg.train.selection_gap_warning = 0.05 # warn when a SAL's eval-rule fraction differs more
 
   # --- parallelism (docs/scaling.md) --------------------------------------------------------
   cfg.mesh = ml_collections.ConfigDict()
@@ -107,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.task = "mqar"                 # "mqar", "copy" (induction heads) or "text"
   cfg.data.seq_len = 4096                # training sequence length (tokens per row)
   cfg.data.num_kv_pairs = 8              # MQAR: key-value pairs shown, then queried
+  cfg.data.num_queries = 0               # MQAR: 0 queries fill the row; k: k spaced-out queries
   cfg.data.path = ""                     # text: a file, a directory or a glob
   cfg.data.text_field = "text"           # text: the field of a .jsonl record
   cfg.data.tokenizer = ""                # text: a SentencePiece .model file

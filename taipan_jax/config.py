@@ -20,6 +20,8 @@ from taipan_jax.configs import base as _base
 
 LAYER_KINDS = {"m": "Mamba-2 block", "s": "Selective Attention Layer", "a": "attention block"}
 DTYPES = ("float32", "bfloat16", "float16")
+INFERENCE_SELECTIONS = ("sign", "threshold", "positional_gumbel", "window_rank",
+                        "window_expected", "none", "all")
 
 
 class ConfigError(ValueError):
@@ -48,10 +50,14 @@ def _read_config(path_or_name: str) -> ml_collections.ConfigDict:
   if path_or_name.endswith(".json") and os.path.isfile(path_or_name):
     with open(path_or_name) as f:
       try:
-        return ml_collections.ConfigDict(json.load(f))
+        written = json.load(f)
       except json.JSONDecodeError as e:
         raise ConfigError(f"config {path_or_name!r} is not valid JSON ({e}); fix: point at "
                           "the config.json a run wrote") from None
+    # Onto the schema's defaults: a run written before a field existed reads it as its default.
+    cfg = _base.get_config()
+    _merge(cfg, written, path_or_name)
+    return cfg
   if os.path.exists(path_or_name):
     spec = importlib.util.spec_from_file_location("_taipan_config", path_or_name)
     module = importlib.util.module_from_spec(spec)
@@ -72,6 +78,21 @@ def _read_config(path_or_name: str) -> ml_collections.ConfigDict:
   except TypeError as e:     # ConfigDict refuses a value of the wrong type on assignment
     raise ConfigError(f"config {path_or_name!r}: {e}; fix: give the field a value of the "
                       "type configs/base.py declares") from None
+
+
+def _merge(cfg, values: Mapping[str, Any], source: str, prefix: str = "") -> None:
+  for key, value in values.items():
+    if key not in cfg:
+      raise ConfigError(f"config {source!r}: unknown key {prefix}{key}; fix: remove it, or "
+                        "use the taipan-jax version that wrote it")
+    if isinstance(cfg[key], ml_collections.ConfigDict) and isinstance(value, Mapping):
+      _merge(cfg[key], value, source, f"{prefix}{key}.")
+    else:
+      try:
+        cfg[key] = value
+      except TypeError:
+        _fail(prefix + key, value, f"in {source} is not a {cfg.get_type(key).__name__}",
+              "correct the file")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -212,6 +233,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail("sal.gate_hidden", sal.gate_hidden, "must be >= 0", "0 is a single Dense gate")
     if sal.selection not in ("gumbel", "all"):
       _fail("sal.selection", sal.selection, "unknown selection", "use 'gumbel' or 'all'")
+    if sal.inference_selection not in INFERENCE_SELECTIONS:
+      _fail("sal.inference_selection", sal.inference_selection, "unknown rule",
+            f"use one of {INFERENCE_SELECTIONS}")
     if sal.rope and sal.head_dim % 2:
       _fail("sal.head_dim", sal.head_dim, "RoPE needs an even head_dim", "use an even value")
     from taipan_jax.ops.ssd import IMPLEMENTATIONS
@@ -255,6 +279,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("eval_every", "checkpoint_every"):
     if t[key] < 0:
       _fail(f"train.{key}", t[key], "must be >= 0 (0: only at the end)", "e.g. 1000")
+  if not 0.0 < t.selection_gap_warning <= 1.0:
+    _fail("train.selection_gap_warning", t.selection_gap_warning, "must be in (0, 1]",
+          "e.g. 0.05 (1.0 never warns)")
   if t.batch_size % t.grad_accum_steps:
     _fail("train.batch_size", t.batch_size, f"is not a multiple of train.grad_accum_steps="
           f"{t.grad_accum_steps}", "make batch_size a multiple of the micro-batch count")
@@ -271,6 +298,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if m.vocab_size < 2 * d.num_kv_pairs + 2:
       _fail("model.vocab_size", m.vocab_size, f"MQAR with {d.num_kv_pairs} pairs needs at "
             f"least {2 * d.num_kv_pairs + 2} tokens", "raise vocab_size or lower num_kv_pairs")
+    slots = (d.seq_len - 2 * d.num_kv_pairs) // 2
+    if not 0 <= d.num_queries <= slots:
+      _fail("data.num_queries", d.num_queries, f"must be in [0, {slots}]: {d.seq_len} tokens "
+            f"after {d.num_kv_pairs} pairs hold {slots} query slots",
+            "lower it, or raise data.seq_len (0: a query in every slot)")
   if d.task == "copy":
     if d.seq_len < 3:
       _fail("data.seq_len", d.seq_len, "the copy task needs at least 3 tokens", "raise it")

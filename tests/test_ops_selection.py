@@ -83,3 +83,104 @@ def test_capped_selection_keeps_at_most_k_per_window(rng):
       recent = expected[b, max(0, t - window + 1):t].sum()
       expected[b, t] = mask[b, t] * (recent < cap)
   np.testing.assert_array_equal(kept, expected)
+
+
+def test_threshold_selection():
+  s = jnp.array([[[0.0, 1.0], [1.0, 0.0], [0.5, 0.2], [0.0, -0.4]]])
+  np.testing.assert_array_equal(np.asarray(ops.threshold_selection(s, -0.35)),
+                                [[1.0, 0.0, 1.0, 0.0]])
+
+
+def test_positional_gumbel_is_the_training_draw_fixed_by_position(rng):
+  scores = jnp.asarray(rng.standard_normal((3, 40, 2)), jnp.float32)
+  key = jax.random.key(int(rng.integers(1 << 30)))
+  positions = jnp.broadcast_to(jnp.arange(40) + 5, (3, 40))
+  m = np.asarray(ops.positional_gumbel_selection(scores, key, positions))
+  for p in (0, 17, 39):         # one token at a time draws the same noise
+    single = ops.positional_gumbel_selection(scores[:, p:p + 1], key, positions[:, p:p + 1])
+    np.testing.assert_array_equal(np.asarray(single)[:, 0], m[:, p])
+  noise = np.stack([np.asarray(jax.random.gumbel(jax.random.fold_in(key, p + 5), (2,)))
+                    for p in range(40)])
+  expected = np.asarray(scores) + noise[None]
+  np.testing.assert_array_equal(m, (expected[..., 1] > expected[..., 0]).astype(np.float32))
+  # selects with probability sigmoid(s1 - s0), as the training draw does
+  logit = np.log(0.15 / 0.85)
+  flat = jnp.broadcast_to(jnp.array([0.0, logit], jnp.float32), (1, 100_000, 2))
+  rate = float(ops.positional_gumbel_selection(flat, key, jnp.arange(100_000)[None]).mean())
+  assert abs(rate - 0.15) < 0.006
+
+
+def _window_rank_reference(margin, window, capacity, segment_ids):
+  """float64 loops: t is selected when fewer than C * n of its window's n tokens (same
+  segment) rank above it; of equal margins the older ranks higher."""
+  b, l = margin.shape
+  out = np.zeros((b, l), np.float32)
+  for r in range(b):
+    for t in range(l):
+      js = [j for j in range(max(0, t - window + 1), t + 1)
+            if segment_ids[r, j] == segment_ids[r, t]]
+      higher = sum(margin[r, j] > margin[r, t] or (margin[r, j] == margin[r, t] and j < t)
+                   for j in js)
+      quota = (capacity * len(js) if capacity is not None else
+               np.round(sum(1 / (1 + np.exp(-np.float64(margin[r, j]))) for j in js)))
+      out[r, t] = float(higher < quota)
+  return out
+
+
+@pytest.mark.parametrize("shape,window,capacity,block",
+                         [((2, 37), 8, 0.15, 256), ((3, 20), 20, 0.3, 7), ((1, 9), 1, 0.5, 4),
+                          ((2, 50), 16, 0.15, 16), ((2, 41), 12, None, 8),
+                          ((1, 30), 30, None, 256)])
+def test_window_rank_selection_matches_reference(rng, shape, window, capacity, block):
+  scores = rng.standard_normal(shape + (2,)).astype(np.float32)
+  scores[..., 1] -= 1.0                            # expected counts below n / 2
+  scores[:, ::5] = scores[:, 1:2]                  # repeated tokens: equal margins, ties
+  margin = np.asarray(scores[..., 1] - scores[..., 0])
+  segment_ids = np.cumsum(rng.random(shape) < 0.1, axis=1).astype(np.int32)
+  scores = jnp.asarray(scores)
+  got = ops.window_rank_selection(scores, window=window, capacity=capacity,
+                                  segment_ids=jnp.asarray(segment_ids), block=block)
+  np.testing.assert_array_equal(
+      np.asarray(got), _window_rank_reference(margin, window, capacity, segment_ids))
+  # a stretch continued from the window - 1 margins before it selects as the whole row does
+  whole = np.asarray(ops.window_rank_selection(scores, window=window, capacity=capacity,
+                                               block=block))
+  cut, k = shape[1] // 2, window - 1
+  prev = np.pad(margin[:, :cut], ((0, 0), (k, 0)))[:, cut:]
+  ok = np.pad(np.ones((shape[0], cut), bool), ((0, 0), (k, 0)))[:, cut:]
+  tail = ops.window_rank_selection(scores[:, cut:], window=window, capacity=capacity,
+                                   prev_margin=jnp.asarray(prev), prev_ok=jnp.asarray(ok),
+                                   block=block)
+  np.testing.assert_array_equal(np.asarray(tail), whole[:, cut:])
+  # and token by token against the cached window
+  for t in range(cut, shape[1]):
+    lo = t - k
+    cached = np.pad(margin, ((0, 0), (k, 0)))[:, lo + k:t + k]
+    cached_ok = np.pad(np.ones_like(margin, bool), ((0, 0), (k, 0)))[:, lo + k:t + k]
+    step = ops.window_rank_step(jnp.asarray(margin[:, t]), jnp.asarray(cached),
+                                jnp.asarray(cached_ok), capacity=capacity)
+    np.testing.assert_array_equal(np.asarray(step), whole[:, t])
+
+
+def test_window_rank_selects_the_budget_whatever_the_margins_scale(rng):
+  base = rng.standard_normal((4, 512, 2))
+  for scale, shift in [(1.0, 0.0), (3.0, 2.0), (0.1, -5.0)]:   # a gate biased to 0 or to all
+    scores = jnp.asarray(base * scale + shift * np.array([0.0, 1.0]), jnp.float32)
+    m = np.asarray(ops.window_rank_selection(scores, window=64, capacity=0.15))
+    assert abs(m[:, 64:].mean() - 0.15) < 0.02
+    rates = [m[:, t - 64:t].mean() for t in range(128, 513, 64)]   # 256 tokens each
+    assert all(abs(r - 0.15) < 0.08 for r in rates), rates
+
+
+def test_window_expected_quota_follows_the_gate():
+  """capacity None: a closed gate (sigmoid(margin) ~ 1e-3) selects nothing; a gate at
+  probability p selects about p of each window, as the training draw would."""
+  closed = jnp.broadcast_to(jnp.array([0.0, np.log(1e-3)], jnp.float32), (2, 300, 2))
+  assert float(ops.window_rank_selection(closed, window=64, capacity=None).sum()) == 0.0
+  rng = np.random.default_rng(5)
+  scores = rng.standard_normal((4, 512, 2)) * 0.3
+  scores[..., 1] += np.log(0.3 / 0.7)
+  m = np.asarray(ops.window_rank_selection(jnp.asarray(scores, jnp.float32), window=64,
+                                           capacity=None))
+  p = 1 / (1 + np.exp(-(scores[..., 1] - scores[..., 0])))
+  assert abs(m[:, 64:].mean() - p[:, 64:].mean()) < 0.02

@@ -40,6 +40,8 @@ class LanguageModel(nnx.Module):
                            param_dtype=pdt, rngs=rngs)
     self.layers = nnx.List([_LAYERS[kind](cfg, residual_scale=residual_scale, rngs=rngs)
                             for kind in self.kinds])
+    for ordinal, layer in enumerate(l for k, l in zip(self.kinds, self.layers) if k == "s"):
+      layer.select_seed = ordinal
     self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
     self.lm_head = None if m.tie_embeddings else nnx.Linear(
         m.d_model, padded_vocab_size(cfg), use_bias=False,

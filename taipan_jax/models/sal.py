@@ -26,13 +26,25 @@ class SALCache:
   k, v: [batch, window, heads, head_dim], slot = position % window.
   filled: [batch, window] bool, slot holds a token. kept: [batch, window] bool, that token
   was selected (keys of the kv_selected_only variant; the inference cap's count).
+  margin: [batch, window] fp32, that token's gate margin s1 - s0 (the window_rank rule).
   pos: [batch] int32, tokens seen so far.
   """
   k: jax.Array
   v: jax.Array
   filled: jax.Array
   kept: jax.Array
+  margin: jax.Array
   pos: jax.Array
+
+
+# The eval-time Gumbel noise of SAL i is drawn from fold_in(key(_EVAL_NOISE_SEED), i): fixed,
+# so that every evaluation of a model selects the same tokens.
+_EVAL_NOISE_SEED = 0x7A1
+
+
+class SelectThreshold(nnx.Variable):
+  """The gate margin s1 - s0 above which a token is selected at inference (not trained by
+  gradients)."""
 
 
 class Gate(nnx.Module):
@@ -83,6 +95,9 @@ class SelectiveAttentionLayer(nnx.Module):
     self.rope = sal.rope
     self.rope_theta = cfg.attention.rope_theta
     self.inference_capacity = sal.inference_capacity
+    self.inference_selection = sal.inference_selection
+    self.select_seed = 0          # the SAL's ordinal in the model (LanguageModel sets it)
+    self.select_threshold = SelectThreshold(jnp.zeros((), jnp.float32))
     self.kernel = sal.kernel
     self.dtype = jnp.dtype(m.dtype)
     self.deterministic = False
@@ -101,11 +116,44 @@ class SelectiveAttentionLayer(nnx.Module):
     self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
     self.rngs = rngs["gumbel"].fork()
 
+  def _inference_mask(self, scores, positions, segment_ids=None, prev_margin=None,
+                      prev_ok=None):
+    """Evaluation and decoding selection (decision e).  scores: [batch, seq, 2], positions:
+    [batch, seq] absolute positions; prev_margin, prev_ok: [batch, window - 1] the margins
+    of the tokens before these (a cache), oldest first -> [batch, seq] fp32 {0, 1}.
+    Under context parallelism the previous device's margins are taken as a halo."""
+    rule = self.inference_selection
+    if rule == "sign":
+      return ops.deterministic_selection(scores)
+    if rule == "threshold":
+      return ops.threshold_selection(scores, self.select_threshold[...])
+    if rule == "positional_gumbel":
+      key = jax.random.fold_in(jax.random.key(_EVAL_NOISE_SEED), self.select_seed)
+      return ops.positional_gumbel_selection(scores, key, positions)
+    if rule in ("window_rank", "window_expected"):
+      b, l = scores.shape[:2]
+      k = self.window - 1
+      margin = (scores[..., 1] - scores[..., 0]).astype(jnp.float32)
+      prev_margin = ops.left_halo(margin, k, before=prev_margin)
+      prev_ok = ops.left_halo(jnp.ones((b, l), bool), k, before=prev_ok)
+      prev_seg = None if segment_ids is None else ops.left_halo(segment_ids, k)
+      return ops.window_rank_selection(scores, window=self.window,
+                                       capacity=self.capacity if rule == "window_rank" else None,
+                                       segment_ids=segment_ids, prev_margin=prev_margin,
+                                       prev_ok=prev_ok, prev_segment_ids=prev_seg)
+    if rule == "none":
+      return jnp.zeros(scores.shape[:-1], jnp.float32)
+    if rule == "all":
+      return jnp.ones(scores.shape[:-1], jnp.float32)
+    raise ValueError(f"sal.inference_selection={rule!r} is not a rule")
+
   def _select(self, scores, *, gumbel_key, tau, segment_ids=None):
     if self.select_all:
       return jnp.ones(scores.shape[:-1], jnp.float32)
     if self.deterministic:
-      mask = ops.deterministic_selection(scores)
+      b, l = scores.shape[:2]
+      positions = jnp.broadcast_to(ops.tokens_before(l) + jnp.arange(l), (b, l))
+      mask = self._inference_mask(scores, positions, segment_ids)
       if self.inference_capacity is not None:
         mask = ops.capped_selection(mask, window=self.window, capacity=self.inference_capacity,
                                     segment_ids=segment_ids)
@@ -143,25 +191,29 @@ class SelectiveAttentionLayer(nnx.Module):
     shape = (batch_size, self.window, self.heads, self.head_dim)
     flags = jnp.zeros((batch_size, self.window), bool)
     return SALCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
-                    filled=flags, kept=flags, pos=jnp.zeros((batch_size,), jnp.int32))
+                    filled=flags, kept=flags, margin=jnp.zeros(flags.shape, jnp.float32),
+                    pos=jnp.zeros((batch_size,), jnp.int32))
 
   def _cache_in_order(self, cache: SALCache):
     """The ring buffer as the `window` positions before cache.pos, oldest first:
-    k, v [batch, window, heads, head_dim]; filled, kept [batch, window] bool."""
+    k, v [batch, window, heads, head_dim]; filled, kept [batch, window] bool; margin
+    [batch, window] fp32."""
     w = self.window
     slots = (cache.pos[:, None] - w + jnp.arange(w)[None, :]) % w          # [b, w]
-    return tuple(_take_rows(t, slots) for t in (cache.k, cache.v, cache.filled, cache.kept))
+    return tuple(_take_rows(t, slots)
+                 for t in (cache.k, cache.v, cache.filled, cache.kept, cache.margin))
 
-  def _ring(self, k, v, filled, kept, pos):
-    """The cache after a sequence. k, v, filled, kept: [batch, n, ...] the last n >= window
-    positions, oldest first, ending at position pos - 1 (pos: [batch]); slot = position %
-    window."""
+  def _ring(self, k, v, filled, kept, margin, pos):
+    """The cache after a sequence. k, v, filled, kept, margin: [batch, n, ...] the last
+    n >= window positions, oldest first, ending at position pos - 1 (pos: [batch]); slot =
+    position % window."""
     w, n = self.window, k.shape[1]
     first = pos - w                                                         # [b]
     index = (n - w) + (jnp.arange(w)[None, :] - first[:, None]) % w         # [b, w]
     return SALCache(k=_take_rows(k, index).astype(self.dtype),
                     v=_take_rows(v, index).astype(self.dtype), filled=_take_rows(filled, index),
-                    kept=_take_rows(kept, index), pos=pos.astype(jnp.int32))
+                    kept=_take_rows(kept, index), margin=_take_rows(margin, index),
+                    pos=pos.astype(jnp.int32))
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
                cache: SALCache | None = None, return_cache: bool = False):
@@ -199,11 +251,14 @@ class SelectiveAttentionLayer(nnx.Module):
                        "first (training selection is random)")
     if cache is None:
       cache = self.init_cache(b)
-    k_prev, v_prev, filled_prev, kept_prev = self._cache_in_order(cache)
+    k_prev, v_prev, filled_prev, kept_prev, margin_prev = self._cache_in_order(cache)
+    margin = (scores[..., 1] - scores[..., 0]).astype(jnp.float32)
     if self.select_all:
       mask = jnp.ones((b, l), jnp.float32)
     else:
-      mask = ops.deterministic_selection(scores)
+      mask = self._inference_mask(
+          scores, cache.pos[:, None] + ops.tokens_before(l) + jnp.arange(l)[None, :],
+          prev_margin=margin_prev[:, 1:], prev_ok=filled_prev[:, 1:])
       if self.inference_capacity is not None:
         # The cap counts the cached window's kept tokens too; re-capping them keeps them all
         # (they already met the cap with more history), so only the new tokens can change.
@@ -216,6 +271,7 @@ class SelectiveAttentionLayer(nnx.Module):
     # The `window` tokens before these: the cache, or under context parallelism (on every
     # device but the first) the previous device's last `window` tokens.
     w = self.window
+    margin_prev = ops.left_halo(margin, w, before=margin_prev)
     k_prev = ops.left_halo(k.astype(self.dtype), w, before=k_prev)
     v_prev = ops.left_halo(v.astype(self.dtype), w, before=v_prev)
     kept_prev = ops.left_halo(selected, w, before=kept_prev & filled_prev)   # implies filled
@@ -233,6 +289,7 @@ class SelectiveAttentionLayer(nnx.Module):
                      jnp.concatenate([v_prev, v.astype(self.dtype)], axis=1),
                      jnp.concatenate([filled_prev, jnp.ones((b, l), bool)], axis=1),
                      jnp.concatenate([kept_prev, selected], axis=1),
+                     jnp.concatenate([margin_prev, margin], axis=1),
                      cache.pos + ops.rows_length(l))
     return out, aux, jax.tree.map(ops.from_last_device, new)
 
@@ -257,13 +314,19 @@ class SelectiveAttentionLayer(nnx.Module):
       scores = self.gate(self.norm_a(h))
       qkv = ops.norm_matvec(h, self.norm_a.weight[...], projections, eps=self.norm_a.eps,
                             dtype=self.dtype, implementation=self.kernel)
+    margin = scores[:, 1] - scores[:, 0]
+    slot = cache.pos % self.window                 # holds token pos - window, which leaves
     if self.select_all:
       mask = jnp.ones((b,), jnp.float32)
+    elif self.inference_selection in ("window_rank", "window_expected"):
+      others = cache.filled.at[jnp.arange(b), slot].set(False)
+      mask = ops.window_rank_step(
+          margin, cache.margin, others,
+          capacity=self.capacity if self.inference_selection == "window_rank" else None)
     else:
-      mask = ops.deterministic_selection(scores)
+      mask = self._inference_mask(scores[:, None], cache.pos[:, None])[:, 0]
     if self.inference_capacity is not None and not self.select_all:
       # Tokens pos-window+1 .. pos-1 are the filled slots other than the one being replaced.
-      slot = cache.pos % self.window
       others = cache.kept.at[jnp.arange(b), slot].set(False)
       mask = mask * (jnp.sum(others, axis=-1) < self.inference_capacity)
     q, k, v = self._heads(*(t[:, None] for t in qkv), cache.pos[:, None])
@@ -275,4 +338,6 @@ class SelectiveAttentionLayer(nnx.Module):
                             dtype=self.dtype, residual=h, mix=self._mix_weight(mask, scores),
                             implementation=self.kernel)          # _mix(h, mask, scores, o)
     out = self.mlp.step(mixed, self.norm_b, implementation=self.kernel)
-    return out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept, pos=pos)
+    margins = cache.margin.at[jnp.arange(b), slot].set(margin)
+    return out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept,
+                                         margin=margins, pos=pos)

@@ -53,6 +53,108 @@ def deterministic_selection(scores):
   return (scores[..., 1] > scores[..., 0]).astype(jnp.float32)
 
 
+def threshold_selection(scores, threshold):
+  """m = [s1 - s0 > threshold]: a threshold calibrated on the gate's trained scores.
+
+  scores: [..., 2]; threshold: scalar. Returns [...] fp32 {0, 1} (no gradient).
+  """
+  return (scores[..., 1] - scores[..., 0] > threshold).astype(jnp.float32)
+
+
+def positional_gumbel_selection(scores, key, positions):
+  """The training rule's Gumbel-max draw with noise fixed by absolute position.
+
+  Token at position p of every row gets the noise `gumbel(fold_in(key, p))`, so a prefill, a
+  decode step and a context-parallel stretch draw the same noise for the same position, and
+  the selection is exactly distributed as in training (P(select) = sigmoid(s1 - s0)).
+
+  scores: [..., seq, 2]; positions: int [..., seq]. Returns [..., seq] fp32 {0, 1}.
+  """
+  flat = positions.reshape(-1).astype(jnp.uint32)
+  noise = jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (2,)))(flat)
+  noise = noise.reshape(*positions.shape, 2)
+  scores = scores.astype(jnp.float32)
+  return (scores[..., 1] + noise[..., 1] > scores[..., 0] + noise[..., 0]).astype(jnp.float32)
+
+
+def window_rank_selection(scores, *, window: int, capacity: float | None,
+                          segment_ids=None, prev_margin=None, prev_ok=None,
+                          prev_segment_ids=None, block: int = 256):
+  """Causal per-window top-C (decision e): token t is selected when fewer than C * n_t of
+  the n_t tokens of its window (t - window + 1 .. t, its own document, itself included)
+  rank above it by the gate margin s1 - s0; of equal margins the older token ranks higher.
+
+  It selects about C of every window's tokens whatever the margins' scale or offset, so a
+  gate trained to a budget selects at that budget at any position, and each decision needs
+  only the last window - 1 margins (a decode cache of `window` floats).
+  capacity None: the quota is the window's expected count under the training draw,
+  sum of sigmoid(margin) (rounded), instead of C * n_t: the gate's own trained rate.
+
+  scores: [batch, seq, 2]; segment_ids: optional [batch, seq] int.
+  prev_margin, prev_ok, prev_segment_ids: optional [batch, window - 1] margins, validity and
+    segment ids of the tokens before this stretch, oldest first (a decode cache, or a
+    previous device's halo); absent: nothing precedes.
+  block: queries ranked at a time (memory block x (block + window)).
+  Returns [batch, seq] fp32 {0, 1} (no gradient).
+  """
+  margin = jax.lax.stop_gradient(scores[..., 1] - scores[..., 0]).astype(jnp.float32)
+  b, l = margin.shape
+  k = window - 1
+  if prev_margin is None:
+    prev_margin = jnp.zeros((b, k), jnp.float32)
+    prev_ok = jnp.zeros((b, k), bool)
+  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  prev_seg = (jnp.zeros((b, k), jnp.int32) if prev_segment_ids is None
+              else prev_segment_ids.astype(jnp.int32))
+  q = min(block, l)
+  pad = -l % q
+  # keys in concatenated coordinates: k prefix tokens, the l tokens, then padding
+  keys = jnp.pad(jnp.concatenate([prev_margin.astype(jnp.float32), margin], 1),
+                 ((0, 0), (0, pad)))
+  ok = jnp.pad(jnp.concatenate([prev_ok.astype(bool), jnp.ones((b, l), bool)], 1),
+               ((0, 0), (0, pad)))
+  kseg = jnp.pad(jnp.concatenate([prev_seg, seg], 1), ((0, 0), (0, pad)))
+  qm = jnp.pad(margin, ((0, 0), (0, pad)))
+  qseg = jnp.pad(seg, ((0, 0), (0, pad)))
+  r = jnp.arange(q)[:, None]
+  c = jnp.arange(q + k)[None, :]
+  band = (c >= r) & (c <= r + k)          # key j = start + c lies in query start + r's window
+  older = c < r + k
+
+  def rank_block(start):
+    km = jax.lax.dynamic_slice_in_dim(keys, start, q + k, 1)[:, None, :]
+    kv = jax.lax.dynamic_slice_in_dim(ok, start, q + k, 1)[:, None, :]
+    ks = jax.lax.dynamic_slice_in_dim(kseg, start, q + k, 1)[:, None, :]
+    m = jax.lax.dynamic_slice_in_dim(qm, start, q, 1)[:, :, None]
+    s = jax.lax.dynamic_slice_in_dim(qseg, start, q, 1)[:, :, None]
+    valid = band[None] & kv & (ks == s)
+    above = valid & ((km > m) | ((km == m) & older[None]))
+    return jnp.sum(above, -1) < _quota(valid, km, capacity)         # [b, q]
+
+  chosen = jax.lax.map(rank_block, jnp.arange(0, l + pad, q))        # [blocks, b, q]
+  return jnp.moveaxis(chosen, 0, 1).reshape(b, l + pad)[:, :l].astype(jnp.float32)
+
+
+def _quota(valid, margins, capacity):
+  """How many of a window's tokens to select: C * n, or (capacity None) the expected count
+  of the training draw, round(sum of sigmoid(margin))."""
+  if capacity is not None:
+    return capacity * jnp.sum(valid, -1)
+  return jnp.round(jnp.sum(jnp.where(valid, jax.nn.sigmoid(margins), 0.0), -1))
+
+
+def window_rank_step(margin, cached_margin, cached_ok, *, capacity: float | None):
+  """window_rank_selection for one new token per row against its cached window.
+
+  margin: [batch] s1 - s0 of the new token; cached_margin, cached_ok: [batch, window - 1]
+  the margins of the window's other tokens (all older). Returns [batch] fp32 {0, 1}.
+  """
+  above = cached_ok & (cached_margin >= margin[:, None])           # older wins ties
+  valid = jnp.concatenate([cached_ok, jnp.ones((margin.shape[0], 1), bool)], -1)
+  margins = jnp.concatenate([cached_margin, margin[:, None]], -1)
+  return (jnp.sum(above, -1) < _quota(valid, margins, capacity)).astype(jnp.float32)
+
+
 def capped_selection(mask, *, window: int, capacity: int, segment_ids=None):
   """Causal greedy cap: token t stays selected only if fewer than `capacity` tokens among
   t-window+1 .. t-1 were kept (decision e's optional inference cap).

@@ -35,8 +35,27 @@ def model_signature(cfg) -> dict:
   """The config sections that shape the parameters; which kernel computes them is not one."""
   sig = {k: cfg[k].to_dict() for k in _MODEL_SECTIONS}
   sig["mamba"].pop("kernel", None)
-  sig["sal"].pop("kernel", None)
+  for key in ("kernel", "inference_selection", "inference_capacity"):   # how, not what
+    sig["sal"].pop(key, None)
+  sig["attention"].pop("max_cache_len", None)      # a decode buffer's length, not a weight
   return sig
+
+
+def signature_differences(stored: dict, current: dict) -> list[str]:
+  """Fields that differ between a checkpoint's model signature and the config's. A field
+  the checkpoint does not name (written before the field existed, or one that does not shape
+  the parameters) is not compared."""
+  ignored = {("sal", "kernel"), ("sal", "inference_selection"), ("sal", "inference_capacity"),
+             ("attention", "max_cache_len"), ("mamba", "kernel")}
+  out = []
+  for section in _MODEL_SECTIONS:
+    if section not in stored:
+      out.append(section)
+      continue
+    for key, value in stored[section].items():
+      if (section, key) not in ignored and current.get(section, {}).get(key) != value:
+        out.append(f"{section}.{key}")
+  return out
 
 
 def write_config(cfg, workdir: str) -> str:
@@ -90,10 +109,11 @@ class Checkpointer:
         continue
       # Checked before any array is read: another model's checkpoint is the user's mistake,
       # not a corrupt file, and is left where it is.
-      if meta.get("model") != model_signature(cfg):
+      differ = signature_differences(meta.get("model") or {}, model_signature(cfg))
+      if differ:
         raise CheckpointError(
             f"the checkpoint at step {step} in {self.directory} was written for another "
-            "model config (model/mamba/sal/attention differ); fix: use a new --workdir or "
+            f"model config ({', '.join(differ)} differ); fix: use a new --workdir or "
             "the config it was trained with")
       try:
         state = self.manager.restore(step, args=ocp.args.Composite(

@@ -108,6 +108,25 @@ def _log_row(metrics: dict) -> dict:
   return row
 
 
+def selection_monitor(train_fractions, eval_fractions, bound: float) -> tuple[dict, str]:
+  """Train-mode (Gumbel draw) against eval-mode (the inference rule) selected fraction per
+  SAL, on the same batch: metric rows and, when a gap exceeds `bound`, a warning line.
+
+  A gap means evaluation and decoding run a different model from the one trained (a rule
+  that selects nothing switches the attention off)."""
+  row, gaps = {}, []
+  for i, (train, eval_) in enumerate(zip(np.atleast_1d(train_fractions),
+                                         np.atleast_1d(eval_fractions))):
+    row[f"selected_eval_rule_sal{i}"] = float(eval_)
+    if abs(float(eval_) - float(train)) > bound:
+      gaps.append(f"SAL {i} {float(train):.3f} in training, {float(eval_):.3f} at eval")
+  warning = ("" if not gaps else
+             "warning: selected fraction differs between training and inference beyond "
+             f"train.selection_gap_warning={bound}: " + "; ".join(gaps)
+             + "; check sal.inference_selection")
+  return row, warning
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
           log: Callable[[str], None] = print) -> list[dict]:
   """Trains a validated config; checkpoints and metrics go to `workdir` (None: neither).
@@ -169,22 +188,31 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
     history.append({"step": step, **row})
     writer.write(step, row)
 
-  def report(step, metrics, now):
+  def report(step, metrics, now, batch):
     nonlocal window_start, window_step
     seconds = now - window_start
     rate = (step - window_step) * tokens_per_step / max(seconds, 1e-9)
     row = _log_row(metrics)
+    selected = np.atleast_1d(metrics["selected"])
+    eval_selected, warning = None, ""
+    if selected.size:     # the inference rule on this training batch, side by side
+      eval_selected = np.atleast_1d(_host(eval_step(state.params, batch))["selected"])
+      monitor_row, warning = selection_monitor(selected, eval_selected,
+                                               t.selection_gap_warning)
+      row.update(monitor_row)
     row.update(tokens_per_second=rate, step_seconds=seconds / max(step - window_step, 1))
     util = flops.mfu(rate / jax.device_count(), flops_per_token, peak)
     if util is not None:
       row["mfu"] = util
     emit(step, row)
     eta = row["step_seconds"] * (t.steps - step)
-    selected = np.atleast_1d(metrics["selected"])
     log(f"step {step:7d}/{t.steps}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
-        + (f"selected {selected.mean():.3f}  " if selected.size else "")
+        + (f"selected {selected.mean():.3f} (eval rule {eval_selected.mean():.3f})  "
+           if selected.size else "")
         + f"gnorm {row['grad_norm']:.3f}  {rate:,.0f} tok/s"
         + (f"  mfu {util:.1%}" if util is not None else "") + f"  eta {format_eta(eta)}")
+    if warning:
+      log(warning)
     window_start, window_step = time.perf_counter(), step
 
   def evaluate(step):
@@ -212,7 +240,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
           _after_step(*previous, cfg=cfg, log=log)
         previous = (step, metrics)
         if step == start_step + 1 or step % t.log_every == 0 or step == t.steps:
-          report(step, _host(metrics), time.perf_counter())
+          report(step, _host(metrics), time.perf_counter(), batch)
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
           evaluate(step)
         if t.checkpoint_every and step % t.checkpoint_every == 0:
