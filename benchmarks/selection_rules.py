@@ -3,12 +3,10 @@
 For each trained workdir given, evaluates the newest checkpoint on its held-out data under
 every candidate rule and prints held-out loss, recall (accuracy on the scored tokens) and the
 selected fraction per SAL, beside the training-mode draw (Gumbel noise, fixed key) that the
-model was trained with:
+model was trained with (a calibrated threshold on s1 - s0 was also measured, at commit
+12e1ab8: docs/decisions.md has its figures):
 
   sign               m = [s1 > s0] (the rule before issue 28)
-  threshold          m = [s1 - s0 > theta_i], theta_i calibrated on training batches so that
-                     SAL i selects its training-mode fraction (post hoc here; the library
-                     keeps theta as a running statistic during training)
   positional_gumbel  the training draw with noise fixed by position
   window_rank        causal top-C of each window by margin
   window_expected    causal top-k of each window, k its expected count under the training
@@ -33,8 +31,7 @@ import taipan_jax
 from taipan_jax.data import pipeline
 from taipan_jax.training.loop import restore_workdir
 
-RULES = ("sign", "threshold", "positional_gumbel", "window_rank", "window_expected", "none",
-         "all")
+RULES = ("sign", "positional_gumbel", "window_rank", "window_expected", "none", "all")
 
 
 def _sals(model):
@@ -55,58 +52,21 @@ def _sums(model, batch, key):
           "selected_scored": (aux["select_masks"] * w).sum((-1, -2))}
 
 
-def calibrate_thresholds(model, cfg, batches: int = 8):
-  """theta_i such that [margin > theta_i] selects SAL i's training-mode fraction, on training
-  batches: the (1 - fraction) quantile of the margins."""
-  model.train()
-  it = pipeline.make_train_iterator(cfg)
-  margins = [[] for _ in _sals(model)]
-  fractions = [[] for _ in _sals(model)]
-  for i in range(batches):
-    batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-    h_scores = _gate_margins(model, batch["tokens"], jax.random.key(100 + i))
-    for j, (m, frac) in enumerate(h_scores):
-      margins[j].append(np.asarray(m).ravel())
-      fractions[j].append(float(frac))
-  return [float(np.quantile(np.concatenate(m), 1.0 - np.mean(f)))
-          for m, f in zip(margins, fractions)]
-
-
-@nnx.jit
-def _gate_margins(model, tokens, key):
-  """[(margins [batch, seq], sampled fraction)] per SAL, in training mode: the SAL inputs
-  come from the model's own forward with the training draw."""
-  h = model.embed(tokens).astype(jnp.float32)
-  keys = jax.random.split(key, max(model.num_sal, 1))
-  out, s = [], 0
-  for kind, layer in zip(model.kinds, model.layers):
-    if kind == "s":
-      scores = layer.gate(layer.norm_a(h))
-      h, aux = layer(h, gumbel_key=keys[s])
-      out.append((scores[..., 1] - scores[..., 0], aux["fraction"].mean()))
-      s += 1
-    else:
-      h = layer(h)
-  return out
-
-
 def evaluate_rules(workdir: str, batches: int) -> dict:
   cfg, _, _, state, step = restore_workdir(workdir, log=lambda *_: None)
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1))
   nnx.update(model, state.params)
   eval_batches = [{k: jnp.asarray(v) for k, v in b.items()}
                   for b in pipeline.make_eval_batches(cfg, batches)]
-  thresholds = calibrate_thresholds(model, cfg)
   result = {"workdir": workdir, "step": int(step), "capacity": cfg.sal.capacity,
-            "thresholds": thresholds, "rules": {}}
+            "rules": {}}
   for rule in ("training_draw",) + RULES:
     if rule == "training_draw":
       model.train()
     else:
       model.eval()
-      for sal, theta in zip(_sals(model), thresholds):
+      for sal in _sals(model):
         sal.inference_selection = rule
-        sal.select_threshold[...] = jnp.float32(theta)
     sums = None
     for i, batch in enumerate(eval_batches):
       out = jax.tree.map(np.asarray, _sums(model, batch, jax.random.key(7 + i)))
@@ -129,8 +89,7 @@ def main(argv=None):
   for workdir in args.workdirs:
     r = evaluate_rules(workdir, args.batches)
     results.append(r)
-    print(f"\n{workdir} (step {r['step']}, C = {r['capacity']}, thresholds "
-          + ", ".join(f"{t:+.3f}" for t in r["thresholds"]) + ")")
+    print(f"\n{workdir} (step {r['step']}, C = {r['capacity']})")
     print(f"  {'rule':18s} {'loss':>8s} {'recall':>7s}  selected per SAL (scored tokens)")
     for rule, m in r["rules"].items():
       sel = "  ".join(f"{a:.3f} ({b:.2f})" for a, b in zip(m["selected"], m["scored_selected"]))

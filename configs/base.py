@@ -54,10 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.sal.selection = "gumbel"           # "gumbel" (Taipan) or "all" (SWA-only hybrid)
   cfg.sal.rope = False                   # decision (g): no positional encoding
   cfg.sal.inference_capacity = config_dict.placeholder(int)  # cap on selected per window
-  # Selection in eval mode and decoding: "sign" [s1 > s0], "threshold" (calibrated margin),
-  # "positional_gumbel" (the training draw, noise fixed by position), "window_rank" (causal
-  # top-C of each window); "none" / "all" switch the SAL off / on for every token.
-  cfg.sal.inference_selection = "window_rank"
+  # Selection in eval mode and decoding (docs/decisions.md, "Inference selection"):
+  # "positional_gumbel" the training draw with noise fixed by position (selects as training
+  # did); "sign" [s1 > s0] (selects ~nothing once trained to a budget); "window_rank" /
+  # "window_expected" causal top-k of each window; "none" / "all" switch the SAL off / on.
+  cfg.sal.inference_selection = "positional_gumbel"
   cfg.sal.kernel = "auto"                # attention: auto | reference | pallas | interpret
 
   # --- full attention ('a' layers) ----------------------------------------------------------

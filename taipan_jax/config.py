@@ -20,8 +20,8 @@ from taipan_jax.configs import base as _base
 
 LAYER_KINDS = {"m": "Mamba-2 block", "s": "Selective Attention Layer", "a": "attention block"}
 DTYPES = ("float32", "bfloat16", "float16")
-INFERENCE_SELECTIONS = ("sign", "threshold", "positional_gumbel", "window_rank",
-                        "window_expected", "none", "all")
+INFERENCE_SELECTIONS = ("positional_gumbel", "sign", "window_rank", "window_expected",
+                        "none", "all")
 
 
 class ConfigError(ValueError):

@@ -26,7 +26,7 @@ def sal_attention_maps(model, tokens):
   for kind, layer in zip(model.kinds, model.layers):
     if kind == "s":
       x = layer.norm_a(h)
-      mask = layer._select(layer.gate(x), gumbel_key=None, tau=None)
+      mask = layer._select(layer.gate(x), gumbel_key=None, tau=None, token_ids=tokens)
       q, k, _ = layer._qkv(x, jnp.broadcast_to(jnp.arange(l), (b, l)))
       i, j = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
       allowed = (j <= i) & (j > i - layer.window)                    # [l, l]
@@ -39,7 +39,7 @@ def sal_attention_maps(model, tokens):
       w = jax.nn.softmax(s, axis=-1)
       w = jnp.where(allowed[:, None], w, 0.0)
       maps.append({"select": mask, "weights": w})
-      h, _ = layer(h)
+      h, _ = layer(h, token_ids=tokens)
     else:
       h = layer(h)
   return maps

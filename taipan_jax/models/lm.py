@@ -95,7 +95,7 @@ class LanguageModel(nnx.Module):
       if kind == "s":
         out = layer(h, token_mask=token_mask, segment_ids=segment_ids,
                     gumbel_key=keys[sal_index], tau=tau, return_cache=return_cache,
-                    cache=None if cache is None else cache[index])
+                    cache=None if cache is None else cache[index], token_ids=tokens)
         h, aux = stream(out[0]), out[1]
         fractions.append(aux["fraction"])
         masks.append(aux["mask"])
@@ -137,7 +137,7 @@ class LanguageModel(nnx.Module):
     new_cache = []
     for kind, layer, c in zip(self.kinds, self.layers, cache):
       if kind == "s":
-        h, _, c = layer.step(h, c)
+        h, _, c = layer.step(h, c, token_ids=tokens)
       else:
         h, c = layer.step(h, c)
       new_cache.append(c)

@@ -42,11 +42,6 @@ class SALCache:
 _EVAL_NOISE_SEED = 0x7A1
 
 
-class SelectThreshold(nnx.Variable):
-  """The gate margin s1 - s0 above which a token is selected at inference (not trained by
-  gradients)."""
-
-
 class Gate(nnx.Module):
   """G(x): d_model -> 2 scores per token (decision b).  x: [..., d] -> [..., 2] fp32.
 
@@ -78,7 +73,8 @@ class SelectiveAttentionLayer(nnx.Module):
     fraction [batch] selected fraction over real tokens.
 
   Training (`deterministic=False`): straight-through Gumbel-softmax selection.
-  Evaluation and decoding (`model.eval()`): m = [s1 > s0] (decision e), optionally capped at
+  Evaluation and decoding (`model.eval()`): sal.inference_selection (decision e; by default the
+  training draw with its noise fixed by position and token), optionally capped at
   `sal.inference_capacity` selected tokens per window.
   """
 
@@ -97,7 +93,6 @@ class SelectiveAttentionLayer(nnx.Module):
     self.inference_capacity = sal.inference_capacity
     self.inference_selection = sal.inference_selection
     self.select_seed = 0          # the SAL's ordinal in the model (LanguageModel sets it)
-    self.select_threshold = SelectThreshold(jnp.zeros((), jnp.float32))
     self.kernel = sal.kernel
     self.dtype = jnp.dtype(m.dtype)
     self.deterministic = False
@@ -117,19 +112,18 @@ class SelectiveAttentionLayer(nnx.Module):
     self.rngs = rngs["gumbel"].fork()
 
   def _inference_mask(self, scores, positions, segment_ids=None, prev_margin=None,
-                      prev_ok=None):
+                      prev_ok=None, token_ids=None):
     """Evaluation and decoding selection (decision e).  scores: [batch, seq, 2], positions:
-    [batch, seq] absolute positions; prev_margin, prev_ok: [batch, window - 1] the margins
-    of the tokens before these (a cache), oldest first -> [batch, seq] fp32 {0, 1}.
+    [batch, seq] absolute positions; token_ids: [batch, seq] the input tokens (the draw's
+    noise key) or None; prev_margin, prev_ok: [batch, window - 1] the margins of the tokens
+    before these (a cache), oldest first -> [batch, seq] fp32 {0, 1}.
     Under context parallelism the previous device's margins are taken as a halo."""
     rule = self.inference_selection
     if rule == "sign":
       return ops.deterministic_selection(scores)
-    if rule == "threshold":
-      return ops.threshold_selection(scores, self.select_threshold[...])
     if rule == "positional_gumbel":
       key = jax.random.fold_in(jax.random.key(_EVAL_NOISE_SEED), self.select_seed)
-      return ops.positional_gumbel_selection(scores, key, positions)
+      return ops.positional_gumbel_selection(scores, key, positions, token_ids)
     if rule in ("window_rank", "window_expected"):
       b, l = scores.shape[:2]
       k = self.window - 1
@@ -147,13 +141,13 @@ class SelectiveAttentionLayer(nnx.Module):
       return jnp.ones(scores.shape[:-1], jnp.float32)
     raise ValueError(f"sal.inference_selection={rule!r} is not a rule")
 
-  def _select(self, scores, *, gumbel_key, tau, segment_ids=None):
+  def _select(self, scores, *, gumbel_key, tau, segment_ids=None, token_ids=None):
     if self.select_all:
       return jnp.ones(scores.shape[:-1], jnp.float32)
     if self.deterministic:
       b, l = scores.shape[:2]
       positions = jnp.broadcast_to(ops.tokens_before(l) + jnp.arange(l), (b, l))
-      mask = self._inference_mask(scores, positions, segment_ids)
+      mask = self._inference_mask(scores, positions, segment_ids, token_ids=token_ids)
       if self.inference_capacity is not None:
         mask = ops.capped_selection(mask, window=self.window, capacity=self.inference_capacity,
                                     segment_ids=segment_ids)
@@ -216,8 +210,10 @@ class SelectiveAttentionLayer(nnx.Module):
                     pos=pos.astype(jnp.int32))
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               cache: SALCache | None = None, return_cache: bool = False):
+               cache: SALCache | None = None, return_cache: bool = False, token_ids=None):
     """h: [batch, seq, d_model]; token_mask: [batch, seq] bool real tokens (for the fraction).
+    token_ids: [batch, seq] the model's input tokens, which key the inference draw's noise
+      (LanguageModel passes them; None keys it by position alone).
 
     segment_ids: optional [batch, seq] int (packed documents): attention stays inside a
       segment. RoPE keeps absolute positions: it only sees differences, so an offset
@@ -233,7 +229,8 @@ class SelectiveAttentionLayer(nnx.Module):
     x = self.norm_a(h)
     scores = self.gate(x)                                   # [b, l, 2]
     if cache is None and not return_cache:
-      mask = self._select(scores, gumbel_key=gumbel_key, tau=tau, segment_ids=segment_ids)
+      mask = self._select(scores, gumbel_key=gumbel_key, tau=tau, segment_ids=segment_ids,
+                          token_ids=token_ids)
       selected = mask > 0.5
       # Under context parallelism, positions in the whole row (the halo keys carry theirs).
       positions = jnp.broadcast_to(ops.tokens_before(l) + jnp.arange(l), (b, l))
@@ -258,7 +255,7 @@ class SelectiveAttentionLayer(nnx.Module):
     else:
       mask = self._inference_mask(
           scores, cache.pos[:, None] + ops.tokens_before(l) + jnp.arange(l)[None, :],
-          prev_margin=margin_prev[:, 1:], prev_ok=filled_prev[:, 1:])
+          prev_margin=margin_prev[:, 1:], prev_ok=filled_prev[:, 1:], token_ids=token_ids)
       if self.inference_capacity is not None:
         # The cap counts the cached window's kept tokens too; re-capping them keeps them all
         # (they already met the cap with more history), so only the new tokens can change.
@@ -293,8 +290,9 @@ class SelectiveAttentionLayer(nnx.Module):
                      cache.pos + ops.rows_length(l))
     return out, aux, jax.tree.map(ops.from_last_device, new)
 
-  def step(self, h, cache: SALCache):
+  def step(self, h, cache: SALCache, token_ids=None):
     """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache).
+    token_ids: [batch] the input tokens (the inference draw's noise key, as in __call__).
 
     Four launches on the kernel path besides the SwiGLU's: norm_a, q, k, v and (a one-layer
     gate) the gate's scores in one call (ops.norm_matvec); the ring buffer's append with the
@@ -324,7 +322,8 @@ class SelectiveAttentionLayer(nnx.Module):
           margin, cache.margin, others,
           capacity=self.capacity if self.inference_selection == "window_rank" else None)
     else:
-      mask = self._inference_mask(scores[:, None], cache.pos[:, None])[:, 0]
+      mask = self._inference_mask(scores[:, None], cache.pos[:, None],
+                                  token_ids=None if token_ids is None else token_ids[:, None])[:, 0]
     if self.inference_capacity is not None and not self.select_all:
       # Tokens pos-window+1 .. pos-1 are the filled slots other than the one being replaced.
       others = cache.kept.at[jnp.arange(b), slot].set(False)

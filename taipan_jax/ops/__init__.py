@@ -6,7 +6,7 @@ from taipan_jax.ops.attention import (attention_with_prefix, resolve_attention_i
                                       window_decode_attention)
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
                                       positional_gumbel_selection, selected_fraction,
-                                      straight_through_gumbel, threshold_selection,
+                                      straight_through_gumbel,
                                       window_rank_selection, window_rank_step)
 from taipan_jax.ops.decode import (mamba2_in_proj, mamba2_ssm_out, norm_matvec,
                                    resolve_decode_implementation)
@@ -18,7 +18,7 @@ __all__ = [
     "selective_window_attention", "attention_with_prefix", "window_decode_attention",
     "ring_decode_attention",
     "straight_through_gumbel", "deterministic_selection", "capped_selection",
-    "threshold_selection", "positional_gumbel_selection", "window_rank_selection",
+    "positional_gumbel_selection", "window_rank_selection",
     "window_rank_step",
     "selected_fraction", "budget_loss", "left_halo", "sequence_axis", "sequence_parallel",
     "from_last_device", "tokens_before", "rows_length",

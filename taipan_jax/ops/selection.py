@@ -53,26 +53,22 @@ def deterministic_selection(scores):
   return (scores[..., 1] > scores[..., 0]).astype(jnp.float32)
 
 
-def threshold_selection(scores, threshold):
-  """m = [s1 - s0 > threshold]: a threshold calibrated on the gate's trained scores.
+def positional_gumbel_selection(scores, key, positions, token_ids=None):
+  """The training rule's Gumbel-max draw with noise fixed by (position, token).
 
-  scores: [..., 2]; threshold: scalar. Returns [...] fp32 {0, 1} (no gradient).
+  The token at position p with id t gets the noise `gumbel(fold_in(fold_in(key, p), t))`, so
+  a prefill, a decode step and a context-parallel stretch draw the same noise for the same
+  token, rows with different tokens draw independently, and the selection is distributed
+  exactly as in training (P(select) = sigmoid(s1 - s0)).
+
+  scores: [..., seq, 2]; positions: int [..., seq]; token_ids: int [..., seq] or None (the
+  position alone). Returns [..., seq] fp32 {0, 1}.
   """
-  return (scores[..., 1] - scores[..., 0] > threshold).astype(jnp.float32)
-
-
-def positional_gumbel_selection(scores, key, positions):
-  """The training rule's Gumbel-max draw with noise fixed by absolute position.
-
-  Token at position p of every row gets the noise `gumbel(fold_in(key, p))`, so a prefill, a
-  decode step and a context-parallel stretch draw the same noise for the same position, and
-  the selection is exactly distributed as in training (P(select) = sigmoid(s1 - s0)).
-
-  scores: [..., seq, 2]; positions: int [..., seq]. Returns [..., seq] fp32 {0, 1}.
-  """
-  flat = positions.reshape(-1).astype(jnp.uint32)
-  noise = jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (2,)))(flat)
-  noise = noise.reshape(*positions.shape, 2)
+  ids = jnp.zeros_like(positions) if token_ids is None else token_ids
+  flat_p = positions.reshape(-1).astype(jnp.uint32)
+  flat_t = jnp.broadcast_to(ids, positions.shape).reshape(-1).astype(jnp.uint32)
+  draw = lambda p, t: jax.random.gumbel(jax.random.fold_in(jax.random.fold_in(key, p), t), (2,))
+  noise = jax.vmap(draw)(flat_p, flat_t).reshape(*positions.shape, 2)
   scores = scores.astype(jnp.float32)
   return (scores[..., 1] + noise[..., 1] > scores[..., 0] + noise[..., 0]).astype(jnp.float32)
 
@@ -80,8 +76,8 @@ def positional_gumbel_selection(scores, key, positions):
 def window_rank_selection(scores, *, window: int, capacity: float | None,
                           segment_ids=None, prev_margin=None, prev_ok=None,
                           prev_segment_ids=None, block: int = 256):
-  """Causal per-window top-C (decision e): token t is selected when fewer than C * n_t of
-  the n_t tokens of its window (t - window + 1 .. t, its own document, itself included)
+  """Causal per-window top-C (decision e): token t is selected when fewer than round(C * n_t)
+  of the n_t tokens of its window (t - window + 1 .. t, its own document, itself included)
   rank above it by the gate margin s1 - s0; of equal margins the older token ranks higher.
 
   It selects about C of every window's tokens whatever the margins' scale or offset, so a
@@ -136,11 +132,12 @@ def window_rank_selection(scores, *, window: int, capacity: float | None,
 
 
 def _quota(valid, margins, capacity):
-  """How many of a window's tokens to select: C * n, or (capacity None) the expected count
-  of the training draw, round(sum of sigmoid(margin))."""
+  """How many of a window's n tokens to select: round(C * n), or (capacity None) the
+  expected count of the training draw, round(sum of sigmoid(margin)). Rounding, not the
+  ceiling: a row's first tokens see short windows, where ceil(C * n) / n is far above C."""
   if capacity is not None:
-    return capacity * jnp.sum(valid, -1)
-  return jnp.round(jnp.sum(jnp.where(valid, jax.nn.sigmoid(margins), 0.0), -1))
+    return jnp.floor(capacity * jnp.sum(valid, -1) + 0.5)
+  return jnp.floor(jnp.sum(jnp.where(valid, jax.nn.sigmoid(margins), 0.0), -1) + 0.5)
 
 
 def window_rank_step(margin, cached_margin, cached_ok, *, capacity: float | None):

@@ -313,12 +313,14 @@ def restore_workdir(workdir: str, overrides: dict | None = None,
 
 
 def evaluate_workdir(workdir: str, *, data_path: str | None = None,
-                     batches: int | None = None, log: Callable[[str], None] = print) -> dict:
+                     batches: int | None = None, overrides: dict | None = None,
+                     log: Callable[[str], None] = print) -> dict:
   """Evaluates the newest checkpoint in a workdir on its held-out data (or on `data_path`,
-  every document of it); returns the metrics."""
-  # With data_path, every document of it is held out.
-  overrides = ({"data.path": data_path, "data.eval_fraction": 1.0 - 1e-9} if data_path
-               else None)
+  every document of it); returns the metrics. overrides: config fields that do not change
+  the parameters (e.g. {"sal.inference_selection": "none"} switches the SALs off)."""
+  overrides = dict(overrides or {})
+  if data_path:            # every document of it is held out
+    overrides.update({"data.path": data_path, "data.eval_fraction": 1.0 - 1e-9})
   cfg, steps, plan, state, step = restore_workdir(workdir, overrides, log)
   n = batches or cfg.train.eval_batches
   eval_batches = pipeline.make_eval_batches(cfg, n, process_index=jax.process_index(),

@@ -1,0 +1,284 @@
+"""The small-scale study of issue 28: does the Taipan we train behave like the paper's?
+
+One command trains and evaluates every run of the study on a CPU, through the library's own
+training loop and evaluation (`taipan train` / `taipan eval` call the same functions), and
+writes what came out:
+
+    python benchmarks/study.py                 # every run not yet done, then the report
+    python benchmarks/study.py --jobs=2        # two runs at a time (a 2-core machine)
+    python benchmarks/study.py --only=recall   # one group: recall, rope, capacity, extrapolation
+    python benchmarks/study.py --report        # only rebuild the JSON, the plots and the tables
+
+Resumable: each run's workdir under --root holds `study_result.json` once it is finished, and
+a finished run is skipped; an interrupted run resumes from its last checkpoint. A line per
+finished run shows its result, the time it took and the ETA of the rest.
+
+Groups (docs/study.md has the account):
+  recall         MQAR held-out recall for Taipan, Mamba-2, Transformer++, the Jamba-style and
+                 the SWA-only hybrids at matched parameter counts, over settings where the
+                 SSM state is too small for the pairs, one where queries lie farther from their
+                 keys than the SAL window; Taipan also evaluated with its SAL switched off.
+  rope           the recall settings with RoPE in the SAL (paper Fig. 6 analogue).
+  capacity       Taipan at C in {0.05, 0.15, 0.3, 1.0} (paper Fig. 5 analogue), with the
+                 selected fraction at evaluation as its measured cost.
+  extrapolation  trained on 128-token rows of the Python standard library, perplexity by
+                 position out to 64 x the training length on held-out files (paper Fig. 1a).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "study_cpu.json")
+SEEDS = (0, 1, 2)
+
+# The study's models: d_model 64, 4 mixing layers' worth of parameters (~0.24M), vocabulary
+# 32. The Mamba-2 state is kept small (d_state 2, 2 heads of 64): recall of more pairs than it
+# holds must come from attention (Zoology's MQAR argument).
+BASE = {
+    "model.vocab_size": 32, "model.d_model": 64, "mamba.d_state": 2, "mamba.chunk_size": 16,
+    "sal.head_dim": 32, "attention.head_dim": 32, "sal.capacity": 0.15,
+    "optim.peak_lr": 6e-3, "optim.final_lr": 1e-4, "optim.warmup_steps": 50,
+    "train.batch_size": 64, "train.log_every": 100, "train.eval_every": 0,
+    "train.checkpoint_every": 200, "train.eval_batches": 8,
+}
+# Matched parameter counts (tests/test_benchmark_study.py checks they are within 5%).
+ARCHS = {
+    "taipan": {"model.pattern": "mms", "model.num_units": 2},
+    "mamba2": {"model.pattern": "m", "model.num_units": 9, "loss.budget_weight": 0.0},
+    "transformer": {"model.pattern": "a", "model.num_units": 4, "loss.budget_weight": 0.0,
+                    "model.mlp_hidden": 224},
+    "jamba": {"model.pattern": "mma", "model.num_units": 2, "loss.budget_weight": 0.0},
+    "swa_hybrid": {"model.pattern": "mms", "model.num_units": 2, "sal.selection": "all",
+                   "loss.budget_weight": 0.0},
+}
+# MQAR settings: (tokens, pairs, spaced queries (0: every slot), SAL window, steps).
+RECALL = {
+    "L64_p8": {"data.seq_len": 64, "data.num_kv_pairs": 8, "data.num_queries": 0,
+               "sal.window": 64, "train.steps": 1000},
+    "L128_p16": {"data.seq_len": 128, "data.num_kv_pairs": 16, "data.num_queries": 0,
+                 "sal.window": 128, "train.steps": 1000},
+    "L128_p8_far": {"data.seq_len": 128, "data.num_kv_pairs": 8, "data.num_queries": 0,
+                    "sal.window": 16, "train.steps": 1000},
+}
+CAPACITIES = (0.05, 0.15, 0.3, 1.0)
+ABLATION_SETTING = "L64_p8"
+TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
+        "train.batch_size": 16, "train.steps": 1000, "sal.window": 128,
+        "optim.peak_lr": 3e-3, "data.eval_fraction": 0.02}
+EXTRAPOLATION_FACTOR = 64
+
+
+def stdlib() -> str:
+  return sysconfig.get_paths()["stdlib"]
+
+
+def runs() -> list[dict]:
+  """Every run of the study: {id, group, arch, setting, seed, overrides}."""
+  out = []
+  for setting, data in RECALL.items():
+    for arch, model in ARCHS.items():
+      for seed in SEEDS:
+        out.append({"group": "recall", "arch": arch, "setting": setting, "seed": seed,
+                    "overrides": {**BASE, **model, **data, "train.seed": seed}})
+    for seed in SEEDS:
+      out.append({"group": "rope", "arch": "taipan_rope", "setting": setting, "seed": seed,
+                  "overrides": {**BASE, **ARCHS["taipan"], **data, "sal.rope": True,
+                                "train.seed": seed}})
+  for c in CAPACITIES:
+    if c == BASE["sal.capacity"]:
+      continue                          # the recall group's Taipan runs
+    for seed in SEEDS:
+      out.append({"group": "capacity", "arch": f"taipan_c{c}", "setting": ABLATION_SETTING,
+                  "seed": seed, "overrides": {**BASE, **ARCHS["taipan"],
+                                              **RECALL[ABLATION_SETTING], "sal.capacity": c,
+                                              "train.seed": seed}})
+  for arch, model in ARCHS.items():
+    for seed in SEEDS:
+      out.append({"group": "extrapolation", "arch": arch, "setting": "stdlib", "seed": seed,
+                  "overrides": {**BASE, **model, **TEXT, "train.seed": seed,
+                                "data.path": os.path.join(stdlib(), "*.py")}})
+  for r in out:
+    r["id"] = f"{r['group']}/{r['setting']}/{r['arch']}/seed{r['seed']}"
+  return out
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def tokenizer_path(root: str) -> str:
+  """The study's SentencePiece model, trained once on the standard library's top level."""
+  from taipan_jax.data.text import TextDocuments
+  from taipan_jax.data.tokenizer import train_tokenizer
+  prefix = os.path.join(root, "spm1k")
+  if not os.path.exists(prefix + ".model"):
+    docs = TextDocuments(os.path.join(stdlib(), "*.py"), "text")
+    train_tokenizer((docs[i] for i in range(len(docs))), prefix,
+                    vocab_size=TEXT["model.vocab_size"])
+  return prefix + ".model"
+
+
+def extrapolation_document(tokenizer) -> "np.ndarray":
+  """The held-out document every architecture is scored on: the standard library's asyncio
+  package (not in the top-level training files), one document, 64 x the training length."""
+  from taipan_jax.data.text import read_document_tokens
+  n = TEXT["data.seq_len"] * EXTRAPOLATION_FACTOR + 1
+  return read_document_tokens(os.path.join(stdlib(), "asyncio", "*.py"), tokenizer, n)
+
+
+def run_one(run: dict, root: str) -> dict:
+  """Trains (resuming if interrupted) and evaluates one run; returns its result."""
+  import numpy as np
+  from taipan_jax import count_params, load_config
+  from taipan_jax.inference import long_context
+  from taipan_jax.inference.load import load_workdir
+  from taipan_jax.training.loop import evaluate_workdir, train
+
+  workdir = os.path.join(root, run["id"])
+  overrides = dict(run["overrides"])
+  if run["group"] == "extrapolation":
+    overrides["data.tokenizer"] = tokenizer_path(root)
+  cfg = load_config("tiny", overrides)
+  start = time.perf_counter()
+  rows = train(cfg, workdir, log=lambda line: None)
+  train_seconds = time.perf_counter() - start
+  last_train = [r for r in rows if "selected_sal0" in r][-1:] or [{}]
+  result = {"id": run["id"], "group": run["group"], "arch": run["arch"],
+            "setting": run["setting"], "seed": run["seed"], "steps": cfg.train.steps,
+            "train_seconds": train_seconds,
+            "params": count_params(cfg),
+            "train_selected": [v for k, v in sorted(last_train[0].items())
+                               if k.startswith("selected_sal")]}
+  quiet = lambda *_: None
+  if run["group"] != "extrapolation":
+    ev = evaluate_workdir(workdir, log=quiet)
+    result.update(loss=ev["eval/loss"], recall=ev["eval/accuracy"],
+                  eval_selected=[v for k, v in sorted(ev.items())
+                                 if k.startswith("eval/selected_sal")])
+    if "s" in cfg.model.pattern and cfg.sal.selection != "all":
+      off = evaluate_workdir(workdir, overrides={"sal.inference_selection": "none"},
+                             log=quiet)
+      result.update(recall_sal_off=off["eval/accuracy"], loss_sal_off=off["eval/loss"])
+  else:
+    n = TEXT["data.seq_len"] * EXTRAPOLATION_FACTOR
+    loaded = load_workdir(workdir, {"attention.max_cache_len": n}, log=quiet)
+    tokens = extrapolation_document(loaded.tokenizer)
+    nll = long_context.stream_nll(loaded.model, tokens, segment_len=n, mesh=None, log=None)
+    result["by_position"] = long_context.bucket_table(nll, first=TEXT["data.seq_len"])
+  result["seconds"] = time.perf_counter() - start
+  return result
+
+
+def _result_path(root, run):
+  return os.path.join(root, run["id"], "study_result.json")
+
+
+def _child(run_id: str, root: str) -> int:
+  run = next(r for r in runs() if r["id"] == run_id)
+  result = run_one(run, root)
+  _write_json(_result_path(root, run), result)
+  return 0
+
+
+def _summary(result: dict) -> str:
+  if "recall" in result:
+    s = f"recall {result['recall']:.3f}"
+    if "recall_sal_off" in result:
+      s += f" (SAL off {result['recall_sal_off']:.3f})"
+    if result.get("eval_selected"):
+      s += (" selected train " + "/".join(f"{x:.2f}" for x in result["train_selected"])
+            + " eval " + "/".join(f"{x:.2f}" for x in result["eval_selected"]))
+    return s
+  last = result["by_position"][-1]
+  return f"ppl {result['by_position'][0]['ppl']:.2f} first bucket, {last['ppl']:.2f} at " \
+         f"{last['from']}-{last['to']}"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser.add_argument("--root", default=os.path.join(ROOT, "runs", "study"),
+                      help="where the runs' workdirs go")
+  parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+  parser.add_argument("--only", default="", help="comma-separated groups to run")
+  parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
+  parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    return _child(args.child, args.root)
+  groups = set(filter(None, args.only.split(",")))
+  # Seed by seed: a study stopped early still covers every cell once.
+  todo = sorted((r for r in runs() if (not groups or r["group"] in groups)
+                 and not os.path.exists(_result_path(args.root, r))),
+                key=lambda r: r["seed"])
+  if not args.report:
+    if any(r["group"] == "extrapolation" for r in todo):
+      os.makedirs(args.root, exist_ok=True)
+      tokenizer_path(args.root)           # once, before the runs that share it
+    _run_all(todo, args.root, args.jobs)
+  import study_report
+  study_report.write(args.root, runs(), RESULTS)
+  return 0
+
+
+def _run_all(todo: list[dict], root: str, jobs: int) -> None:
+  print(f"{len(todo)} runs to do, {jobs} at a time; results under {root}", flush=True)
+  start, done, running = time.perf_counter(), 0, []
+  # Seeds of one model compile the same programs: a persistent cache compiles them once.
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=os.path.join(root, ".jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  pending = list(todo)
+  try:
+    while pending or running:
+      while pending and len(running) < jobs:
+        run = pending.pop(0)
+        os.makedirs(os.path.join(root, run["id"]), exist_ok=True)
+        log = open(os.path.join(root, run["id"], "study.log"), "a")
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--root", root,
+                                 "--child", run["id"]], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        running.append((run, proc, log, time.perf_counter()))
+      time.sleep(1.0)
+      for item in list(running):
+        run, proc, log, t0 = item
+        if proc.poll() is None:
+          continue
+        running.remove(item)
+        log.close()
+        done += 1
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (len(todo) - done)
+        if proc.returncode:
+          print(f"[{done}/{len(todo)}] {run['id']} FAILED (rc {proc.returncode}); see "
+                f"{os.path.join(root, run['id'], 'study.log')}", flush=True)
+          continue
+        with open(_result_path(root, run)) as f:
+          result = json.load(f)
+        print(f"[{done}/{len(todo)}] {run['id']}: {_summary(result)}  "
+              f"{time.perf_counter() - t0:.0f}s  elapsed {elapsed / 60:.1f} min  "
+              f"ETA {eta / 60:.1f} min", flush=True)
+  except KeyboardInterrupt:
+    for _, proc, _, _ in running:
+      proc.terminate()         # SIGTERM: each run checkpoints and stops; rerun to resume
+    for _, proc, _, _ in running:
+      proc.wait()
+    print("interrupted: finished runs are kept; rerun the same command to resume",
+          flush=True)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  sys.exit(main())

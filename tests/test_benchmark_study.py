@@ -1,0 +1,62 @@
+"""The study's grid (benchmarks/study.py): matched models, every run named once, and the
+report built from finished runs."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import taipan_jax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import study  # noqa: E402
+import study_report  # noqa: E402
+
+
+@pytest.mark.parametrize("setting", list(study.RECALL))
+def test_study_models_have_matched_parameter_counts(setting):
+  counts = {arch: taipan_jax.count_params(taipan_jax.load_config(
+      "tiny", {**study.BASE, **model, **study.RECALL[setting]}))
+      for arch, model in study.ARCHS.items()}
+  taipan = counts["taipan"]
+  for arch, n in counts.items():
+    assert abs(n - taipan) / taipan < 0.05, f"{arch}: {n:,} vs taipan {taipan:,}"
+
+
+def test_every_run_is_named_once_and_its_config_loads():
+  runs = study.runs()
+  assert len({r["id"] for r in runs}) == len(runs)
+  for r in runs:
+    overrides = dict(r["overrides"])
+    if r["group"] == "extrapolation":
+      overrides["data.tokenizer"] = "unused.model"     # validated, not read
+    cfg = taipan_jax.load_config("tiny", overrides)
+    assert cfg.train.seed == r["seed"]
+  groups = {r["group"] for r in runs}
+  assert groups == {"recall", "rope", "capacity", "extrapolation"}
+  assert {r["arch"] for r in runs if r["group"] == "capacity"} == {
+      f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
+
+
+def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
+  runs = study.runs()
+  rng = np.random.default_rng(0)
+  for r in runs[:20] + [r for r in runs if r["group"] == "extrapolation"][:2]:
+    path = tmp_path / r["id"]
+    path.mkdir(parents=True)
+    result = {**{k: r[k] for k in ("id", "group", "arch", "setting", "seed")},
+              "train_selected": [0.15, 0.14], "eval_selected": [0.15, 0.15]}
+    if r["group"] == "extrapolation":
+      result["by_position"] = [{"from": 0, "to": 128, "ppl": 9.0},
+                               {"from": 128, "to": 256, "ppl": 8.5}]
+    else:
+      result.update(recall=float(rng.random()), recall_sal_off=0.1, loss=1.0)
+    (path / "study_result.json").write_text(json.dumps(result))
+  monkeypatch.setattr(study_report, "DOC", str(tmp_path / "study.md"))
+  monkeypatch.setattr(study_report, "IMAGES", str(tmp_path / "images"))
+  study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
+  doc = (tmp_path / "study.md").read_text()
+  assert "22 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  saved = json.loads((tmp_path / "study.json").read_text())
+  assert saved["runs_done"] == 22 and saved["runs_total"] == len(runs)
