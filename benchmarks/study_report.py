@@ -79,10 +79,10 @@ def tables(results: list[dict]) -> list[str]:
   names = sorted({a for s in sel.values() for a in s})
   out += _markdown_table(sel, settings, names, "model")
   rope = _grouped(results, "rope", "recall")
-  for setting in settings:
-    rope[setting]["taipan (no PE)"] = recall[setting]["taipan"]
+  ablation = study.ABLATION_SETTING
+  rope[ablation]["taipan (no PE)"] = recall[ablation]["taipan"]
   out += ["", "### SAL without positional encoding vs RoPE (recall)", ""]
-  out += _markdown_table(rope, settings, ["taipan (no PE)", "taipan_rope"], "model")
+  out += _markdown_table(rope, [ablation], ["taipan (no PE)", "taipan_rope"], "model")
   cap = defaultdict(lambda: defaultdict(list))
   for r in results:
     if r["setting"] == study.ABLATION_SETTING and r["arch"].startswith("taipan") and \

@@ -1,6 +1,7 @@
 """Context parallelism: a sequence split over 8 simulated CPU devices gives the logits of
 the one-device forward, for Taipan, Mamba-2 and the SWA-only hybrid."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -161,3 +162,26 @@ def test_streamed_evaluation_split_over_devices_equals_one_device(rng, overrides
   got = stream_nll(model, tokens, segment_len=64, log=lines.append)     # "auto": 8 devices
   assert "split over 8 devices" in lines[0]
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_document_positions_across_devices(rng):
+  """Positions within each packed document, on one device and with the row split over 8:
+  a document that began on an earlier device keeps counting (the inference draw's key)."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  seg = np.cumsum(rng.random((3, 64)) < 0.05, axis=1).astype(np.int32)
+  seg[1] = 7                                     # one document over every device
+  expected = np.zeros_like(seg)
+  for r in range(3):
+    for t in range(1, 64):
+      expected[r, t] = expected[r, t - 1] + 1 if seg[r, t] == seg[r, t - 1] else 0
+  np.testing.assert_array_equal(np.asarray(ops.document_positions(jnp.asarray(seg))),
+                                expected)
+  mesh = Mesh(np.asarray(jax.devices()), ("sequence",))
+
+  def shard(s):
+    with ops.sequence_parallel("sequence"):
+      return ops.document_positions(s)
+
+  split = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=P(None, "sequence"),
+                                out_specs=P(None, "sequence"), check_vma=False))
+  np.testing.assert_array_equal(np.asarray(split(jnp.asarray(seg))), expected)

@@ -113,10 +113,18 @@ def test_upcycled_taipan_starts_equal_to_its_mamba2(case, sal_every):
   taipan.eval()
   a, _ = jit_forward(source, jnp.asarray(tokens))
   b, aux = jit_forward(taipan, jnp.asarray(tokens), return_masks=True)
+  # Evaluation selects as training does: the closed gate picks about closed_fraction (1e-3)
+  # of the tokens, each moved 1e-3 of the way to its attention output (eq. 5). Before a SAL
+  # first selects a token the logits are the Mamba-2's exactly; after it, within that mix.
+  masks = np.asarray(aux["select_masks"])                       # [num_sal, batch, seq]
+  assert masks.mean() < 0.05          # a few tokens of a short fixture
+  first = np.where(masks.max(0).any(-1), masks.max(0).argmax(-1), tokens.shape[1])  # [batch]
   err = float(jnp.abs(a - b).max())
-  print(f"\n{case} upcycled every {sal_every}: max |taipan - mamba2| = {err:.2e}")
-  assert err == 0.0
-  assert float(aux["select_masks"].max()) == 0.0
+  print(f"\n{case} upcycled every {sal_every}: max |taipan - mamba2| = {err:.2e}, "
+        f"selected {masks.mean():.4f}")
+  for r, t in enumerate(first):
+    np.testing.assert_array_equal(np.asarray(a[r, :t]), np.asarray(b[r, :t]))
+  assert err <= 1e-2 * float(jnp.abs(a).max())
   # Training reaches the new gates: the straight-through gradient and the budget loss.
   taipan.train()
   graphdef, params, rest = nnx.split(taipan, nnx.Param, ...)

@@ -1,9 +1,11 @@
 """Grow a Taipan from a pretrained Mamba-2: its blocks kept, a fresh SAL after every K.
 
-The new SALs start as exact identities, so the upcycled model's logits at step 0 equal the
-source model's (in eval mode, where selection is deterministic):
-  - the gate starts closed: zero weights and bias [0, logit(closed_fraction)], so s1 < s0 and
-    no token is selected, and the mix h + m*alpha*(o - h) leaves h untouched;
+The new SALs start as near-identities, so the upcycled model's logits at step 0 are the
+source model's up to what a closed gate lets through:
+  - the gate starts closed: zero weights and bias [0, logit(closed_fraction)], so a token is
+    selected with probability closed_fraction (1e-3) in training and in evaluation alike, and
+    a selected token moves only alpha = closed_fraction of the way to its attention output
+    (eq. 5); every other token is left untouched;
   - the SwiGLU's output projection starts at zero, so eq. 6 adds nothing.
 Training opens the gate: the budget loss pulls the selected fraction towards C, and the
 straight-through gradient reaches the gate through alpha*(o - h) even where m = 0.

@@ -146,7 +146,9 @@ class SelectiveAttentionLayer(nnx.Module):
       return jnp.ones(scores.shape[:-1], jnp.float32)
     if self.deterministic:
       b, l = scores.shape[:2]
-      positions = jnp.broadcast_to(ops.tokens_before(l) + jnp.arange(l), (b, l))
+      # A packed document draws the noise it would draw alone: positions count from its start.
+      positions = (jnp.broadcast_to(ops.tokens_before(l) + jnp.arange(l), (b, l))
+                   if segment_ids is None else ops.document_positions(segment_ids))
       mask = self._inference_mask(scores, positions, segment_ids, token_ids=token_ids)
       if self.inference_capacity is not None:
         mask = ops.capped_selection(mask, window=self.window, capacity=self.inference_capacity,

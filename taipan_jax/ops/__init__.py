@@ -1,5 +1,6 @@
 """Plain-JAX operations the models call. Kernels plug in behind these names."""
-from taipan_jax.ops.context_parallel import (from_last_device, left_halo, rows_length,
+from taipan_jax.ops.context_parallel import (document_positions, from_last_device, left_halo,
+                                             rows_length,
                                              sequence_axis, sequence_parallel, tokens_before)
 from taipan_jax.ops.attention import (attention_with_prefix, resolve_attention_implementation,
                                       ring_decode_attention, selective_window_attention,
@@ -21,5 +22,5 @@ __all__ = [
     "positional_gumbel_selection", "window_rank_selection",
     "window_rank_step",
     "selected_fraction", "budget_loss", "left_halo", "sequence_axis", "sequence_parallel",
-    "from_last_device", "tokens_before", "rows_length",
+    "from_last_device", "tokens_before", "rows_length", "document_positions",
 ]

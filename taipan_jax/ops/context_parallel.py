@@ -79,6 +79,28 @@ def rows_length(local_len: int):
   return local_len if axis is None else local_len * jax.lax.axis_size(axis)
 
 
+def document_positions(segment_ids):
+  """Each token's position within its document: [batch, seq] int32, counting from the first
+  token of its segment (segment_ids: [batch, seq] int, documents as contiguous runs). Under
+  sequence_parallel a document that began on an earlier device keeps counting from there."""
+  b, l = segment_ids.shape
+  index = tokens_before(l) + jnp.arange(l)[None, :]
+  before = left_halo(segment_ids, 1)[:, 0]                              # [b]
+  starts_here = segment_ids != jnp.concatenate([before[:, None], segment_ids[:, :-1]], 1)
+  if _AXIS.get() is None:
+    starts_here = starts_here.at[:, 0].set(True)
+  else:
+    starts_here = starts_here.at[:, 0].set(starts_here[:, 0] | first_in_sequence())
+  start = jax.lax.cummax(jnp.where(starts_here, index, -1), axis=1)    # -1: began earlier
+  axis = _AXIS.get()
+  if axis is not None:           # the last start on the devices before this one
+    last = jax.lax.all_gather(start[:, -1], axis)                        # [devices, b]
+    mine = jax.lax.axis_index(axis)
+    earlier = jnp.where(jnp.arange(last.shape[0])[:, None] < mine, last, -1).max(0)
+    start = jnp.where(start < 0, earlier[:, None], start)
+  return (index - start).astype(jnp.int32)
+
+
 def first_in_sequence():
   """True on the device holding the start of the sequence (always, outside
   sequence_parallel)."""
