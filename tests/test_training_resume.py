@@ -70,15 +70,19 @@ def test_kill_and_resume_matches_an_uninterrupted_run_bitwise(tmp_path, uninterr
   assert got == expected, {s: (got[s], expected[s]) for s in got if got[s] != expected[s]}
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, sig):
+  # SIGINT is Ctrl-C (and a notebook's interrupt): saved like a preemption, no traceback.
   args = SMALL + ["--config.train.steps=100000", "--config.train.checkpoint_every=0"]
   proc = start_taipan("train", f"--workdir={tmp_path}", *args)
   _wait_for_step(proc, tmp_path, 3)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
-  assert "SIGTERM at step" in out
-  step = int(out.split("SIGTERM at step ")[1].split(":")[0])
+  assert "Traceback" not in err, err[-2000:]
+  name = signal.Signals(sig).name
+  assert f"{name} at step" in out
+  step = int(out.split(f"{name} at step ")[1].split(":")[0])
   assert os.path.isdir(tmp_path / "checkpoints" / str(step))
 
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 import taipan_jax
 from taipan_jax.data.tokenizer import check_vocab, load_tokenizer
+from taipan_jax.training import workdir as workdirs
 
 
 @dataclasses.dataclass
@@ -23,18 +24,20 @@ def load_workdir(workdir: str, overrides: dict | None = None, log=print) -> Load
   """The newest readable checkpoint of `workdir` as a model in evaluation mode.
 
   overrides: config fields to change (e.g. {'sal.kernel': 'pallas'}); the model's own fields
-  must match the checkpoint. Text runs also get their tokenizer, checked against the model's
-  vocabulary before anything else is loaded.
+  must match the checkpoint. Text runs also get their tokenizer (the workdir's own copy,
+  unless overrides name another), checked against the model's vocabulary before anything
+  else is loaded. The workdir is opened read-only.
   """
-  from taipan_jax.training.loop import restore_workdir
-  config_path = os.path.join(workdir, "config.json")
+  workdirs.check_readable(workdir)
+  cfg = taipan_jax.load_config(os.path.join(workdir, "config.json"), overrides)
   tokenizer = None
-  if os.path.isfile(config_path):
-    cfg = taipan_jax.load_config(config_path, overrides)
-    if cfg.data.task == "text":
-      tokenizer = load_tokenizer(cfg.data.tokenizer)
-      check_vocab(tokenizer, cfg.model.vocab_size, cfg.data.tokenizer)
-  cfg, _, _, state, step = restore_workdir(workdir, overrides, log)
+  if cfg.data.task == "text":
+    kept = workdirs.kept_tokenizer(workdir)
+    path = (kept[0] if kept is not None and "data.tokenizer" not in (overrides or {})
+            else cfg.data.tokenizer)
+    tokenizer = load_tokenizer(path)
+    check_vocab(tokenizer, cfg.model.vocab_size, path)
+  cfg, _, _, state, step = workdirs.restore(workdir, overrides, log)
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1))
   nnx.update(model, state.params)
   model.eval()

@@ -10,23 +10,23 @@ import os
 
 import jax
 
-from taipan_jax.training.checkpoint import Checkpointer, write_config
-from taipan_jax.training.loop import check_workdir
+from taipan_jax.training import workdir as workdirs
+from taipan_jax.training.checkpoint import Checkpointer
 from taipan_jax.training.step import make_steps
 
 
 def save_workdir(model, cfg, workdir: str) -> str:
   """Saves `model` (its Params) under `workdir`; returns the path of its config.json."""
-  check_workdir(workdir)
+  workdirs.check(workdir)
   checkpoints = os.path.join(workdir, "checkpoints")
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise FileExistsError(f"workdir {workdir!r} already holds checkpoints; fix: convert into "
                           "a new --workdir")
-  os.makedirs(workdir, exist_ok=True)
+  workdirs.own(workdir)
   state = make_steps(cfg, lambda: model).init_state()
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   try:
     checkpointer.save(jax.device_get(state), data_state=None, cfg=cfg, force=True)
   finally:
     checkpointer.close()
-  return write_config(cfg, workdir)
+  return workdirs.record_start(cfg, workdir, step=0, log=lambda _: None)

@@ -2,10 +2,12 @@
 
 Periodic actions around `train_step`: progress lines, metrics (TensorBoard + JSON lines),
 held-out evaluation, checkpoints. The run resumes from the newest readable checkpoint in
-its workdir by itself, and SIGTERM (preemption) saves and returns.
+its workdir (training/workdir.py) by itself; SIGTERM (preemption) and SIGINT (Ctrl-C, a
+notebook's interrupt) save and return, and a second SIGINT aborts at once.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -19,8 +21,8 @@ from flax import nnx
 
 import taipan_jax
 from taipan_jax.data import pipeline
-from taipan_jax.training import flops, partition
-from taipan_jax.training.checkpoint import Checkpointer, write_config
+from taipan_jax.training import flops, partition, workdir as workdirs
+from taipan_jax.training.checkpoint import Checkpointer, restore_target
 from taipan_jax.training.metrics import MetricsWriter, format_eta
 from taipan_jax.training.step import make_steps
 
@@ -29,37 +31,33 @@ class TrainingError(RuntimeError):
   """The run cannot go on (the message says why and what to change)."""
 
 
-def check_workdir(workdir: str) -> None:
-  """The workdir must exist or be creatable, and be writable, before any work starts."""
-  path = os.path.abspath(workdir)
-  parent = path
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise TrainingError(f"workdir {workdir!r} is not writable ({parent} does not allow it); "
-                        "fix: pick a --workdir you can write to")
-
-
 class _Preemption:
-  """Remembers a SIGTERM so the loop can checkpoint at the next step boundary."""
+  """Remembers a SIGTERM or a first SIGINT so the loop can checkpoint at the next step
+  boundary; a second SIGINT raises KeyboardInterrupt at once (the user means it)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None         # the name of the signal that asked the run to stop
+    self._previous = {}
 
   def __enter__(self):
     # Signal handlers can be installed from the main thread only (tests call train() from
     # worker threads too).
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if signum == signal.SIGINT:
+      if self.requested == "SIGINT":
+        raise KeyboardInterrupt
+      print("\nSIGINT: saving a checkpoint at the end of this step (press Ctrl-C again to "
+            "abort without saving)", flush=True)
+    self.requested = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _plan(cfg, steps) -> partition.Plan:
@@ -67,12 +65,6 @@ def _plan(cfg, steps) -> partition.Plan:
     return partition.make_plan(cfg, steps.abstract_state)
   except partition.PartitionError as e:
     raise TrainingError(str(e)) from None
-
-
-def _restore_target(state):
-  """The abstract state (shapes, dtypes, shardings) a checkpoint is restored into."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state)
 
 
 def _global_batch(batch: dict, sharding) -> dict:
@@ -128,21 +120,28 @@ def selection_monitor(train_fractions, eval_fractions, bound: float) -> tuple[di
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
-          log: Callable[[str], None] = print) -> list[dict]:
+          log: Callable[[str], None] = print,
+          profile_steps: tuple[int, int] | None = None) -> list[dict]:
   """Trains a validated config; checkpoints and metrics go to `workdir` (None: neither).
 
+  profile_steps: (a, b) traces steps a+1 .. b with jax.profiler into `<workdir>/profile/`.
   Returns the rows written to the metrics file (train rows every log_every steps, eval rows
   every eval_every steps).
   """
   t = cfg.train
+  data_cfg = cfg
   if workdir:
-    check_workdir(workdir)
+    # A foreign directory, a remote URL or a changed tokenizer stop here, before anything.
+    workdirs.check(workdir)
+    if cfg.data.task == "text":
+      data_cfg = workdirs.with_tokenizer(cfg, workdirs.tokenizer_for_run(cfg, workdir,
+                                                                         log=log))
   # Data first: a bad path, an empty corpus or a tokenizer mismatch stops here, before any
   # compilation or any file is written.
-  corpus = pipeline.load_corpus(cfg)
-  data_iter = pipeline.make_train_iterator(cfg, process_index=jax.process_index(),
+  corpus = pipeline.load_corpus(data_cfg)
+  data_iter = pipeline.make_train_iterator(data_cfg, process_index=jax.process_index(),
                                            process_count=jax.process_count(), corpus=corpus)
-  eval_batches = pipeline.make_eval_batches(cfg, t.eval_batches, corpus=corpus,
+  eval_batches = pipeline.make_eval_batches(data_cfg, t.eval_batches, corpus=corpus,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())
 
@@ -158,16 +157,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   start_step = 0
   is_main = jax.process_index() == 0
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+      workdirs.own(workdir)
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, log=log)
-    restored = checkpointer.restore(_restore_target(state), cfg)
+    restored = checkpointer.restore(restore_target(state), cfg)
     if restored is not None:
       state, data_state, start_step = restored
       if data_state is not None:       # None: converted weights, no data read yet
         data_iter.set_state(data_state)
       log(f"resumed from step {start_step} in {checkpointer.directory}")
     if is_main:
-      write_config(cfg, workdir)
+      workdirs.record_start(cfg, workdir, step=start_step, log=log)
+      if cfg.data.task == "text":
+        workdirs.keep_tokenizer(data_cfg.data.tokenizer, workdir)
   writer = MetricsWriter(workdir, enabled=bool(workdir) and is_main, resume_step=start_step)
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -191,7 +193,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   def report(step, metrics, now, batch):
     nonlocal window_start, window_step
     seconds = now - window_start
-    rate = (step - window_step) * tokens_per_step / max(seconds, 1e-9)
     row = _log_row(metrics)
     selected = np.atleast_1d(metrics["selected"])
     eval_selected, warning = None, ""
@@ -200,21 +201,41 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
       monitor_row, warning = selection_monitor(selected, eval_selected,
                                                t.selection_gap_warning)
       row.update(monitor_row)
-    row.update(tokens_per_second=rate, step_seconds=seconds / max(step - window_step, 1))
-    util = flops.mfu(rate / jax.device_count(), flops_per_token, peak)
-    if util is not None:
-      row["mfu"] = util
+    if step == start_step + 1:
+      # The first step of a process compiles: its time says nothing about the speed, so it
+      # is reported apart and the speed windows start after it.
+      row["compile_seconds"] = seconds
+      speed = f"first step (compiling) {seconds:.1f}s"
+    else:
+      rate = (step - window_step) * tokens_per_step / max(seconds, 1e-9)
+      row.update(tokens_per_second=rate, step_seconds=seconds / max(step - window_step, 1))
+      util = flops.mfu(rate / jax.device_count(), flops_per_token, peak)
+      if util is not None:
+        row["mfu"] = util
+      eta = row["step_seconds"] * (t.steps - step)
+      speed = (f"{rate:,.0f} tok/s" + (f"  mfu {util:.1%}" if util is not None else "")
+               + f"  eta {format_eta(eta)}")
     emit(step, row)
-    eta = row["step_seconds"] * (t.steps - step)
     log(f"step {step:7d}/{t.steps}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
         + (f"selected {selected.mean():.3f} (eval rule {eval_selected.mean():.3f})  "
            if selected.size else "")
-        + f"gnorm {row['grad_norm']:.3f}  {rate:,.0f} tok/s"
-        + (f"  mfu {util:.1%}" if util is not None else "") + f"  eta {format_eta(eta)}")
+        + f"gnorm {row['grad_norm']:.3f}  " + speed)
     if warning:
       log(warning)
     window_start, window_step = time.perf_counter(), step
 
+  def paused(action):
+    """Runs an action between steps with its time (and compilation) left out of tok/s."""
+    def run(*args, **kwargs):
+      nonlocal window_start
+      begin = time.perf_counter()
+      try:
+        return action(*args, **kwargs)
+      finally:
+        window_start += time.perf_counter() - begin
+    return run
+
+  @paused
   def evaluate(step):
     row = _eval_metrics(eval_step, state.params, eval_batches, rows)
     if row:
@@ -222,9 +243,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
       log(f"eval at step {step}: loss {row['eval/loss']:.4f}  ppl "
           f"{row['eval/perplexity']:.2f}  acc {row['eval/accuracy']:.3f}")
 
+  @paused
   def checkpoint(force=False):
     if checkpointer is not None:
       checkpointer.save(state, data_state=data_iter.get_state(), cfg=cfg, force=force)
+
+  profiler = _Profiler(profile_steps, workdir, log)
 
   # The non-finite check reads each step's flags one step late, so that the host never
   # waits for the step it has just dispatched.
@@ -233,9 +257,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
   try:
     with _Preemption() as preemption:
       while step < t.steps and not preemption.requested:
+        profiler.before(step + 1)
         batch = _global_batch(next(data_iter), rows)
         state, metrics = train_step(state, batch)
         step += 1
+        profiler.after(step, metrics)
         if previous is not None:
           _after_step(*previous, cfg=cfg, log=log)
         previous = (step, metrics)
@@ -247,8 +273,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
           checkpoint()
       if previous is not None:
         _after_step(*previous, cfg=cfg, log=log)
+      profiler.stop()
       if preemption.requested and step < t.steps:
-        log(f"SIGTERM at step {step}: checkpointing and stopping")
+        log(f"{preemption.requested} at step {step}: checkpointing and stopping")
         checkpoint(force=True)
         return history
       evaluate(step)
@@ -259,10 +286,38 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
         log(f"peak device memory {memory / 2**30:.2f} GiB")
         emit(step, {"peak_memory_gib": memory / 2**30})
   finally:
+    profiler.stop()
     if checkpointer is not None:
       checkpointer.close()
     writer.close()
   return history
+
+
+class _Profiler:
+  """`--profile_steps=a:b`: a jax.profiler trace of steps a..b in `<workdir>/profile/`
+  (open with TensorBoard's profile plugin, or Perfetto)."""
+
+  def __init__(self, steps, workdir, log):
+    self.first, self.last = steps or (0, -1)
+    self.directory = os.path.join(workdir or ".", "profile")
+    self.log = log
+    self.running = False
+
+  def before(self, step):
+    if step == self.first and jax.process_index() == 0:
+      jax.profiler.start_trace(self.directory)
+      self.running = True
+
+  def after(self, step, metrics):
+    if self.running and step >= self.last:
+      jax.block_until_ready(metrics)     # the trace holds the last step's device work
+      self.stop()
+
+  def stop(self):
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      self.log(f"profile of steps {self.first}..{self.last} written to {self.directory}")
 
 
 def _after_step(step, metrics, *, cfg, log):
@@ -284,44 +339,34 @@ def _peak_memory() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def restore_workdir(workdir: str, overrides: dict | None = None,
-                    log: Callable[[str], None] = print):
-  """The newest checkpoint of a training workdir: (cfg, steps, plan, state, step).
-
-  overrides: config fields to change on top of the workdir's config.json (data, kernels;
-  the model fields must match the checkpoint, which its restore checks).
-  """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise TrainingError(f"{workdir!r} holds no config.json: not a training workdir; fix: "
-                        "point --workdir at the directory `taipan train` wrote")
-  cfg = taipan_jax.load_config(config_path, overrides)
-  steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0,
-                                                                            gumbel=1)))
-  plan = _plan(cfg, steps)
-  state = partition.init_state(steps, plan)
-  checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, log=log)
-  try:
-    restored = checkpointer.restore(_restore_target(state), cfg)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise TrainingError(f"no readable checkpoint in {workdir!r}; fix: train first "
-                        "(`taipan train --workdir=...`)")
-  state, _, step = restored
-  return cfg, steps, plan, state, step
-
-
 def evaluate_workdir(workdir: str, *, data_path: str | None = None,
                      batches: int | None = None, overrides: dict | None = None,
                      log: Callable[[str], None] = print) -> dict:
   """Evaluates the newest checkpoint in a workdir on its held-out data (or on `data_path`,
-  every document of it); returns the metrics. overrides: config fields that do not change
-  the parameters (e.g. {"sal.inference_selection": "none"} switches the SALs off)."""
+  every document of it); returns the metrics and writes them to `<workdir>/eval/` (a JSON
+  file per evaluation, and TensorBoard scalars under `eval/tb_<data>/`). overrides: config
+  fields that do not change the parameters (e.g. {"sal.inference_selection": "none"}
+  switches the SALs off); they name the result files too.
+
+  The checkpoints are opened read-only: this can run beside the trainer writing them.
+  """
   overrides = dict(overrides or {})
-  if data_path:            # every document of it is held out
+  variant = "".join(f"_{k}={v}" for k, v in sorted(overrides.items()))
+  if data_path:
+    workdirs.check_readable(workdir)
+    task = taipan_jax.load_config(os.path.join(workdir, "config.json")).data.task
+    if task != "text":
+      raise TrainingError(
+          f"eval --data={data_path!r}: {workdir!r} holds a model trained on the {task!r} task, "
+          "which reads no files; fix: leave out --data (it evaluates held-out "
+          f"{task} examples) or evaluate a text run")
+    # With data_path, every document of it is held out.
     overrides.update({"data.path": data_path, "data.eval_fraction": 1.0 - 1e-9})
-  cfg, steps, plan, state, step = restore_workdir(workdir, overrides, log)
+  cfg, steps, plan, state, step = workdirs.restore(workdir, overrides, log)
+  if cfg.data.task == "text" and "data.tokenizer" not in overrides:
+    kept = workdirs.kept_tokenizer(workdir)
+    if kept is not None:           # the workdir's own copy: right even after a move
+      cfg = workdirs.with_tokenizer(cfg, kept[0])
   n = batches or cfg.train.eval_batches
   eval_batches = pipeline.make_eval_batches(cfg, n, process_index=jax.process_index(),
                                             process_count=jax.process_count())
@@ -330,4 +375,37 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
   row = _eval_metrics(partition.jit_eval_step(steps, plan), state.params, eval_batches,
                      plan.batch)
   log(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
-  return {"step": step, **row}
+  result = {"step": step, **row}
+  if jax.process_index() == 0:
+    name = (_data_name(data_path) if data_path else "held_out") + _safe(variant)
+    path = write_eval_result(workdir, name, result,
+                             {"data": data_path or "held-out split", "batches": n,
+                              "overrides": {k: v for k, v in overrides.items()
+                                            if not k.startswith("data.")}})
+    log(f"wrote {path}")
+  return result
+
+
+def _data_name(path: str) -> str:
+  base = os.path.basename(path.rstrip("/"))
+  if any(c in base for c in "*?["):
+    base = os.path.basename(os.path.dirname(path.rstrip("/")))
+  return _safe(base) or "data"
+
+
+def _safe(name: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+
+
+def write_eval_result(workdir: str, name: str, result: dict, meta: dict) -> str:
+  """`<workdir>/eval/<name>_step<S>.json` and TensorBoard scalars in `<workdir>/eval/tb_<name>`
+  (a run of its own next to the training curves)."""
+  directory = os.path.join(workdir, "eval")
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{name}_step{result['step']}.json")
+  with open(path, "w") as f:
+    json.dump({**result, **meta, "time": time.time()}, f, indent=2)
+  writer = MetricsWriter(os.path.join(directory, f"tb_{name}"), jsonl=False)
+  writer.write(result["step"], {k: v for k, v in result.items() if k != "step"})
+  writer.close()
+  return path

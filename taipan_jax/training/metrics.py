@@ -16,46 +16,61 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 class MetricsWriter:
   """write(step, {name: float}) to `<workdir>/tensorboard/` and `<workdir>/metrics.jsonl`.
 
-  On resume (`resume_step` given), JSON rows past the restored step are dropped: the
-  steps after the last checkpoint are recomputed and written again, and the file keeps one
-  row per step in order.
+  The JSON-lines file is only ever appended to: a resumed run recomputes the steps after
+  its checkpoint and appends their rows again, so a reader takes the last row per step
+  (`read_metrics`). TensorBoard is told the same with a session-start event at the resumed
+  step, which makes it drop the older run's points past that step.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
+               jsonl: bool = True):
     self.enabled = enabled
+    self._jsonl = None
     if not enabled:
       return
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.jsonl_path):
-      rows = []
-      with open(self.jsonl_path) as f:
-        for line in f:
-          try:
-            if json.loads(line).get("step", 0) <= resume_step:
-              rows.append(line)
-          except json.JSONDecodeError:
-            pass            # a line cut short by a kill
-      tmp = self.jsonl_path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(rows)
-      os.replace(tmp, self.jsonl_path)
-    self._jsonl = open(self.jsonl_path, "a")
-    self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
+    if jsonl:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._events = EventFileWriter(os.path.join(workdir, "tensorboard") if jsonl else workdir)
+    if resume_step:
+      self._events.add_event(event_pb2.Event(
+          wall_time=time.time(), step=resume_step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+      self._jsonl.flush()
     summary = summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._events.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of `<workdir>/metrics.jsonl`, the last one of each (step, kind) where a resumed
+  run wrote a step again; lines that are not JSON objects (a kill mid-write) are skipped."""
+  rows = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and "step" in row:
+        kind = tuple(sorted(k for k in row if k not in ("step", "time")))
+        rows[(row["step"], kind)] = row
+  return sorted(rows.values(), key=lambda r: r["step"])
 
 
 def format_eta(seconds: float) -> str:
