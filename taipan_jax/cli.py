@@ -15,10 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
-
-_USAGE = ("usage: taipan {train,eval,generate,convert,tokenizer train} [--flags]; "
-          "see `taipan train --helpfull`")
+from absl import flags, logging
 
 _CONFIG = flags.DEFINE_string(
     "config", "tiny", "Config file with get_config(), or a bundled config's name; override "
@@ -52,6 +49,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus mass (1.0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 _INPUT = flags.DEFINE_string("input", None, "tokenizer: text to train on (file, dir or glob).")
 _OUTPUT = flags.DEFINE_string("output", None, "tokenizer: output prefix (writes .model/.vocab).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "tokenizer: replace an existing "
+                               "<output>.model (workdirs trained with it keep their own copy).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "tokenizer: pieces in the vocabulary.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "tokenizer: algorithm.")
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "tokenizer: text field of .jsonl records.")
@@ -59,10 +58,14 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "convert: a Hugging Face / state-s
                               "checkpoint directory (config.json + safetensors).")
 _UPCYCLE = flags.DEFINE_integer("upcycle_sal_every", 0, "convert: 0 keeps the Mamba-2; K > 0 "
                                 "grows a Taipan with a fresh SAL after every K blocks.")
+_PROFILE = flags.DEFINE_string("profile_steps", None, "train: a:b traces steps a..b with "
+                               "jax.profiler into <workdir>/profile/ (open it in TensorBoard).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' when the environment names a multi-process "
     "job (JAX_COORDINATOR_ADDRESS, SLURM, multi-host TPU).")
+
+
 
 
 class UsageError(ValueError):
@@ -89,31 +92,63 @@ def _maybe_initialize_distributed() -> None:
 
 _overrides: list[str] = []     # the --config.a.b=v arguments, taken out before absl parses
 
+# Config fields a command that reads a trained workdir may change: how the model is computed
+# and read, never what it is (the checkpoint fixes that).
+_READ_OVERRIDES = ("mamba.kernel", "sal.kernel", "data.tokenizer")
+_EVAL_OVERRIDES = _READ_OVERRIDES + ("data.text_field",)
+
+
+def _read_overrides(command: str, allowed: tuple[str, ...]) -> dict:
+  from taipan_jax.config import parse_overrides
+  parsed = parse_overrides(_overrides)
+  for key in parsed:
+    if key not in allowed:
+      raise UsageError(f"--config.{key} does not apply to `taipan {command}`: the model and "
+                       "its recipe come from the workdir; fix: leave it out (this command "
+                       f"accepts --config. of {', '.join(allowed)})")
+  return parsed
+
+
+def _profile_steps():
+  if not _PROFILE.value:
+    return None
+  first, sep, last = _PROFILE.value.partition(":")
+  try:
+    first, last = int(first), int(last)
+  except ValueError:
+    first = last = -1
+  if not sep or not 1 <= first <= last:
+    raise UsageError(f"--profile_steps={_PROFILE.value!r} is not a:b with 1 <= a <= b; fix: "
+                     "e.g. --profile_steps=10:15 (after the first step, which compiles)")
+  return first, last
+
 
 def _train(argv):
   from taipan_jax.config import load_config, parse_overrides
   from taipan_jax.training.loop import train
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
+  if not _WORKDIR.value:
+    raise UsageError("train needs --workdir for its checkpoints, metrics and config; fix: "
+                     "add --workdir=<a new or empty directory, or a run's own to resume it>")
+  profile = _profile_steps()
   cfg = load_config(_CONFIG.value, parse_overrides(_overrides))
   _maybe_initialize_distributed()
-  train(cfg, _WORKDIR.value)
+  train(cfg, _WORKDIR.value, profile_steps=profile)
 
 
 def _eval(argv):
   from taipan_jax.training.loop import evaluate_workdir
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
   if not _WORKDIR.value:
     raise UsageError("eval needs --workdir (the directory `taipan train` wrote)")
+  overrides = _read_overrides("eval", _EVAL_OVERRIDES)
   if _LONG.value:
-    _eval_long_context()
+    _eval_long_context(overrides)
     return
   _maybe_initialize_distributed()
-  evaluate_workdir(_WORKDIR.value, data_path=_DATA.value, batches=_EVAL_BATCHES.value)
+  evaluate_workdir(_WORKDIR.value, data_path=_DATA.value, batches=_EVAL_BATCHES.value,
+                   overrides=overrides)
 
 
-def _eval_long_context():
+def _eval_long_context(overrides):
   import time
   import numpy as np
   from taipan_jax.data.text import read_document_tokens
@@ -135,7 +170,7 @@ def _eval_long_context():
   except ImportError:
     raise UsageError("eval --long_context writes a PNG and needs matplotlib; fix: pip install "
                      "'taipan-jax[plot]'") from None
-  loaded = load_workdir(_WORKDIR.value)
+  loaded = load_workdir(_WORKDIR.value, overrides)
   tokens = read_document_tokens(_DATA.value, loaded.tokenizer, _MAX_TOKENS.value)
   if any(not 0 < s < tokens.size - 1 for s in fresh_starts):   # before the stream, not after
     raise UsageError(f"--fresh_starts={','.join(_FRESH.value)}: the document has only "
@@ -175,17 +210,15 @@ def _eval_long_context():
 
 def _generate(argv):
   import numpy as np
-  from taipan_jax.data.tokenizer import EOS_ID
   from taipan_jax.inference import Generator, Sampling
   from taipan_jax.inference.load import load_workdir
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
   if not _WORKDIR.value:
     raise UsageError("generate needs --workdir (the directory `taipan train` wrote)")
   if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
     raise UsageError("generate needs exactly one of --prompt=<text> or --prompt_ids=1,2,3")
+  overrides = _read_overrides("generate", _READ_OVERRIDES)
   sampling = Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-  loaded = load_workdir(_WORKDIR.value)
+  loaded = load_workdir(_WORKDIR.value, overrides)
   if _PROMPT.value is not None:
     if loaded.tokenizer is None:
       raise UsageError(f"{_WORKDIR.value} holds a {loaded.cfg.data.task!r} model with no "
@@ -198,7 +231,7 @@ def _generate(argv):
       raise UsageError(f"--prompt_ids={_PROMPT_IDS.value!r} is not comma-separated "
                        "integers") from None
   gen = Generator(loaded.model)
-  stop = [EOS_ID] if loaded.tokenizer is not None else []
+  stop = [loaded.tokenizer.eos_id()] if loaded.tokenizer is not None else []
   emitted = []
   for new in gen.stream([np.asarray(ids, np.int32)], max_new_tokens=_MAX_NEW.value,
                         sampling=sampling, stop_tokens=stop, seed=_SEED.value):
@@ -216,13 +249,17 @@ def _generate(argv):
 def _tokenizer(argv):
   from taipan_jax.data.text import TextDocuments
   from taipan_jax.data.tokenizer import train_tokenizer
-  if argv[1:] != ["train"]:
-    raise UsageError(f"unknown tokenizer command {argv[1:]}; use `taipan tokenizer train`")
   if not _INPUT.value or not _OUTPUT.value:
     raise UsageError("tokenizer train needs --input=<file, dir or glob> and --output=<prefix>")
+  existing = [_OUTPUT.value + ext for ext in (".model", ".vocab")
+              if os.path.exists(_OUTPUT.value + ext)]
+  if existing and not _OVERWRITE.value:     # checked before reading any text
+    raise UsageError(f"--output={_OUTPUT.value!r}: {existing[0]} exists (runs may point at it);"
+                     " fix: pick another --output, or pass --overwrite to replace it")
   docs = TextDocuments(_INPUT.value, _TEXT_FIELD.value)
   path = train_tokenizer((docs[i] for i in range(len(docs))), _OUTPUT.value,
-                         vocab_size=_VOCAB.value, model_type=_MODEL_TYPE.value)
+                         vocab_size=_VOCAB.value, model_type=_MODEL_TYPE.value,
+                         overwrite=_OVERWRITE.value)
   print(f"wrote {path} ({_VOCAB.value} pieces, {_MODEL_TYPE.value}, byte fallback) from "
         f"{len(docs)} documents; train with --config.data.tokenizer={path} "
         f"--config.model.vocab_size={_VOCAB.value}")
@@ -231,8 +268,6 @@ def _tokenizer(argv):
 def _convert(argv):
   from taipan_jax.interop import load_hf_mamba2, upcycle_to_taipan
   from taipan_jax.interop.convert import save_workdir
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments {argv[1:]}; {_USAGE}")
   if not _HF_DIR.value or not _WORKDIR.value:
     raise UsageError("convert needs --hf_dir=<checkpoint directory> and --workdir=<output>")
   model, cfg = load_hf_mamba2(_HF_DIR.value)
@@ -243,39 +278,201 @@ def _convert(argv):
         f"`taipan train --config={path} --workdir={_WORKDIR.value} --config.data...`")
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "convert": _convert,
-             "tokenizer": _tokenizer}
+class _Command:
+  def __init__(self, run, usage, summary, flag_names, examples, positional=()):
+    self.run, self.usage, self.summary = run, usage, summary
+    self.flags, self.examples, self.positional = flag_names, examples, positional
 
 
-def _run(command):
-  def main(argv):
-    # orbax and grain log every save and read at INFO; progress lines are ours.
+_COMMANDS = {
+    "train": _Command(
+        _train, "taipan train --workdir=W [--config=C] [--config.a.b=v ...]",
+        "train a model; resumes from W by itself",
+        ("config", "workdir", "profile_steps", "distributed"),
+        ["taipan train --config=tiny --workdir=/tmp/tiny",
+         "taipan train --workdir=/tmp/tiny --config.train.steps 300",
+         "taipan train --config=configs/taipan_190m.py --workdir=runs/190m "
+         "--config.data.task=text --config.data.path='corpus/*.txt' "
+         "--config.data.tokenizer=spm.model",
+         "taipan train --workdir=/tmp/tiny --flagfile=overrides.flags"]),
+    "eval": _Command(
+        _eval, "taipan eval --workdir=W [--data=PATH] [--long_context ...]",
+        "evaluate the newest checkpoint (held-out data, a file, or one long document)",
+        ("workdir", "data", "eval_batches", "long_context", "max_tokens", "segment_len",
+         "first_bucket", "fresh_starts", "out", "distributed"),
+        ["taipan eval --workdir=/tmp/tiny",
+         "taipan eval --workdir=runs/190m --data='held_out/*.txt'",
+         "taipan eval --workdir=runs/190m --long_context --data=book.txt"]),
+    "generate": _Command(
+        _generate, "taipan generate --workdir=W (--prompt=TEXT | --prompt_ids=1,2,3)",
+        "stream generated text from the newest checkpoint",
+        ("workdir", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k",
+         "top_p", "seed"),
+        ["taipan generate --workdir=runs/190m --prompt='Once upon a time'",
+         "taipan generate --workdir=/tmp/tiny --prompt_ids=3,17,4 --max_new_tokens=8",
+         "taipan generate --workdir=runs/190m --prompt=hi --config.sal.kernel=interpret"]),
+    "tokenizer": _Command(
+        _tokenizer, "taipan tokenizer train --input=PATH --output=PREFIX [--vocab_size=V]",
+        "train a byte-fallback SentencePiece tokenizer",
+        ("input", "output", "overwrite", "vocab_size", "model_type", "text_field"),
+        ["taipan tokenizer train --input='corpus/**/*.txt' --vocab_size=8192 "
+         "--output=/tmp/spm"], positional=("train",)),
+    "convert": _Command(
+        _convert, "taipan convert --hf_dir=D --workdir=W [--upcycle_sal_every=K]",
+        "a Hugging Face / state-spaces Mamba-2 checkpoint as a workdir",
+        ("hf_dir", "workdir", "upcycle_sal_every"),
+        ["taipan convert --hf_dir=path/to/mamba2-130m --workdir=/tmp/m2",
+         "taipan convert --hf_dir=path/to/mamba2-130m --workdir=/tmp/t --upcycle_sal_every=6"]),
+}
+# absl's own flags every command takes.
+_COMMON = ("flagfile", "verbosity", "v")
+
+
+def _overview() -> str:
+  lines = ["usage: taipan <command> [--flags]   (also python -m taipan_jax.cli)", "",
+           "commands:"]
+  lines += [f"  {name:<10} {c.summary}" for name, c in _COMMANDS.items()]
+  lines += ["", "`taipan <command> --help` lists a command's flags with examples;",
+            "docs/cli.md has them all."]
+  return "\n".join(lines)
+
+
+def _command_help(name: str) -> str:
+  c = _COMMANDS[name]
+  lines = [f"usage: {c.usage}", "", c.summary + ".", "", "flags:"]
+  for flag in c.flags + ("verbosity",):
+    f = flags.FLAGS[flag]
+    default = "" if f.default in (None, "", []) else f" (default {f.default_as_str})"
+    lines.append(f"  --{flag}{default}" + (", -v" if flag == "verbosity" else ""))
+    lines.append(f"      {f.help}")
+  lines.append("  --flagfile=FILE")
+  lines.append("      read more flags (and --config. overrides) from FILE, one a line")
+  if name == "train":
+    lines.append("  --config.<section>.<field>=VALUE (or --config.<section>.<field> VALUE)")
+    lines.append("      override any field of configs/base.py")
+  elif name in ("eval", "generate"):
+    allowed = _EVAL_OVERRIDES if name == "eval" else _READ_OVERRIDES
+    lines.append(f"  --config.<field>=VALUE for {', '.join(allowed)}")
+  lines += ["", "examples:"] + [f"  {e}" for e in c.examples]
+  return "\n".join(lines)
+
+
+def _closest(word: str, choices) -> str | None:
+  import difflib
+  close = difflib.get_close_matches(word, list(choices), n=1)
+  return close[0] if close else None
+
+
+def _split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+  """--config.a.b=v and --config.a.b v out of args; (overrides, the rest)."""
+  overrides, rest = [], []
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith("--config."):
+      if "=" not in arg:
+        if i + 1 >= len(args) or args[i + 1].startswith("--"):
+          raise UsageError(f"{arg} has no value; fix: write {arg}=VALUE or {arg} VALUE")
+        arg = f"{arg}={args[i + 1]}"
+        i += 1
+      overrides.append(arg)
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def _parse(name: str, prog: str, args: list[str]) -> list[str]:
+  """Parses a command's flags into absl's FLAGS; returns its positional arguments."""
+  command = _COMMANDS[name]
+  try:
+    args = flags.FLAGS.read_flags_from_files(args, force_gnu=False)   # --flagfile=F
+  except flags.Error as e:
+    raise UsageError(f"{' '.join(str(e).split())}; fix: check the --flagfile path") from None
+  _overrides[:], args = _split_overrides(args)
+  try:
+    positional = flags.FLAGS([prog] + args)[1:]
+  except flags.Error as e:
+    message = str(e).splitlines()[0].split(". Did you mean")[0]
+    unknown = message.split("'")[1] if message.startswith("Unknown command line flag") else ""
+    close = _closest(unknown, command.flags) if unknown else None
+    fix = f"did you mean --{close}?" if close else f"see `taipan {name} --help`"
+    raise UsageError(f"{message}; fix: {fix}") from None
+  for flag in flags.FLAGS:
+    if flags.FLAGS[flag].present and flag not in command.flags + _COMMON:
+      owners = [n for n, c in _COMMANDS.items() if flag in c.flags]
+      where = f"a flag of `taipan {' / '.join(owners)}`" if owners else "not a taipan flag"
+      raise UsageError(f"--{flag} is {where}, not of `taipan {name}`; fix: leave it out "
+                       f"(see `taipan {name} --help`)")
+  if positional != list(command.positional):
+    want = " ".join(command.positional) or "no words besides its flags"
+    raise UsageError(f"`taipan {name}` takes {want}, got {positional}; fix: usage: "
+                     f"{command.usage}")
+  return positional
+
+
+def _set_verbosity() -> None:
+  # orbax and grain log every save and read at INFO; progress lines are ours. -v/--verbosity
+  # turns their logs back on.
+  if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-    from taipan_jax.config import ConfigError
-    from taipan_jax.data.errors import DataError
-    from taipan_jax.training.checkpoint import CheckpointError
-    from taipan_jax.interop import InteropError
-    from taipan_jax.training.loop import TrainingError
-    from taipan_jax.inference import GenerationError
-    try:
-      command(argv)
-    except (ConfigError, DataError, TrainingError, CheckpointError, UsageError, InteropError,
-            FileExistsError, GenerationError) as e:
-      _fail(str(e))
-  return main
+
+
+def _errors():
+  from taipan_jax.config import ConfigError
+  from taipan_jax.data.errors import DataError
+  from taipan_jax.inference import GenerationError
+  from taipan_jax.interop import InteropError
+  from taipan_jax.training.checkpoint import CheckpointError
+  from taipan_jax.training.loop import TrainingError
+  from taipan_jax.training.workdir import WorkdirError
+  return (ConfigError, DataError, TrainingError, CheckpointError, UsageError, InteropError,
+          FileExistsError, GenerationError, WorkdirError)
+
+
+def _enable_compilation_cache() -> None:
+  """A persistent XLA compilation cache, on unless the user set one (or TAIPAN_NO_CACHE=1):
+  a second `taipan generate` or a resumed run skips compiling what the first one did."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("TAIPAN_NO_CACHE") == "1":
+    return
+  import jax
+  directory = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                           "taipan_jax", "xla")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Small models compile many programs of well under jax's default 1 s threshold, which
+  # together take most of a short command's time.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def main(argv=None):
   """`taipan <command> [flags]`; argv defaults to sys.argv (callable again in-process)."""
   argv = list(sys.argv if argv is None else argv)
   flags.FLAGS.unparse_flags()
-  if len(argv) < 2 or argv[1] not in _COMMANDS:
-    given = argv[1] if len(argv) > 1 else "nothing"
-    _fail(f"unknown command {given!r}; {_USAGE}")
+  first = argv[1] if len(argv) > 1 else "help"
+  if first in ("help", "-h", "--help", "-help", "--helpfull"):
+    topic = argv[2] if len(argv) > 2 else None
+    print(_command_help(topic) if topic in _COMMANDS else _overview())
+    sys.exit(0)
+  if first not in _COMMANDS:
+    close = _closest(first, _COMMANDS)
+    _fail(f"unknown command {first!r}; fix: "
+          + (f"did you mean `taipan {close}`? " if close else "")
+          + f"(commands: {', '.join(_COMMANDS)}; `taipan --help`)")
   rest = argv[2:]
-  _overrides[:] = [a for a in rest if a.startswith("--config.")]
-  rest = [a for a in rest if not a.startswith("--config.")]
-  app.run(_run(_COMMANDS[argv[1]]), argv=[f"{argv[0]} {argv[1]}"] + rest)
+  if rest[:1] == ["help"] or any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
+    print(_command_help(first))
+    sys.exit(0)
+  try:
+    _parse(first, f"{argv[0]} {first}", rest)
+  except UsageError as e:
+    _fail(str(e))
+  _set_verbosity()
+  errors = _errors()
+  try:
+    _enable_compilation_cache()
+    _COMMANDS[first].run([first] + list(_COMMANDS[first].positional))
+  except errors as e:
+    _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,17 @@ def _fail(key: str, value: Any, problem: str, fix: str):
   raise ConfigError(f"config key {key}={value!r}: {problem}; fix: {fix}")
 
 
+def _unknown(key: str, value: Any, name: str, choices) -> None:
+  """An unknown section or field `name` of `key`: names the closest one, else lists them."""
+  import difflib
+  close = difflib.get_close_matches(name, [str(c) for c in choices], n=1)
+  if close:
+    parts = key.split(".")
+    parts[parts.index(name)] = close[0]
+    _fail(key, value, f"unknown key {name!r}", f"did you mean {'.'.join(parts)}?")
+  _fail(key, value, f"unknown key {name!r}", f"use one of {sorted(choices)}")
+
+
 def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:
   """Loads a config file (path), a bundled config (name such as "tiny") or a run's
@@ -61,7 +72,11 @@ def _read_config(path_or_name: str) -> ml_collections.ConfigDict:
   if os.path.exists(path_or_name):
     spec = importlib.util.spec_from_file_location("_taipan_config", path_or_name)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:      # a broken config file: name the line, not a traceback
+      raise ConfigError(f"config {path_or_name!r} line {_error_line(e, path_or_name)}: "
+                        f"{type(e).__name__}: {e}; fix: correct the file") from None
   else:
     name = os.path.splitext(os.path.basename(path_or_name))[0]
     try:
@@ -78,6 +93,20 @@ def _read_config(path_or_name: str) -> ml_collections.ConfigDict:
   except TypeError as e:     # ConfigDict refuses a value of the wrong type on assignment
     raise ConfigError(f"config {path_or_name!r}: {e}; fix: give the field a value of the "
                       "type configs/base.py declares") from None
+  except Exception as e:
+    raise ConfigError(f"config {path_or_name!r} line {_error_line(e, module.__file__)}: "
+                      f"get_config() raised {type(e).__name__}: {e}; fix: correct the "
+                      "file") from None
+
+
+def _error_line(error: Exception, path: str) -> str:
+  """The line of `path` an exception came from (a SyntaxError says it itself)."""
+  if isinstance(error, SyntaxError):
+    return str(error.lineno)
+  import traceback
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return str(lines[-1]) if lines else "?"
 
 
 def _merge(cfg, values: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -106,11 +135,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     node = schema
     *parents, leaf = key.split(".")
     for p in parents:
-      node = node[p] if p in node and isinstance(node[p], ml_collections.ConfigDict) else None
-      if node is None:
-        _fail(key, text, f"there is no section {p!r}", "check the key against configs/base.py")
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        _unknown(key, text, p, [k for k in node.keys()
+                                if isinstance(node[k], ml_collections.ConfigDict)])
+      node = node[p]
     if leaf not in node:
-      _fail(key, text, "unknown key", f"use one of {sorted(node.keys())}")
+      _unknown(key, text, leaf, node.keys())
     out[key] = _parse_value(key, text, node.get_type(leaf))
   return out
 
@@ -139,10 +169,10 @@ def _set_dotted(cfg, key: str, value):
   node = cfg
   for p in parents:
     if p not in node:
-      _fail(key, value, f"there is no section {p!r}", f"use one of {sorted(node.keys())}")
+      _unknown(key, value, p, node.keys())
     node = node[p]
   if leaf not in node:
-    _fail(key, value, "unknown key", f"use one of {sorted(node.keys())}")
+    _unknown(key, value, leaf, node.keys())
   try:
     node[leaf] = value
   except TypeError:

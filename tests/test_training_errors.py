@@ -45,6 +45,19 @@ def text_setup(tmp_path_factory, taipan):
   (root / "empty").mkdir(exist_ok=True)
   (root / "empty" / "a.txt").write_text("")
   (root / "records.jsonl").write_text('{"body": "no text field here"}\n' * 30)
+  # Someone else's directory: taipan must not touch a byte of it.
+  (root / "foreign").mkdir(exist_ok=True)
+  (root / "foreign" / "config.json").write_text('{"theirs": true}\n')
+  (root / "foreign" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+  (root / "foreign" / "notes.txt").write_text("my notes\n")
+  (root / "latin1").mkdir(exist_ok=True)
+  (root / "latin1" / "a.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+  (root / "binary").mkdir(exist_ok=True)
+  (root / "binary" / "b.txt").write_bytes(bytes(range(256)) * 4)
+  (root / "broken_config.py").write_text("def get_config(:\n  return None\n")
+  (root / "raising_config.py").write_text(
+      "from taipan_jax.configs import base\n\ndef get_config():\n  cfg = base.get_config()\n"
+      "  cfg.train.steps = 10 // 0\n  return cfg\n")
   tok = taipan("tokenizer", "train", f"--input={corpus}", "--vocab_size=300",
                f"--output={root / 'spm'}")
   assert tok.returncode == 0, tok.stderr[-2000:]
@@ -89,16 +102,49 @@ CASES = {
     "tokenizer vocab larger than the text allows": lambda r: [
         "tokenizer", "train", f"--input={r / 'corpus'}", "--vocab_size=50000",
         f"--output={r / 'big'}"],
+    # issue 31's table, and further bad inputs found with it
+    "workdir: someone else's directory": lambda r: [
+        "train", f"--workdir={r / 'foreign'}", *SMALL],
+    "workdir: a remote URL": lambda r: ["train", "--workdir=gs://bucket/run", *SMALL],
+    "eval: a remote URL": lambda r: ["eval", "--workdir=gs://bucket/run"],
+    "train without --workdir": lambda r: ["train"],
+    "tokenizer train onto an existing output": lambda r: [
+        "tokenizer", "train", f"--input={r / 'corpus'}", "--vocab_size=300",
+        f"--output={r / 'spm'}"],
+    "latin-1 text": lambda r: ["train", *_text(r, **{"data.path": str(r / "latin1")})],
+    "binary file in the corpus": lambda r: [
+        "train", *_text(r, **{"data.path": str(r / "binary")})],
+    "binary file as tokenizer input": lambda r: [
+        "tokenizer", "train", f"--input={r / 'binary'}", "--vocab_size=300",
+        f"--output={r / 'fresh'}"],
+    "eval --data on an MQAR run": lambda r: [
+        "eval", f"--workdir={r / 'trained'}", f"--data={r / 'corpus'}"],
+    "train --prompt (a flag of generate)": lambda r: ["train", "--prompt=hi"],
+    "generate with a recipe override": lambda r: [
+        "generate", f"--workdir={r / 'trained'}", "--prompt_ids=1,2",
+        "--config.optim.peak_lr=0.1"],
+    "config file with a syntax error": lambda r: [
+        "train", f"--config={r / 'broken_config.py'}"],
+    "config file that raises": lambda r: ["train", f"--config={r / 'raising_config.py'}"],
+    "misspelt config key": lambda r: ["train", "--config.train.stpes", "30"],
+    "misspelt config section": lambda r: ["train", "--config.trian.steps=30"],
+    "override without a value": lambda r: ["train", "--config.train.steps"],
+    "misspelt flag": lambda r: ["eval", f"--workdir={r / 'trained'}", "--eval_batchs=2"],
+    "flagfile that does not exist": lambda r: ["train", f"--flagfile={r / 'none.flags'}"],
+    "misspelt command": lambda r: ["trian"],
+    "tokenizer without its verb": lambda r: ["tokenizer", f"--input={r / 'corpus'}"],
+    "bad --profile_steps": lambda r: ["train", "--profile_steps=5"],
 }
 
 
 def _snapshot(root):
-  """Every file under root with its size and mtime: nothing may be written or changed."""
+  """Every file under root with its bytes and mtime: nothing may be written or changed."""
   out = {}
   for dirpath, _, files in os.walk(root):
     for f in files:
-      st = os.stat(os.path.join(dirpath, f))
-      out[os.path.join(dirpath, f)] = (st.st_size, st.st_mtime_ns)
+      path = os.path.join(dirpath, f)
+      with open(path, "rb") as fh:
+        out[path] = (fh.read(), os.stat(path).st_mtime_ns)
   return out
 
 
@@ -114,10 +160,35 @@ def test_bad_input_gives_one_clear_line(text_setup, taipan, name, tmp_path):
   assert "fix:" in errors[0] or "usage:" in errors[0], errors[0]
   assert _snapshot(text_setup) == before, "a failed run wrote or changed files"
   assert not (tmp_path / "w").exists(), "a failed run created its workdir"
+  assert not os.path.exists("gs:"), "a remote workdir was written as a local path"
 
 
 def _with_workdir(args, tmp_path):
-  """train runs get a fresh workdir unless the case names its own."""
+  """train runs get a fresh workdir unless the case names its own (or is about its lack)."""
+  if args == ["train"]:
+    return args
   if args and args[0] == "train" and not any(a.startswith("--workdir") for a in args):
     return [*args, f"--workdir={tmp_path / 'w'}"]
   return args
+
+
+@pytest.mark.parametrize("name,fragment", [
+    ("workdir: someone else's directory", "not a taipan run (config.json, metrics.jsonl"),
+    ("workdir: a remote URL", "mount the bucket"),
+    ("tokenizer train onto an existing output", "--overwrite"),
+    ("latin-1 text", "a.txt is not UTF-8 at byte 3"),
+    ("binary file in the corpus", "b.txt holds a NUL byte at byte 0"),
+    ("binary file as tokenizer input", "binary file"),
+    ("eval --data on an MQAR run", "'mqar' task, which reads no files"),
+    ("train --prompt (a flag of generate)", "--prompt is a flag of `taipan generate`"),
+    ("config file with a syntax error", "broken_config.py' line 1: SyntaxError"),
+    ("config file that raises", "raising_config.py' line 5: get_config() raised "
+                                "ZeroDivisionError"),
+    ("misspelt config key", "did you mean train.steps?"),
+    ("misspelt config section", "did you mean train.steps?"),
+    ("misspelt flag", "did you mean --eval_batches?"),
+    ("misspelt command", "did you mean `taipan train`?"),
+])
+def test_bad_input_message_names_the_problem(text_setup, taipan, name, fragment, tmp_path):
+  out = taipan(*_with_workdir(CASES[name](text_setup), tmp_path))
+  assert fragment in out.stderr, out.stderr[-2000:]
