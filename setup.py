@@ -25,8 +25,11 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # Plots (long-context evaluation, benchmarks, notebooks).
     "plot": ["matplotlib>=3.8"],
+    # Hugging Face tokenizer.json files as data.tokenizer (e.g. the Llama-3 tokenizer).
+    "hf": ["tokenizers>=0.15"],
     # nbmake runs notebooks/ (small mode) inside the test command.
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "matplotlib>=3.8", "nbmake>=1.5"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "matplotlib>=3.8", "nbmake>=1.5",
+             "tokenizers>=0.15"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }

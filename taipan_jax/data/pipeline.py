@@ -28,7 +28,7 @@ from grain import experimental as grain_exp
 from taipan_jax.data import synthetic
 from taipan_jax.data.errors import DataError
 from taipan_jax.data.text import TextDocuments, split_indices
-from taipan_jax.data.tokenizer import BOS_ID, EOS_ID, check_vocab, load_tokenizer
+from taipan_jax.data.tokenizer import check_vocab, load_tokenizer
 
 # Held-out synthetic examples come from another seed, so they never appear in training.
 _EVAL_SEED_OFFSET = 1_000_003
@@ -84,7 +84,7 @@ class _Tokenize(grain.transforms.Map):
     if self._sp is None:
       self._sp = load_tokenizer(self.tokenizer_path)
     ids = self._sp.EncodeAsIds(self.documents[int(index)])
-    tokens = np.asarray([BOS_ID, *ids, EOS_ID], np.int32)
+    tokens = np.asarray([self._sp.bos_id(), *ids, self._sp.eos_id()], np.int32)
     return {"tokens": tokens, "example_ids": np.full(tokens.size, index, np.int32)}
 
 

@@ -4,6 +4,11 @@
 `.jsonl` hold one JSON document per line (its text under `data.text_field`); files ending in
 `.array_record` hold one UTF-8 document per record; any other file is one plain-text
 document. A directory contributes its `.txt`, `.jsonl` and `.array_record` files.
+
+Text is decoded strictly as UTF-8: a file in another encoding, or a binary file a glob
+happened to match, stops the run with its name and the byte offset, instead of training on
+replacement characters. Plain-text and JSON-lines files are checked when indexed, before any
+training starts.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class TextDocuments:
         with open(f, "rb") as fh:
           for line in fh:
             if line.strip():
+              _check_text(f, line, offset)
               self._entries.append(("jsonl", f, offset))
             offset += len(line)
         if len(self._entries) > start:
@@ -68,6 +74,8 @@ class TextDocuments:
         self._entries += [("array_record", f, i) for i in range(n)]
       else:
         if os.path.getsize(f) > 0:
+          with open(f, "rb") as fh:
+            _check_text(f, fh.read(), 0)
           self._entries.append(("text", f, 0))
     if not self._entries:
       raise DataError(f"data.path={path!r} holds no documents (all files are empty); fix: "
@@ -85,10 +93,10 @@ class TextDocuments:
   def __getitem__(self, index: int) -> str:
     kind, f, where = self._entries[index]
     if kind == "text":
-      with open(f, encoding="utf-8", errors="replace") as fh:
-        return fh.read()
+      with open(f, "rb") as fh:
+        return _check_text(f, fh.read(), 0)
     if kind == "array_record":
-      return self._array_record(f)[where].decode("utf-8", errors="replace")
+      return _check_text(f"{f} record {where}", self._array_record(f)[where], 0)
     with open(f, "rb") as fh:
       fh.seek(where)
       line = fh.readline()
@@ -107,6 +115,20 @@ class TextDocuments:
 
   def __repr__(self) -> str:
     return f"TextDocuments({len(self)} documents)"
+
+
+def _check_text(name: str, data: bytes, offset: int) -> str:
+  """data decoded as UTF-8; a DataError naming the file and byte offset if it is not text."""
+  nul = data.find(b"\0")
+  if nul >= 0:
+    raise DataError(f"{name} holds a NUL byte at byte {offset + nul}: a binary file, not text; "
+                    "fix: narrow data.path (or --input) to the text files")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{name} is not UTF-8 at byte {offset + e.start} "
+                    f"({data[e.start:e.start + 4]!r}); fix: convert it (e.g. `iconv -f latin1 "
+                    "-t utf-8`) or leave it out of data.path (or --input)") from None
 
 
 def split_indices(num_documents: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,13 @@
-"""SentencePiece tokenizers: train one on local text, load one, check it against a config.
+"""Tokenizers: train a SentencePiece model on local text, load one, check it against a config.
 
-Ids follow SentencePiece's defaults with padding added: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>.
-Padding is id 0 so that packed rows padded with zeros decode as padding.
+`data.tokenizer` is a SentencePiece `.model` (what `taipan tokenizer train` writes) or a
+Hugging Face `tokenizer.json` (the `tokenizers` library: e.g. the Llama-3 tokenizer the paper
+used). Both are used through SentencePiece's method names (EncodeAsIds, DecodeIds,
+GetPieceSize, bos_id, eos_id).
+
+Ids of the models trained here follow SentencePiece's defaults with padding added: 0 <pad>,
+1 <unk>, 2 <s>, 3 </s>. Padding is id 0 so that packed rows padded with zeros decode as
+padding; padded positions are masked, so another tokenizer's id 0 is harmless.
 """
 from __future__ import annotations
 
@@ -28,12 +34,17 @@ def _sentences(documents: Iterable[str]):
 
 
 def train_tokenizer(documents: Iterable[str], output: str, *, vocab_size: int,
-                    model_type: str = "bpe", max_sentences: int = 2_000_000) -> str:
+                    model_type: str = "bpe", max_sentences: int = 2_000_000,
+                    overwrite: bool = False) -> str:
   """Trains a byte-fallback SentencePiece model on the documents; returns `<output>.model`.
 
   output: a path prefix; writes `<output>.model` and `<output>.vocab` (atomically: a failed
-  run leaves no partial model behind).
+  run leaves no partial model behind). An existing model there is replaced only with
+  `overwrite` (runs that point at it would silently decode with another tokenizer).
   """
+  if not overwrite and os.path.exists(output + ".model"):
+    raise DataError(f"tokenizer output {output + '.model'!r} exists; fix: pick another "
+                    "--output, or pass --overwrite to replace it")
   if model_type not in ("bpe", "unigram"):
     raise DataError(f"tokenizer model_type={model_type!r} is not supported; fix: use 'bpe' "
                     "or 'unigram'")
@@ -67,14 +78,71 @@ def train_tokenizer(documents: Iterable[str], output: str, *, vocab_size: int,
       if os.path.exists(tmp + ext):
         os.remove(tmp + ext)
     reason = str(e).strip().splitlines()[-1]
+    fix = ("lower --vocab_size or give more text" if "vocab" in reason.lower()
+           else "check that --input is plain UTF-8 text")
     raise DataError(f"sentencepiece could not train a {vocab_size}-piece {model_type} model "
-                    f"({reason}); fix: lower --vocab_size or give more text") from None
+                    f"({reason}); fix: {fix}") from None
   for ext in (".model", ".vocab"):
     os.replace(tmp + ext, output + ext)
   return output + ".model"
 
 
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+# Begin/end-of-text tokens of common Hugging Face tokenizers, most specific first.
+_HF_BOS = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
+_HF_EOS = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` behind SentencePiece's method names."""
+
+  def __init__(self, path: str):
+    try:
+      from tokenizers import Tokenizer
+    except ImportError:
+      raise DataError(f"data.tokenizer={path!r} is a Hugging Face tokenizer.json, which needs "
+                      "the `tokenizers` library; fix: pip install 'taipan-jax[hf]'") from None
+    self.path = path
+    try:
+      self._tok = Tokenizer.from_file(path)
+    except Exception as e:      # the library raises plain Exception for a bad file
+      raise DataError(f"tokenizer file {path!r} is not a Hugging Face tokenizer.json ({e}); "
+                      "fix: point data.tokenizer at a tokenizer.json or a SentencePiece "
+                      ".model file") from None
+    self._bos = self._special(_HF_BOS, "beginning")
+    self._eos = self._special(_HF_EOS, "end")
+
+  def _special(self, names, which):
+    for name in names:
+      i = self._tok.token_to_id(name)
+      if i is not None:
+        return i
+    raise DataError(f"tokenizer {self.path!r} has none of the {which}-of-text tokens "
+                    f"{list(names)}; fix: add one to the tokenizer.json's added_tokens")
+
+  def __getstate__(self):
+    return {"path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"])
+
+  def EncodeAsIds(self, text: str) -> list[int]:   # noqa: N802  (SentencePiece's names)
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def DecodeIds(self, ids) -> str:   # noqa: N802
+    return self._tok.decode(list(ids), skip_special_tokens=False)
+
+  def GetPieceSize(self) -> int:   # noqa: N802
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def bos_id(self) -> int:
+    return self._bos
+
+  def eos_id(self) -> int:
+    return self._eos
+
+
+def load_tokenizer(path: str):
+  """A SentencePiece `.model` or a Hugging Face `tokenizer.json` (by its content)."""
   if not path:
     raise DataError("data.tokenizer is empty but data.task='text' needs one; fix: set "
                     "--config.data.tokenizer=path/to/x.model (train one with `taipan "
@@ -82,16 +150,19 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
   if not os.path.isfile(path):
     raise DataError(f"tokenizer file {path!r} does not exist; fix: train one with `taipan "
                     "tokenizer train --input=... --output=...` or correct data.tokenizer")
+  with open(path, "rb") as f:
+    if f.read(1) == b"{":         # JSON: SentencePiece models are protobuf
+      return HFTokenizer(path)
   sp = spm.SentencePieceProcessor()
   try:
     sp.Load(path)
   except (RuntimeError, OSError) as e:
     raise DataError(f"tokenizer file {path!r} is not a SentencePiece model ({e}); fix: point "
-                    "data.tokenizer at a .model file") from None
+                    "data.tokenizer at a .model file or a Hugging Face tokenizer.json") from None
   return sp
 
 
-def check_vocab(sp: spm.SentencePieceProcessor, vocab_size: int, path: str = "") -> None:
+def check_vocab(sp, vocab_size: int, path: str = "") -> None:
   """The model's vocabulary must be the tokenizer's, id for id."""
   if sp.GetPieceSize() != vocab_size:
     raise DataError(f"tokenizer {path!r} has {sp.GetPieceSize()} pieces but "

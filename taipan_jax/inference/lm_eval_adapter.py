@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from taipan_jax.data.tokenizer import BOS_ID
 from taipan_jax.inference.generate import Generator
 from taipan_jax.inference.long_context import stream_nll
 from taipan_jax.inference.sampling import Sampling
@@ -94,14 +93,14 @@ class TaipanLM(_Base):
       continuation = context[len(stripped):] + continuation
       ctx = self.tokenizer.EncodeAsIds(stripped) if stripped else []
       cont = self.tokenizer.EncodeAsIds(continuation)
-      out.append(self._score([BOS_ID] + ctx + cont, len(cont)))
+      out.append(self._score([self.tokenizer.bos_id()] + ctx + cont, len(cont)))
     return out
 
   def loglikelihood_rolling(self, requests) -> list[float]:
     out = []
     for request in requests:
       ids = self.tokenizer.EncodeAsIds(request.args[0])
-      out.append(self._score([BOS_ID] + ids, len(ids))[0])
+      out.append(self._score([self.tokenizer.bos_id()] + ids, len(ids))[0])
     return out
 
   def generate_until(self, requests) -> list[str]:
@@ -112,7 +111,7 @@ class TaipanLM(_Base):
       until = [until] if isinstance(until, str) else list(until)
       temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", True) \
           else 0.0
-      prompt = [BOS_ID] + self.tokenizer.EncodeAsIds(context)
+      prompt = [self.tokenizer.bos_id()] + self.tokenizer.EncodeAsIds(context)
       new = self.generator.generate(
           [prompt[-self.max_length:]], max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
           sampling=Sampling(temperature=temperature), stop_tokens=[self.tokenizer.eos_id()],
