@@ -370,6 +370,8 @@ def _split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
   while i < len(args):
     arg = args[i]
     if arg.startswith("--config."):
+      if "=" not in arg and len(arg.split(None, 1)) == 2:    # a flagfile line "--config.k v"
+        arg = "=".join(arg.split(None, 1))
       if "=" not in arg:
         if i + 1 >= len(args) or args[i + 1].startswith("--"):
           raise UsageError(f"{arg} has no value; fix: write {arg}=VALUE or {arg} VALUE")

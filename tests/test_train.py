@@ -72,11 +72,12 @@ def test_weight_decay_only_on_matrices():
     assert not any(name in p for p in decayed), name
 
 
-def test_module_entry_point_runs_with_overrides():
+def test_module_entry_point_runs_with_overrides(tmp_path):
   # The CLI tests' small model and the resume tests' 24 steps: their compiled steps, which the
   # persistent compilation cache (conftest) holds for whichever test runs them first.
   out = subprocess.run(
-      [sys.executable, "-m", "taipan_jax.train", *SMALL, "--config.train.steps=24"],
+      [sys.executable, "-m", "taipan_jax.train", *SMALL, "--config.train.steps=24",
+       f"--workdir={tmp_path}"],
       capture_output=True, text=True, env=os.environ.copy(), timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "step      24/24" in out.stdout
