@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # Plots (long-context evaluation, benchmarks, notebooks).
     "plot": ["matplotlib>=3.8"],
+    # lm-evaluation-harness (taipan_jax/inference/lm_eval_adapter.py); no torch needed.
+    "eval": ["lm-eval>=0.4.8"],
     # Hugging Face tokenizer.json files as data.tokenizer (e.g. the Llama-3 tokenizer).
     "hf": ["tokenizers>=0.15"],
     # nbmake runs notebooks/ (small mode) inside the test command.

@@ -91,7 +91,7 @@ _LONGEST_FIRST = (
     "test_kill_and_resume_matches_an_uninterrupted_run_bitwise",
     "test_training_with_the_length_split_equals_one_device", "04_compare_architectures.ipynb",
     "test_two_processes_train_like_one", "01_quickstart.ipynb",
-    "test_ops_dispatch_and_mesh", "test_lm_eval_adapter_equals_a_direct_computation",
+    "test_ops_dispatch_and_mesh", "test_lm_eval_scorer_in_batches_equals_a_direct_computation",
     "test_checkpoint_moves_between_meshes",
     "test_corrupt_latest_checkpoint_falls_back_to_the_previous",
     "test_model_decode_with_the_kernels_equals_the_jnp_path",

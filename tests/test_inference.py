@@ -213,18 +213,14 @@ def test_inference_input_errors_are_one_clear_line(text_workdir, tmp_path, capsy
   # Tokenizer mismatch: the config names a tokenizer of another vocabulary.
   texts = [p.read_text() for p in sorted(corpus.iterdir())]
   other = train_tokenizer(texts, str(tmp_path / "other"), vocab_size=278)
-  mismatch = tmp_path / "mismatch"
-  shutil.copytree(workdir, mismatch)
-  cfg = json.loads((mismatch / "config.json").read_text())
-  cfg["data"]["tokenizer"] = other
-  (mismatch / "config.json").write_text(json.dumps(cfg))
   # No checkpoint: a workdir with its config only.
   empty = tmp_path / "empty"
   empty.mkdir()
   shutil.copy(workdir / "config.json", empty / "config.json")
   cases = [
-      (["generate", f"--workdir={mismatch}", "--prompt=word1"], "278 pieces"),
-      (["generate", f"--workdir={empty}", "--prompt=word1"], "no readable checkpoint"),
+      (["generate", f"--workdir={workdir}", "--prompt=word1",
+        f"--config.data.tokenizer={other}"], "278 pieces"),
+      (["generate", f"--workdir={empty}", "--prompt=word1"], "no checkpoint in"),
       (["generate", f"--workdir={tmp_path / 'nowhere'}", "--prompt=x"], "no config.json"),
       (["generate", f"--workdir={workdir}", "--prompt="], "prompt 0 is empty"),
       (["eval", f"--workdir={workdir}", "--long_context"], "needs --data"),
@@ -256,45 +252,86 @@ def test_streaming_with_the_gpu_kernels_equals_one_shot(rng):
   np.testing.assert_allclose(streamed, direct, atol=1e-3, rtol=1e-3)
 
 
-def test_lm_eval_adapter_equals_a_direct_computation(text_workdir):
-  """A small offline task: the adapter's three request types against the model's own
-  log-softmax over the unpadded sequence."""
-  from collections import namedtuple
-  from taipan_jax.data.tokenizer import BOS_ID
-  from taipan_jax.inference.lm_eval_adapter import TaipanLM
+def test_lm_eval_scorer_in_batches_equals_a_direct_computation(text_workdir):
+  """The adapter's scoring (no lm-eval needed): sequences of several lengths in batches of 3,
+  one longer than max_length (streamed), against the model's own log-softmax over each
+  unpadded sequence."""
+  from taipan_jax.inference.lm_eval_adapter import Scorer
+  from taipan_jax.inference.load import load_workdir
   _, workdir, _ = text_workdir
-  lm = TaipanLM.create_from_arg_string(f"workdir={workdir},max_length=64")
-  request = namedtuple("Request", "args")
-  sp, model = lm.tokenizer, lm.model
-
-  # One compiled forward for every direct computation: ids padded at the end to 256 tokens
-  # (not the adapter's padding), which a causal model's earlier positions do not see.
-  forward = compiled_forward(model)
+  scorer = Scorer(load_workdir(str(workdir), log=lambda _: None), max_length=64, batch_size=3)
+  sp, bos = scorer.tokenizer, scorer.bos
+  forward = compiled_forward(scorer.model)
 
   def direct(ids, n):
-    padded = np.zeros((1, 256), np.int32)
+    padded = np.zeros((1, 256), np.int32)     # not the scorer's padding; causal: unseen
     padded[0, :len(ids)] = ids
     lp = np.asarray(jax.nn.log_softmax(forward(jnp.asarray(padded))[0][0], -1), np.float64)
-    return float(sum(lp[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
+    greedy = all(lp[t - 1].argmax() == ids[t] for t in range(len(ids) - n, len(ids)))
+    return float(sum(lp[t - 1, ids[t]] for t in range(len(ids) - n, len(ids)))), greedy
 
-  pairs = [("word1 word2", " word3 word4"), ("word7 word8 ", "word9")]
-  got = lm.loglikelihood([request(p) for p in pairs])
-  for (context, continuation), (ll, greedy) in zip(pairs, got):
-    stripped = context.rstrip(" ")
-    cont = sp.EncodeAsIds(context[len(stripped):] + continuation)
-    ids = [BOS_ID] + sp.EncodeAsIds(stripped) + cont
-    assert isinstance(greedy, bool)
-    np.testing.assert_allclose(ll, direct(ids, len(cont)), atol=1e-4, rtol=1e-5)
-  # Rolling: one text short enough for one forward, one longer than max_length (streamed).
-  texts = ["word3 word4 word5", " ".join(f"word{i % 50}" for i in range(60))]
-  rolling = lm.loglikelihood_rolling([request((t,)) for t in texts])
-  for text, ll in zip(texts, rolling):
-    ids = [BOS_ID] + sp.EncodeAsIds(text)
-    assert len(ids) > 64 or text == texts[0]
-    np.testing.assert_allclose(ll, direct(ids, len(ids) - 1), atol=1e-3, rtol=1e-5)
-  [text] = lm.generate_until([request(("word1 word2", {"until": ["word"],
-                                                        "max_gen_toks": 6}))])
+  texts = ["word1 word2 word3", "word7", " ".join(f"word{i % 50}" for i in range(60)),
+           "word4 word5 word6 word7 word8", "word9 word10"]
+  sequences = [([bos] + sp.EncodeAsIds(t), k) for t, k in zip(texts, (2, 1, 30, 3, 2))]
+  assert len(sequences[2][0]) > 64                   # streamed through the cache
+  got = scorer.score(sequences)
+  for (ids, n), (ll, greedy) in zip(sequences, got):
+    want, want_greedy = direct(ids, n)
+    np.testing.assert_allclose(ll, want, atol=1e-3, rtol=1e-5)
+    if len(ids) <= 64:
+      assert greedy == want_greedy
+  text = scorer.generate("word1 word2", until=["word"], max_new_tokens=6)
   assert isinstance(text, str) and "word" not in text
+
+
+def test_lm_eval_simple_evaluate_equals_a_direct_computation(text_workdir, tmp_path):
+  """lm-evaluation-harness itself runs a multiple-choice task defined here over a local
+  JSONL file through TaipanLM; its per-choice log-likelihoods and accuracy equal ours."""
+  lm_eval = pytest.importorskip(
+      "lm_eval", reason="needs lm-evaluation-harness: pip install 'taipan-jax[eval]'")
+  from taipan_jax.inference.lm_eval_adapter import TaipanLM
+  _, workdir, _ = text_workdir
+  docs = [{"query": f"word{i} word{i + 1}", "choices": [f" word{i + 2}", f" word{i + 40}",
+                                                        f" word{i + 3} word{i + 4}"],
+           "gold": i % 3} for i in range(7)]
+  data = tmp_path / "task.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  task = {"task": "taipan_tiny_mc", "dataset_path": "json",
+          "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+          "output_type": "multiple_choice", "doc_to_text": "{{query}}",
+          "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+          "metric_list": [{"metric": "acc"}]}
+  lm = TaipanLM(workdir=str(workdir), max_length=64, batch_size=4)
+  result = lm_eval.simple_evaluate(model=lm, tasks=[task], log_samples=True,
+                                   bootstrap_iters=0)
+  samples = result["samples"]["taipan_tiny_mc"]
+  sp, bos = lm.scorer.tokenizer, lm.scorer.bos
+  forward = compiled_forward(lm.scorer.model)
+
+  def direct(context, continuation):
+    # lm-eval's rule for causal models: trailing spaces of the context go to the
+    # continuation; the continuation's ids are the whole text's after the context's.
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    ctx = sp.EncodeAsIds(stripped)
+    cont = sp.EncodeAsIds(stripped + continuation)[len(ctx):]
+    ids = [bos] + ctx + cont
+    padded = np.zeros((1, 64), np.int32)
+    padded[0, :len(ids)] = ids
+    lp = np.asarray(jax.nn.log_softmax(forward(jnp.asarray(padded))[0][0], -1), np.float64)
+    return float(sum(lp[t - 1, ids[t]] for t in range(len(ids) - len(cont), len(ids))))
+
+  correct = 0
+  assert len(samples) == len(docs)
+  for sample in samples:
+    doc = sample["doc"]
+    got = [float(r[0]) for r in sample["filtered_resps"]]
+    want = [direct(*args) for args in sample["arguments"]]
+    assert [a[1].strip() for a in sample["arguments"]] == [c.strip() for c in doc["choices"]]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    correct += int(np.argmax(want) == doc["gold"])
+  acc = result["results"]["taipan_tiny_mc"]["acc,none"]
+  assert acc == pytest.approx(correct / len(docs))
 
 
 @pytest.mark.parametrize("variant", ["taipan", "kv_selected_only"])

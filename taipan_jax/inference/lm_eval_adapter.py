@@ -1,20 +1,21 @@
-r"""An lm-evaluation-harness model over a trained workdir, registered as `taipan_jax`.
+r"""lm-evaluation-harness over a trained workdir: the model `taipan_jax`.
 
+    pip install 'taipan-jax[eval]'
     python -m taipan_jax.inference.lm_eval_adapter --model taipan_jax \
-        --model_args workdir=/path/to/run --tasks lambada_openai,hellaswag,piqa,arc_easy
+        --model_args workdir=/path/to/run --tasks lambada_openai,hellaswag,piqa,arc_easy \
+        --batch_size 16
 
 runs lm-eval's own command line with this model registered (lm-eval finds models only in
 modules it has imported; this entry point imports this one first). From Python:
 `lm_eval.simple_evaluate(model=TaipanLM(workdir=...), tasks=[...])`.
 
-The three request types lm-eval sends:
-  loglikelihood(context, continuation) -> (sum of log p(continuation tokens), greedy?)
-  loglikelihood_rolling(text) -> sum of log p over the whole text (BOS-prefixed)
-  generate_until(context, {until, max_gen_toks, temperature, ...}) -> text
-Scored sequences are padded on the right to a power of two (at least 64) so a few shapes
-compile: every layer is causal, so the padding never reaches a scored position. Texts longer
-than `max_length` are scored by streaming segments through the cache
-(long_context.stream_nll).
+`TaipanLM` is lm-eval's `TemplateLM`: lm-eval splits context and continuation and tokenizes
+them (through `tok_encode`); this module scores token ids. `Scorer` does the scoring and needs
+no lm-eval: requests are sorted by length and scored `batch_size` rows at a time, padded on
+the right to a power of two (at least 64) and to a full batch, so that few shapes compile:
+every layer is causal, so padding never reaches a scored position. Every scored sequence
+starts with the tokenizer's begin-of-text id, as the training documents did. A sequence
+longer than `max_length` streams through the cache in segments (long_context.stream_nll).
 """
 from __future__ import annotations
 
@@ -29,108 +30,144 @@ from taipan_jax.inference.generate import Generator
 from taipan_jax.inference.long_context import stream_nll
 from taipan_jax.inference.sampling import Sampling
 
-try:
-  from lm_eval.api.model import LM as _Base
-  from lm_eval.api.registry import register_model as _register
-except ImportError:           # the adapter's logic is usable (and tested) without lm-eval
-  _Base = object
-  _register = None
-
 
 def _padded_length(n: int) -> int:
   return max(64, 1 << (n - 1).bit_length())
 
 
-class TaipanLM(_Base):
-  """workdir: a `taipan train` directory of a text model (its tokenizer is used).
-  loaded: an already loaded `inference.load.Loaded` instead. max_length: the longest
-  sequence scored in one forward; longer ones stream in segments of that length."""
+class Scorer:
+  """Log-likelihoods of token ids under a loaded model, in batches.
 
-  def __init__(self, workdir: str | None = None, *, loaded=None, max_length: int = 4096,
-               batch_size: int = 1, **unused):
-    if _Base is not object:
-      super().__init__()
-    if loaded is None:
-      if not workdir:
-        raise ValueError("taipan_jax needs model_args workdir=<a `taipan train` directory>")
-      from taipan_jax.inference.load import load_workdir
-      loaded = load_workdir(workdir)
+  loaded: `inference.load.Loaded` of a text run. max_length: the longest sequence scored in
+  one forward; longer ones stream in segments of that length. batch_size: rows a forward.
+  """
+
+  def __init__(self, loaded, *, max_length: int = 4096, batch_size: int = 1):
     if loaded.tokenizer is None:
-      raise ValueError(f"the model in {workdir!r} was trained on {loaded.cfg.data.task!r}, "
-                       "not text: lm-eval needs a text model with a tokenizer")
+      raise ValueError(f"the model was trained on {loaded.cfg.data.task!r}, not text: "
+                       "lm-eval needs a text model with a tokenizer")
     self.model, self.tokenizer = loaded.model, loaded.tokenizer
-    self.max_length = int(max_length)
+    self.bos, self.eos = self.tokenizer.bos_id(), self.tokenizer.eos_id()
+    self.max_length, self.batch_size = int(max_length), max(int(batch_size), 1)
     self.generator = Generator(self.model)
-    graphdef, self._state = self.generator.graphdef, self.generator.state
+    graphdef = self.generator.graphdef
+    self._state = self.generator.state
 
     def log_probs(state, ids):
       logits, _ = nnx.merge(graphdef, state)(ids)
       return jax.nn.log_softmax(logits, -1)
     self._log_probs = jax.jit(log_probs)
 
-  # -- lm-eval's three request types -------------------------------------------------------
-
-  def _score(self, ids: list[int], n_scored: int) -> tuple[float, bool]:
-    """Log-probability of the last n_scored tokens of ids given the rest; greedy: each was
-    the argmax."""
-    if len(ids) <= self.max_length:
-      padded = np.zeros((1, _padded_length(len(ids))), np.int32)
-      padded[0, :len(ids)] = ids
-      lp = np.asarray(self._log_probs(self._state, jnp.asarray(padded))[0])
-      positions = np.arange(len(ids) - n_scored - 1, len(ids) - 1)
-      targets = np.asarray(ids[len(ids) - n_scored:])
-      ll = float(lp[positions, targets].sum())
-      return ll, bool((lp[positions].argmax(-1) == targets).all())
-    nll = stream_nll(self.model, np.asarray(ids), segment_len=self.max_length, log=None)
-    return -float(nll[-n_scored:].sum()), False
-
-  def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-    out = []
-    for request in requests:
-      context, continuation = request.args
-      # A context's trailing spaces belong to the continuation's first piece.
-      stripped = context.rstrip(" ")
-      continuation = context[len(stripped):] + continuation
-      ctx = self.tokenizer.EncodeAsIds(stripped) if stripped else []
-      cont = self.tokenizer.EncodeAsIds(continuation)
-      out.append(self._score([self.tokenizer.bos_id()] + ctx + cont, len(cont)))
+  def score(self, sequences: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+    """(ids, n): log p of the last n ids given the ones before, and whether each of them
+    was the argmax (greedy); ids start with the begin-of-text id."""
+    out: list[tuple[float, bool] | None] = [None] * len(sequences)
+    short = []
+    for i, (ids, n) in enumerate(sequences):
+      if len(ids) <= self.max_length:
+        short.append(i)
+      else:
+        nll = stream_nll(self.model, np.asarray(ids), segment_len=self.max_length, log=None)
+        out[i] = (-float(nll[-n:].sum()), False)
+    short.sort(key=lambda i: len(sequences[i][0]))    # one padded length per batch, mostly
+    for start in range(0, len(short), self.batch_size):
+      chunk = short[start:start + self.batch_size]
+      length = _padded_length(max(len(sequences[i][0]) for i in chunk))
+      padded = np.zeros((self.batch_size, length), np.int32)
+      for row, i in enumerate(chunk):
+        ids = sequences[i][0]
+        padded[row, :len(ids)] = ids
+      lp = np.asarray(self._log_probs(self._state, jnp.asarray(padded)))
+      for row, i in enumerate(chunk):
+        ids, n = sequences[i]
+        positions = np.arange(len(ids) - n - 1, len(ids) - 1)
+        targets = np.asarray(ids[len(ids) - n:])
+        out[i] = (float(lp[row, positions, targets].sum()),
+                  bool((lp[row, positions].argmax(-1) == targets).all()))
     return out
 
-  def loglikelihood_rolling(self, requests) -> list[float]:
-    out = []
-    for request in requests:
-      ids = self.tokenizer.EncodeAsIds(request.args[0])
-      out.append(self._score([self.tokenizer.bos_id()] + ids, len(ids))[0])
-    return out
-
-  def generate_until(self, requests) -> list[str]:
-    out = []
-    for request in requests:
-      context, kwargs = request.args
-      until = kwargs.get("until") or []
-      until = [until] if isinstance(until, str) else list(until)
-      temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", True) \
-          else 0.0
-      prompt = [self.tokenizer.bos_id()] + self.tokenizer.EncodeAsIds(context)
-      new = self.generator.generate(
-          [prompt[-self.max_length:]], max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
-          sampling=Sampling(temperature=temperature), stop_tokens=[self.tokenizer.eos_id()],
-          seed=int(kwargs.get("seed", 0)))[0]
-      text = self.tokenizer.DecodeIds([t for t in new if t != self.tokenizer.eos_id()])
-      cuts = [text.index(u) for u in until if u and u in text]
-      out.append(text[:min(cuts)] if cuts else text)
-    return out
-
-  @classmethod
-  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-    args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
-    if "max_length" in args:
-      args["max_length"] = int(args["max_length"])
-    return cls(**args)
+  def generate(self, context: str, *, until: list[str], max_new_tokens: int,
+               temperature: float = 0.0, seed: int = 0) -> str:
+    prompt = [self.bos] + self.tokenizer.EncodeAsIds(context)
+    new = self.generator.generate(
+        [prompt[-self.max_length:]], max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature=temperature), stop_tokens=[self.eos], seed=seed)[0]
+    text = self.tokenizer.DecodeIds([t for t in new if t != self.eos])
+    cuts = [text.index(u) for u in until if u and u in text]
+    return text[:min(cuts)] if cuts else text
 
 
-if _register is not None:
-  _register("taipan_jax")(TaipanLM)
+try:
+  from lm_eval.api.model import TemplateLM
+  from lm_eval.api.registry import register_model
+except ImportError:           # the Scorer works (and is tested) without lm-eval
+  TemplateLM = None
+
+
+if TemplateLM is not None:
+
+  @register_model("taipan_jax")
+  class TaipanLM(TemplateLM):
+    """workdir: a `taipan train` directory of a text model (its tokenizer is used);
+    loaded: an already loaded `inference.load.Loaded` instead. max_length: the longest
+    sequence scored in one forward. batch_size: sequences scored a forward ("auto": 16)."""
+
+    def __init__(self, workdir: str | None = None, *, loaded=None, max_length: int = 4096,
+                 batch_size: int | str = 1, **unused):   # lm-eval also passes device etc.
+      super().__init__()
+      if loaded is None:
+        if not workdir:
+          raise ValueError("taipan_jax needs model_args workdir=<a `taipan train` directory>")
+        from taipan_jax.inference.load import load_workdir
+        loaded = load_workdir(workdir, log=lambda _: None)
+      batch = 16 if str(batch_size).startswith("auto") else int(batch_size)
+      self.scorer = Scorer(loaded, max_length=int(max_length), batch_size=batch)
+
+    @property
+    def eot_token_id(self) -> int:
+      return self.scorer.eos
+
+    @property
+    def prefix_token_id(self) -> int:     # an empty context is the begin-of-text token
+      return self.scorer.bos
+
+    @property
+    def max_length(self) -> int:
+      return self.scorer.max_length
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+      return self.scorer.tokenizer.EncodeAsIds(string)
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+      return self.scorer.tokenizer.DecodeIds(list(tokens))
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+      # Text never encodes to the begin-of-text id, so a leading one is lm-eval's prefix.
+      return ids if ids[:1] == [self.scorer.bos] else [self.scorer.bos] + ids
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+      return self.scorer.score([(self._with_bos(list(ctx) + list(cont)), len(cont))
+                                for _, ctx, cont in requests])
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+      sequences = []
+      for request in requests:
+        ids = self.tok_encode(request.args[0])
+        sequences.append(([self.scorer.bos] + ids, len(ids)))
+      return [ll for ll, _ in self.scorer.score(sequences)]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+      out = []
+      for request in requests:
+        context, kwargs = request.args
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        sample = kwargs.get("do_sample", False)
+        out.append(self.scorer.generate(
+            context, until=until, max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+            temperature=float(kwargs.get("temperature", 0.0)) if sample else 0.0,
+            seed=int(kwargs.get("seed", 0))))
+      return out
 
 
 def main(argv=None):
@@ -139,7 +176,7 @@ def main(argv=None):
     from lm_eval.__main__ import cli_evaluate
   except ImportError:
     raise SystemExit("taipan_jax lm-eval adapter: lm-eval is not installed; fix: pip install "
-                     "lm-eval") from None
+                     "'taipan-jax[eval]'") from None
   sys.argv = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
   cli_evaluate()
 
