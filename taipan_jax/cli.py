@@ -8,7 +8,8 @@ r"""The `taipan` command: thin subcommands that parse, validate once, and call t
     taipan convert --hf_dir=path/to/mamba2 --workdir=/tmp/m2 [--upcycle_sal_every=6]
 
 A bad input stops with one line `taipan: error: ...` naming the value and the fix, and a
-non-zero exit, before any file is written.
+non-zero exit, before any file is written. `taipan --help` and `taipan <command> --help`
+answer without importing jax (taipan_jax imports it lazily).
 """
 from __future__ import annotations
 
@@ -64,8 +65,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' when the environment names a multi-process "
     "job (JAX_COORDINATOR_ADDRESS, SLURM, multi-host TPU).")
-
-
 
 
 class UsageError(ValueError):

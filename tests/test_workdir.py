@@ -1,6 +1,7 @@
 """Workdirs that never lose a user's files (issue 31): resume, moves, unreadable checkpoints,
 a changed tokenizer, Ctrl-C, and a reader beside a saving trainer."""
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -87,12 +88,21 @@ def test_a_moved_workdir_evaluates_with_its_own_tokenizer(text_run, tmp_path):
   assert (moved / "eval" / "held_out_step3.json").is_file()
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(moved / "eval" /
                                                                    "tb_held_out"))
+  # eval --data evaluates that file: every document of it, not the run's held-out split
+  one = root / "corpus" / "d5.txt"
+  on_file = loop.evaluate_workdir(str(moved), data_path=str(one), log=lambda _: None)
+  assert on_file["eval/loss"] != row["eval/loss"]
+  assert (moved / "eval" / "d5.txt_step3.json").is_file()
 
 
 def test_resume_keeps_every_config_and_appends_metrics(text_run, tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   root, cfg, _ = text_run
   run = tmp_path / "run"
   shutil.copytree(root / "run", run)
+  # Resume from step 2 (steps 3 and 4 run again) in a workdir from before markers existed.
+  shutil.rmtree(run / "checkpoints" / "3")
+  os.remove(run / workdirs.MARKER)
   before = (run / "metrics.jsonl").read_bytes()
   changed = _small(**{"data.task": "text",
                       "data.path": cfg.data.path, "data.tokenizer": cfg.data.tokenizer,
@@ -103,10 +113,19 @@ def test_resume_keeps_every_config_and_appends_metrics(text_run, tmp_path):
   diff = [l for l in lines if l.startswith("config changed since the last start")]
   assert len(diff) == 1 and "optim.peak_lr: 0.006 -> 0.001" in diff[0] \
       and "train.steps: 3 -> 4" in diff[0], lines
-  assert sorted(os.listdir(run / "configs")) == ["000_step0.json", "001_step3.json"]
+  assert sorted(os.listdir(run / "configs")) == ["000_step0.json", "001_step2.json"]
+  assert (run / workdirs.MARKER).is_file()
   after = (run / "metrics.jsonl").read_bytes()
   assert after.startswith(before) and len(after) > len(before)   # appended, never rewritten
-  assert [r["step"] for r in read_metrics(str(run)) if "loss" in r] == [1, 2, 3, 4]
+  rows = read_metrics(str(run))
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+  assert [r["loss"] for r in rows if r["step"] == 3 and "loss" in r] == \
+      [r["loss"] for r in map(json.loads, after.decode().splitlines())
+       if r["step"] == 3 and "loss" in r][-1:]          # the recomputed step 3 wins
+  # TensorBoard drops the first run's points past the resumed step: one point a step.
+  acc = EventAccumulator(str(run / "tensorboard"))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
   # A model change is still refused, naming the field.
   with pytest.raises(CheckpointError, match=r"model.d_model: 64 -> 32"):
     loop.train(_small(**{"data.task": "text", "data.path": cfg.data.path,

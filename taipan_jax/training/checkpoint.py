@@ -80,14 +80,23 @@ class Checkpointer:
     self.log = log
     self.read_only = read_only
     if read_only:
+      # lightweight_initialize: list the steps without reading each one's metadata, which a
+      # trainer beside us may be deleting (max_to_keep) at that moment.
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                              save_interval_steps=0,
+                                             lightweight_initialize=True,
                                              enable_async_checkpointing=False,
                                              cleanup_tmp_directories=False)
-      # orbax warns at WARNING that a read-only manager is read-only; that is the point.
-      with _quiet():
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-      return
+      for attempt in range(5):
+        try:
+          # orbax warns at WARNING that a read-only manager is read-only; that is the point.
+          with _quiet():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+          return
+        except FileNotFoundError:       # a step vanished while it was listed: list again
+          if attempt == 4:
+            raise
+          time.sleep(0.05)
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True,

@@ -18,8 +18,8 @@ class MetricsWriter:
 
   The JSON-lines file is only ever appended to: a resumed run recomputes the steps after
   its checkpoint and appends their rows again, so a reader takes the last row per step
-  (`read_metrics`). TensorBoard is told the same with a session-start event at the resumed
-  step, which makes it drop the older run's points past that step.
+  (`read_metrics`). TensorBoard is told the same with a session-start event after the
+  resumed step, which makes it drop the older run's points past that step.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
@@ -32,8 +32,9 @@ class MetricsWriter:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._events = EventFileWriter(os.path.join(workdir, "tensorboard") if jsonl else workdir)
     if resume_step:
+      # TensorBoard keeps the points before a session start's step and drops the rest.
       self._events.add_event(event_pb2.Event(
-          wall_time=time.time(), step=resume_step,
+          wall_time=time.time(), step=resume_step + 1,
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write(self, step: int, scalars: dict) -> None:
@@ -54,6 +55,15 @@ class MetricsWriter:
       self._events.close()
 
 
+def _kind(row: dict):
+  """Train rows, eval rows and the rest (e.g. peak memory) are separate series."""
+  if "loss" in row:
+    return "train"
+  if any(k.startswith("eval/") for k in row):
+    return "eval"
+  return tuple(sorted(k for k in row if k not in ("step", "time")))
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of `<workdir>/metrics.jsonl`, the last one of each (step, kind) where a resumed
   run wrote a step again; lines that are not JSON objects (a kill mid-write) are skipped."""
@@ -68,8 +78,7 @@ def read_metrics(workdir: str) -> list[dict]:
       except json.JSONDecodeError:
         continue
       if isinstance(row, dict) and "step" in row:
-        kind = tuple(sorted(k for k in row if k not in ("step", "time")))
-        rows[(row["step"], kind)] = row
+        rows[(row["step"], _kind(row))] = row
   return sorted(rows.values(), key=lambda r: r["step"])
 
 
