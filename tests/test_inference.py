@@ -321,7 +321,7 @@ def test_lm_eval_simple_evaluate_equals_a_direct_computation(text_workdir, tmp_p
     lp = np.asarray(jax.nn.log_softmax(forward(jnp.asarray(padded))[0][0], -1), np.float64)
     return float(sum(lp[t - 1, ids[t]] for t in range(len(ids) - len(cont), len(ids))))
 
-  correct = 0
+  correct, worst = 0, 0.0
   assert len(samples) == len(docs)
   for sample in samples:
     doc = sample["doc"]
@@ -329,8 +329,11 @@ def test_lm_eval_simple_evaluate_equals_a_direct_computation(text_workdir, tmp_p
     want = [direct(*args) for args in sample["arguments"]]
     assert [a[1].strip() for a in sample["arguments"]] == [c.strip() for c in doc["choices"]]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    worst = max(worst, float(np.max(np.abs(np.subtract(got, want)))))
     correct += int(np.argmax(want) == doc["gold"])
   acc = result["results"]["taipan_tiny_mc"]["acc,none"]
+  print(f"lm-eval {lm_eval.__version__}: acc {acc:.4f}, direct {correct}/{len(docs)}; "
+        f"largest log-likelihood difference {worst:.2e} over {3 * len(docs)} choices")
   assert acc == pytest.approx(correct / len(docs))
 
 
