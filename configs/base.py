@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.log_every = 50               # steps between progress lines and metric rows
   cfg.train.eval_every = 1000            # 0: evaluate only at the end
   cfg.train.eval_batches = 8             # held-out batches per evaluation
-  cfg.train.checkpoint_every = 1000      # 0: only at the end and on SIGTERM
+  cfg.train.checkpoint_every = 1000      # 0: only at the end and on SIGTERM or Ctrl-C
   cfg.train.keep_checkpoints = 3         # newest checkpoints kept
   cfg.train.max_nonfinite_steps = 10     # stop after this many non-finite steps in a row
   cfg.train.selection_gap_warning = 0.05 # warn when a SAL's eval-rule fraction differs more
@@ -116,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.num_queries = 0               # MQAR: 0 queries fill the row; k: k spaced-out queries
   cfg.data.path = ""                     # text: a file, a directory or a glob
   cfg.data.text_field = "text"           # text: the field of a .jsonl record
-  cfg.data.tokenizer = ""                # text: a SentencePiece .model file
+  cfg.data.tokenizer = ""                # text: a SentencePiece .model or an HF tokenizer.json
   cfg.data.eval_fraction = 0.01          # text: share of documents held out for evaluation
   cfg.data.num_workers = 0               # grain worker processes (0: the main process)
   cfg.data.read_threads = 4              # grain threads reading and tokenizing per process
