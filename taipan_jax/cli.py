@@ -474,6 +474,11 @@ def main(argv=None):
     _COMMANDS[first].run([first] + list(_COMMANDS[first].positional))
   except errors as e:
     _fail(str(e))
+  except KeyboardInterrupt:
+    # Training saves on the first Ctrl-C by itself; this is a second one, or one outside
+    # the training loop (loading, compiling): stop without a traceback.
+    print(f"\ntaipan {first}: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
