@@ -93,7 +93,8 @@ _overrides: list[str] = []     # the --config.a.b=v arguments, taken out before 
 
 # Config fields a command that reads a trained workdir may change: how the model is computed
 # and read, never what it is (the checkpoint fixes that).
-_READ_OVERRIDES = ("mamba.kernel", "sal.kernel", "data.tokenizer")
+_READ_OVERRIDES = ("mamba.kernel", "sal.kernel", "sal.inference_selection",
+                   "sal.inference_capacity", "attention.max_cache_len", "data.tokenizer")
 _EVAL_OVERRIDES = _READ_OVERRIDES + ("data.text_field",)
 
 
