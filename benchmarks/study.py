@@ -181,6 +181,11 @@ def run_one(run: dict, root: str) -> dict:
   return result
 
 
+def _log_path(root, run):
+  os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+  return os.path.join(root, "logs", run["id"].replace("/", "_") + ".log")
+
+
 def _result_path(root, run):
   return os.path.join(root, run["id"], "study_result.json")
 
@@ -246,8 +251,7 @@ def _run_all(todo: list[dict], root: str, jobs: int) -> None:
     while pending or running:
       while pending and len(running) < jobs:
         run = pending.pop(0)
-        os.makedirs(os.path.join(root, run["id"]), exist_ok=True)
-        log = open(os.path.join(root, run["id"], "study.log"), "a")
+        log = open(_log_path(root, run), "a")     # beside the workdir: that one is the run's
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--root", root,
                                  "--child", run["id"]], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
@@ -264,7 +268,7 @@ def _run_all(todo: list[dict], root: str, jobs: int) -> None:
         eta = elapsed / done * (len(todo) - done)
         if proc.returncode:
           print(f"[{done}/{len(todo)}] {run['id']} FAILED (rc {proc.returncode}); see "
-                f"{os.path.join(root, run['id'], 'study.log')}", flush=True)
+                f"{_log_path(root, run)}", flush=True)
           continue
         with open(_result_path(root, run)) as f:
           result = json.load(f)
