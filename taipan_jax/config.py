@@ -287,6 +287,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   if cfg.loss.budget_weight < 0:
     _fail("loss.budget_weight", cfg.loss.budget_weight, "must be >= 0", "the paper uses 1.0")
+  if cfg.loss.ce_chunk < 0:
+    _fail("loss.ce_chunk", cfg.loss.ce_chunk, "must be >= 0",
+          "0 for the unfused head, else sequence positions per step such as 512")
   o = cfg.optim
   for key in ("peak_lr", "eps"):
     positive(f"optim.{key}", o[key])

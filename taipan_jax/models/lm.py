@@ -60,6 +60,17 @@ class LanguageModel(nnx.Module):
     return constrain(logits[..., :self.vocab_size].astype(jnp.float32),
                      ("batch", "length", "vocab"))
 
+  def cross_entropy_sums(self, h, targets, weights, *, chunk: int):
+    """The LM head's loss without its [batch, seq, vocab] logits (ops.linear_cross_entropy).
+
+    h: [batch, seq, d_model] the last layer's residual stream (`return_hidden=True`);
+    targets: [batch, seq] int; weights: [batch, seq] float. chunk: sequence positions per
+    step. -> (sum of weighted cross-entropy, sum of weighted argmax hits), fp32 scalars.
+    """
+    w = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
+    return ops.linear_cross_entropy(self.final_norm(h), w[:self.vocab_size], targets, weights,
+                                    chunk=chunk, dtype=self.dtype)
+
   def __call__(self, tokens, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
                return_masks: bool = False, cache: tuple | None = None,
                return_cache: bool = False, return_hidden: bool = False):

@@ -52,18 +52,28 @@ def make_steps(cfg, build: Callable[[], nnx.Module]) -> Steps:
   schedule = learning_rate_schedule(cfg)
   base_key = jax.random.key(cfg.train.seed + 1)
 
+  # The LM head and its loss in one chunked pass (ops.linear_cross_entropy) unless
+  # loss.ce_chunk is 0; context parallelism keeps the logits, split over the sequence axis.
+  fused_head = cfg.loss.ce_chunk > 0 and cfg.mesh.sequence == 1
+
   def forward(graphdef, params, batch, **kw):
+    """-> (summed ce, weight, correct), aux over the batch's weighted targets."""
     def call(params, tokens, seg, kw):
       return nnx.merge(graphdef, params, rest)(
-          tokens, token_mask=seg > 0, segment_ids=seg if packed else None, **kw)
+          tokens, token_mask=seg > 0, segment_ids=seg if packed else None,
+          return_hidden=fused_head, **kw)
 
     if cfg.mesh.sequence > 1:      # context parallelism: the length over the sequence axis
       call = over_sequence(call)
-    return call(params, batch["tokens"], batch["segment_ids"], kw)
+    out, aux = call(params, batch["tokens"], batch["segment_ids"], kw)
+    if not fused_head:
+      return _token_sums(out, batch), aux
+    ce_sum, correct = nnx.merge(graphdef, params, rest).cross_entropy_sums(
+        out, batch["targets"], batch["loss_mask"], chunk=cfg.loss.ce_chunk)
+    return (ce_sum, batch["loss_mask"].sum(), correct), aux
 
   def micro_loss(params, micro, key, tau, total_weight):
-    logits, aux = forward(train_def, params, micro, gumbel_key=key, tau=tau)
-    ce_sum, weight, correct = _token_sums(logits, micro)
+    (ce_sum, weight, correct), aux = forward(train_def, params, micro, gumbel_key=key, tau=tau)
     # Normalised by the whole batch's weight: the micro-batch gradients sum to the gradient
     # of the full batch's mean loss.
     loss = ce_sum / total_weight + cfg.loss.budget_weight * aux["budget_loss"] / accum
@@ -113,8 +123,7 @@ def make_steps(cfg, build: Callable[[], nnx.Module]) -> Steps:
     return new_state, metrics
 
   def eval_step(params, batch):
-    logits, aux = forward(eval_def, params, batch)
-    ce_sum, weight, correct = _token_sums(logits, batch)
+    (ce_sum, weight, correct), aux = forward(eval_def, params, batch)
     return {"ce_sum": ce_sum, "weight": weight, "correct": correct,
             "selected": jnp.mean(aux["selected_fraction"], axis=-1)}
 
