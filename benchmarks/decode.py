@@ -25,6 +25,7 @@ Writes benchmarks/results/decode_<device>.json and .png.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -44,13 +45,19 @@ from report import result_path
 from timing import median_ms
 
 
-def cache_after(model, context: int, room: int, key) -> tuple:
-  """The model's decode cache as it stands after `context` tokens (random contents), with
-  room for `room` more in full-attention layers."""
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random(key, shape, dtype):
+  """0.1 * N(0, 1) in `dtype`, drawn in one program (no fp32 copy of a large cache)."""
+  return (0.1 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def cache_after(model, context: int, room: int, key, batch: int = 1) -> tuple:
+  """The model's decode cache for `batch` rows as it stands after `context` tokens (random
+  contents), with room for `room` more in full-attention layers."""
   keys = iter(jax.random.split(key, 4 * len(model.layers)))
-  rand = lambda x: (0.1 * jax.random.normal(next(keys), x.shape, jnp.float32)).astype(x.dtype)
+  rand = lambda x: _random(next(keys), tuple(x.shape), jnp.dtype(x.dtype))
   caches = []
-  for layer_cache in model.init_cache(1):
+  for layer_cache in model.init_cache(batch):
     if isinstance(layer_cache, SALCache):
       full = jnp.ones_like(layer_cache.filled)
       caches.append(SALCache(k=rand(layer_cache.k), v=rand(layer_cache.v), filled=full,
@@ -60,7 +67,7 @@ def cache_after(model, context: int, room: int, key) -> tuple:
     elif isinstance(layer_cache, Mamba2Cache):
       caches.append(Mamba2Cache(conv=rand(layer_cache.conv), ssm=rand(layer_cache.ssm)))
     elif isinstance(layer_cache, KVCache):
-      shape = (1, context + room) + layer_cache.k.shape[2:]
+      shape = (batch, context + room) + layer_cache.k.shape[2:]
       kv = jax.ShapeDtypeStruct(shape, layer_cache.k.dtype)
       caches.append(KVCache(k=rand(kv), v=rand(kv), pos=jnp.full_like(layer_cache.pos, context)))
     else:
