@@ -7,12 +7,12 @@ L entries for Transformer++), and a jitted `lax.scan` of `--steps` greedy decode
 timed. Throughput is B * steps / time. A (model, batch) whose cache does not fit is recorded
 as out of memory and its longer contexts are skipped.
 
-Selection rate: Taipan's SALs select by the evaluation rule in force (`sal.inference_*`). At
-random initialisation that rule selects about 1.5% of tokens, a trained model about the
-budget C. So the rate is set explicitly: before timing, each SAL's gate bias is shifted so
-that `--select_rate` (default 0.15, the trained rate) of the tokens of a random 4096-token
-prompt are selected by that rule in the model's own evaluation forward; the fraction that
-forward then measures is recorded with the row.
+Selection rate: Taipan's SALs select by the evaluation rule in force
+(`sal.inference_selection`), and with random weights its rate is whatever the untrained gate
+gives. So the rate is set explicitly: before timing, each SAL's gate bias is shifted until
+that rule, in the model's own evaluation forward over a random 4096-token prompt, selects
+`--select_rate` (default 0.15, the trained rate) of the tokens; the fractions that forward
+then measures are recorded with each row.
 
     python benchmarks/decode_batch.py                        # H100/H200
     python benchmarks/decode_batch.py --configs=tiny --batches=1,4 --contexts=64,256 --steps=4
@@ -38,30 +38,35 @@ from report import result_path, write_result
 from timing import median_ms
 
 
-def set_selection_rate(model, rate: float, prompt_len: int = 4096, seed: int = 0):
-  """Shifts each SAL's gate bias so that `rate` of a random prompt's tokens clear the gate
-  margin at that SAL (layer by layer, each SAL seeing the stream its predecessors made).
-  Returns the selected fraction per SAL that the model's evaluation forward then measures."""
-  kinds = model.kinds
-  if "s" not in kinds:
+def set_selection_rate(model, rate: float, prompt_len: int = 4096, seed: int = 0,
+                       iters: int = 24):
+  """Shifts each SAL's gate bias (the "select" score) until the model's evaluation forward
+  selects `rate` of a random prompt's tokens at that SAL, whatever `sal.inference_selection`
+  rule is in force (bisection: more bias selects more under every rule that reads the
+  margin's size). SALs are set in order, each seeing the stream its predecessors make.
+  Returns the selected fraction per SAL that the forward then measures."""
+  sals = [layer for kind, layer in zip(model.kinds, model.layers) if kind == "s"]
+  if not sals:
     return []
-  vocab = model.vocab_size
-  tokens = jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (1, prompt_len)),
-                       jnp.int32)
+  tokens = jnp.asarray(np.random.default_rng(seed).integers(0, model.vocab_size,
+                                                            (1, prompt_len)), jnp.int32)
   model.eval()
-  h = model.embed(tokens).astype(jnp.float32)
-  for kind, layer in zip(kinds, model.layers):
-    if kind == "s":
-      scores = layer.gate(layer.norm_a(h))
-      margin = np.asarray(scores[..., 1] - scores[..., 0]).ravel()
-      cut = float(np.quantile(margin, 1.0 - rate))
-      bias = layer.gate.out.bias
-      bias[...] = bias[...].at[1].add(-cut)       # margin' = margin - cut: `rate` above 0
-      h = layer(h)[0]
-    else:
-      h = layer(h)
-  _, aux = model(tokens)
-  return [float(f) for f in np.asarray(aux["selected_fraction"]).mean(-1)]
+  graphdef = nnx.graphdef(model)
+  measure = jax.jit(lambda state: nnx.merge(graphdef, state)(tokens)[1]["selected_fraction"]
+                    .mean(-1))
+  for n, layer in enumerate(sals):
+    bias = layer.gate.out.bias
+    start = bias[...]
+    lo, hi = -30.0, 30.0
+    for _ in range(iters):
+      mid = (lo + hi) / 2
+      bias[...] = start.at[1].add(mid)
+      if float(measure(nnx.state(model))[n]) < rate:
+        lo = mid
+      else:
+        hi = mid
+    bias[...] = start.at[1].add(hi)
+  return [float(f) for f in measure(nnx.state(model))]
 
 
 def sweep(name, batches, contexts, args, record):
