@@ -17,6 +17,7 @@ from pallas_kernels.decode.reference import ring_attention_reference, window_att
 from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
 from taipan_jax.ops.decode import resolve_decode_implementation
 from taipan_jax.ops.kernel_sharding import per_shard
+from taipan_jax.ops.platform import target_platform
 from taipan_jax.ops.ssd import IMPLEMENTATIONS
 
 _MIN_BLOCK = 64
@@ -60,7 +61,7 @@ def resolve_attention_implementation(implementation: str = "auto",
     raise ValueError(f"attention implementation {implementation!r} is unknown; use one of "
                      f"{IMPLEMENTATIONS} (argument or $TAIPAN_KERNELS)")
   tiles = head_dim is None or (head_dim >= 16 and not head_dim & (head_dim - 1))
-  backend = jax.default_backend()
+  backend = target_platform()
   if implementation == "auto":
     return "pallas_gpu" if backend == "gpu" and tiles else "reference"
   if implementation in ("reference", "interpret"):

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ssm_out_reference,
                                              norm_matvec_reference)
+from taipan_jax.ops.platform import target_platform
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 # 'auto' takes the Mamba-2 block kernels on a GPU up to this many rows. Measured on an H100
@@ -57,7 +56,7 @@ def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int
   if implementation in ("reference", "interpret"):
     return implementation
   tiles = all(v is None or not v & (v - 1) for v in (head_dim, d_state))
-  return "pallas_gpu" if jax.default_backend() == "gpu" and tiles else "reference"
+  return "pallas_gpu" if target_platform() == "gpu" and tiles else "reference"
 
 
 def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from taipan_jax.ops.context_parallel import (first_in_sequence, left_halo, sequence_axis,
                                              sequence_parallel, ssd_incoming_state)
 from taipan_jax.ops.kernel_sharding import per_shard
+from taipan_jax.ops.platform import target_platform
 
 
 def _matmul_precision(dtype):
@@ -68,7 +69,7 @@ def resolve_implementation(implementation: str = "auto", head_dim: int | None = 
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"SSD implementation {implementation!r} is unknown; use one of "
                      f"{IMPLEMENTATIONS} (argument, mamba.kernel or $TAIPAN_KERNELS)")
-  backend = jax.default_backend()
+  backend = target_platform()
   tiles = all(v is None or (v >= 16 and not v & (v - 1)) for v in (head_dim, d_state))
   if implementation == "auto":
     return "pallas_gpu" if backend == "gpu" and tiles else "reference"
