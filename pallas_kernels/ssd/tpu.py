@@ -25,12 +25,15 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ssd.common import BlockSizes
 
-_HI = jax.lax.Precision.HIGHEST
+_F32 = jnp.float32
 
 
 def _dot(a, b, contract):
-  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=_HI,
-                             preferred_element_type=jnp.float32)
+  """a . b over `contract`, accumulated in fp32. fp32 operands multiply at HIGHEST precision
+  (true fp32 passes); bf16 operands feed the MXU in bf16 (the model's compute dtype)."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == _F32 else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                             preferred_element_type=_F32)
 
 
 def _ssd_chunk_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, init_ref, *refs,
@@ -47,11 +50,14 @@ def _ssd_chunk_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, init_ref, *re
     state_ref[...] = init_ref[0, 0].astype(jnp.float32)
     prev_seg_ref[...] = seg_ref[0][:, 0:1]           # the initial state's segment
 
+  # Matmul operands stay in the inputs' dtype (cdt); decays, the cumulative sum and the
+  # state stay fp32 and are rounded to cdt only where they enter a product.
+  cdt = x_ref.dtype
   x = x_ref[0, 0].astype(jnp.float32)                # [q, p]
   dt = dt_ref[0, 0]                                  # [1, q] fp32
   seg = seg_ref[0]                                   # [1, q] int32
-  bm = b_ref[0, 0].astype(jnp.float32)               # [q, n]
-  cm = c_ref[0, 0].astype(jnp.float32)
+  bm = b_ref[0, 0]                                   # [q, n] cdt
+  cm = c_ref[0, 0]
   rows = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
 
@@ -68,15 +74,15 @@ def _ssd_chunk_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, init_ref, *re
     states_ref[0, 0, 0] = state
   else:
     scores = _dot(cm, bm, ((1,), (1,))) * decay      # [q, q]
-    y = _dot(scores, x * jnp.transpose(dt), ((1,), (0,)))             # [q, p]
+    y = _dot(scores.astype(cdt), (x * jnp.transpose(dt)).astype(cdt), ((1,), (0,)))  # [q, p]
     from_state = jnp.where(seg_col == prev_seg, jnp.exp(cum_col), 0.0)  # [q, 1]
-    y = y + _dot(cm, state, ((1,), (1,))) * from_state
+    y = y + _dot(cm, state.astype(cdt), ((1,), (1,))) * from_state
     y_ref[0, 0] = y.astype(y_ref.dtype)
 
   last_seg = seg[:, q - 1:q]                         # [1, 1]
   cum_last = cum[:, q - 1:q]
   weight = jnp.where(seg == last_seg, dt * jnp.exp(cum_last - cum), 0.0)   # [1, q]
-  contrib = _dot(x * jnp.transpose(weight), bm, ((0,), (0,)))         # [p, n]
+  contrib = _dot((x * jnp.transpose(weight)).astype(cdt), bm, ((0,), (0,)))   # [p, n]
   carry = jnp.where(prev_seg == last_seg, jnp.exp(cum_last), 0.0)     # [1, 1]
   state = carry * state + contrib
   state_ref[...] = state
@@ -90,6 +96,18 @@ def _ssd_chunk_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, init_ref, *re
 
 def _interpret(interpret):
   return pltpu.InterpretParams() if interpret is True else interpret
+
+
+# Mosaic tiles the last dim of a block in lanes of 128: a chunk's dt and segment ids are
+# (1, chunk) rows, so a compiled kernel needs whole lane tiles (interpret mode does not).
+LANES = 128
+
+
+def check_chunk(chunk: int, interpret) -> None:
+  if not interpret and chunk % LANES:
+    raise ValueError(f"SSD chunk={chunk}: on a TPU the Mosaic kernel needs a multiple of "
+                     f"{LANES} (a chunk's dt is one row of lanes); fix: chunk 128 or 256 "
+                     "(mamba.chunk_size), or interpret mode")
 
 
 def _layout(x, dt, B, C, segment_ids, q):
@@ -172,6 +190,7 @@ def ssd_forward_tpu(x, dt, A, B, C, initial_state=None, segment_ids=None, *,
   if h % g:
     raise ValueError(f"heads={h} is not a multiple of groups={g}")
   q = block_sizes.chunk
+  check_chunk(q, interpret)
   xt, dtt, bt, ct, seg, _ = _layout(x, dt, B, C, segment_ids, q)
   init = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
@@ -210,9 +229,9 @@ def _state_grad_kernel(a_ref, dt_ref, c_ref, seg_ref, prev_ref, dy_ref, dfinal_r
   dstates_ref[0, 0, 0] = grad
   dt, seg, prev_seg = dt_ref[0, 0], seg_ref[0], prev_ref[0, 0][:, 0:1]
   _, _, _, _, _, from_state, _, carry = _chunk_decays(a_ref[head], dt, seg, prev_seg, q)
+  cm = c_ref[0, 0]
   dy = dy_ref[0, 0].astype(jnp.float32)
-  cm = c_ref[0, 0].astype(jnp.float32)
-  grad = carry * grad + _dot(dy * from_state, cm, ((0,), (0,)))
+  grad = carry * grad + _dot((dy * from_state).astype(cm.dtype), cm, ((0,), (0,)))
   grad_ref[...] = grad
 
   @pl.when(step == num_chunks - 1)
@@ -226,10 +245,12 @@ def _chunk_grad_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, prev_ref, st
   heads of a group are consecutive steps writing the same dB / dC block, which sums them."""
   head = pl.program_id(2)
   q = x_ref.shape[2]
+  cdt = x_ref.dtype                 # products in the inputs' dtype, as the forward kernel
   x = x_ref[0, 0].astype(jnp.float32)                              # [q, p]
-  dy = dy_ref[0, 0].astype(jnp.float32)
-  bm = b_ref[0, 0].astype(jnp.float32)                             # [q, n]
-  cm = c_ref[0, 0].astype(jnp.float32)
+  dy_c = dy_ref[0, 0].astype(cdt)
+  dy = dy_c.astype(jnp.float32)
+  bm = b_ref[0, 0]                                                 # [q, n] cdt
+  cm = c_ref[0, 0]
   dt, seg, prev_seg = dt_ref[0, 0], seg_ref[0], prev_ref[0, 0][:, 0:1]
   s_in, g_out = states_ref[0, 0, 0], dstates_ref[0, 0, 0]          # [p, n]
   a = a_ref[head]
@@ -240,17 +261,20 @@ def _chunk_grad_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, prev_ref, st
                    0.0)
   dt_col = jnp.transpose(dt)
   xdt = x * dt_col
+  xdt_c = xdt.astype(cdt)
   cb = _dot(cm, bm, ((1,), (1,)))
-  d_cb = _dot(dy, xdt, ((1,), (1,))) * lmat                        # dLoss/d(C B^T)
-  bg = _dot(bm, g_out, ((1,), (1,)))                               # [q, p]
-  d_xdt = _dot(cb * lmat, dy, ((0,), (0,))) + to_end * bg
-  dy_s = _dot(dy, s_in, ((1,), (0,)))                              # [q, n]
-  dc = _dot(d_cb, bm, ((1,), (0,))) + from_state * dy_s
-  db = _dot(d_cb, cm, ((0,), (0,))) + to_end * _dot(xdt, g_out, ((1,), (0,)))
+  d_cb = _dot(dy_c, xdt_c, ((1,), (1,))) * lmat                    # dLoss/d(C B^T)
+  d_cb_c = d_cb.astype(cdt)
+  bg = _dot(bm, g_out.astype(cdt), ((1,), (1,)))                   # [q, p]
+  d_xdt = _dot((cb * lmat).astype(cdt), dy_c, ((0,), (0,))) + to_end * bg
+  dy_s = _dot(dy_c, s_in.astype(cdt), ((1,), (0,)))                # [q, n]
+  dc = _dot(d_cb_c, bm, ((1,), (0,))) + from_state * dy_s
+  db = (_dot(d_cb_c, cm, ((0,), (0,)))
+        + to_end * _dot(xdt_c, g_out.astype(cdt), ((1,), (0,))))
   m = cb * d_cb
   v = to_end * jnp.sum(xdt * bg, axis=1, keepdims=True)            # [q, 1]
   d_cum = (jnp.sum(m, axis=1, keepdims=True) - jnp.transpose(jnp.sum(m, axis=0, keepdims=True))
-           + from_state * jnp.sum(cm * dy_s, axis=1, keepdims=True) - v)
+           + from_state * jnp.sum(cm.astype(jnp.float32) * dy_s, axis=1, keepdims=True) - v)
   d_last = jnp.sum(v, keepdims=True) + carry * jnp.sum(g_out * s_in, keepdims=True)   # (1, 1)
   last_row = jax.lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
   d_cum = jnp.transpose(d_cum + jnp.where(last_row, d_last, 0.0))  # [1, q]
@@ -280,6 +304,7 @@ def ssd_backward_tpu(x, dt, A, B, C, initial_state, segment_ids, dy, dfinal, *,
   b, l, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   rep, q = h // g, block_sizes.chunk
+  check_chunk(q, interpret)
   xt, dtt, bt, ct, seg, prev = _layout(x, dt, B, C, segment_ids, q)
   dyt = jnp.transpose(jnp.pad(dy, ((0, 0), (0, (-l) % q), (0, 0), (0, 0))), (0, 2, 1, 3))
   lp = xt.shape[2]

@@ -131,6 +131,10 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
     # The kernels tile by their own tuned chunk; the result does not depend on chunk_size.
     kernel = functools.partial(ssd_gpu, block_sizes=BlockSizes.for_backend("gpu"))
   else:
+    if impl == "pallas_tpu" and chunk_size % 128:
+      raise ValueError(f"mamba.chunk_size={chunk_size}: the TPU SSD kernel needs a multiple "
+                       "of 128; fix: --config.mamba.chunk_size=128 (or 256), or the 'reference'"
+                       " kernel")
     kernel = functools.partial(ssd_tpu, block_sizes=BlockSizes(chunk=chunk_size),
                                interpret=impl == "interpret")
   init = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state
