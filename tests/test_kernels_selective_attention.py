@@ -109,6 +109,8 @@ def test_tpu_kernels_refuse_mixed_or_unaligned_tiles():
   with pytest.raises(ValueError, match="block_k=12 must be a multiple of 8"):
     selective_attention_tpu(q, q, q, select, window=8, interpret=True,
                             block_sizes=BlockSizes.uniform(16, 12))
+  with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128"):  # compiled
+    selective_attention_tpu(q, q, q, select, window=8, block_sizes=BlockSizes.uniform(64, 64))
 
 
 def test_ops_dispatch_and_mesh(rng, monkeypatch):

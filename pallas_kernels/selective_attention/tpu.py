@@ -99,24 +99,28 @@ def _dq_kernel(ranges_ref, pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_r
 def _dkv_kernel(ranges_ref, pos_ref, segq_ref, q_ref, k_ref, v_ref, ok_ref, seg_ref, do_ref,
                 lse_ref, delta_ref, dk_ref, dv_ref, *, window, block_q, block_k, scale,
                 key_blocks):
+  """Transposed scores [bk, bq]: the whole-sequence row facts (positions, segment ids, lse,
+  delta) arrive as lane-dense [1, slots] rows. As [slots, 1] columns each would take a
+  128-lane tile per slot in VMEM: at 4096 slots that overflowed v5e's 16 MiB of scoped VMEM."""
   bi, kb = pl.program_id(0), pl.program_id(2)
   lo = ranges_ref[2 * (bi * key_blocks + kb)]
   hi = ranges_ref[2 * (bi * key_blocks + kb) + 1]
   k, v = k_ref[0, 0], v_ref[0, 0]                              # [bk, d]
-  ok, seg_k = ok_ref[0], seg_ref[0]                            # [1, bk]
-  start = kb * block_k
+  ok, seg_k = jnp.transpose(ok_ref[0]), jnp.transpose(seg_ref[0])   # [bk, 1]
+  keys = kb * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
 
   def body(sb, carry):
     dk, dv = carry
-    rows = pl.ds(pl.multiple_of(sb * block_q, block_q), block_q)
-    pos, seg_q = pos_ref[0, rows, :], segq_ref[0, rows, :]
-    q, do = q_ref[0, 0, rows, :], do_ref[0, 0, rows, :]
-    lse, delta = lse_ref[0, 0, rows, :], delta_ref[0, 0, rows, :]
-    mask = _mask(pos, seg_q, start, block_k, ok, seg_k, window)
-    p = jnp.where(mask, jnp.exp(_dot(q, k, ((1,), (1,))) * scale - lse), 0.0)
-    dv = dv + _dot(p.astype(do.dtype), do, ((0,), (0,)))
-    ds = p * (_dot(do, v, ((1,), (1,))) - delta)
-    dk = dk + _dot(ds.astype(q.dtype), q, ((0,), (0,)))
+    start = pl.multiple_of(sb * block_q, block_q)
+    rows, lanes = pl.ds(start, block_q), pl.ds(start, block_q)
+    pos, seg_q = pos_ref[0, :, lanes], segq_ref[0, :, lanes]   # [1, bq]
+    q, do = q_ref[0, 0, rows, :], do_ref[0, 0, rows, :]        # [bq, d]
+    lse, delta = lse_ref[0, 0, :, lanes], delta_ref[0, 0, :, lanes]
+    mask = (keys <= pos) & (keys > pos - window) & (ok > 0) & (seg_k == seg_q)   # [bk, bq]
+    p = jnp.where(mask, jnp.exp(_dot(k, q, ((1,), (1,))) * scale - lse), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, ((1,), (0,)))
+    ds = p * (_dot(v, do, ((1,), (1,))) - delta)
+    dk = dk + _dot(ds.astype(q.dtype), q, ((1,), (0,)))
     return dk, dv
 
   zeros = jnp.zeros(k.shape, _F32)
@@ -129,13 +133,49 @@ def _interpret(interpret):
   return pltpu.InterpretParams() if interpret is True else interpret
 
 
-def _call(kernel, grid, num_scalars, in_specs, out_specs, out_shape, interpret):
+# Scoped VMEM: the default limit (16 MiB on v5e, 32 MiB on later chips) is raised to what a
+# kernel's whole-sequence blocks need, double-buffered, plus room for its tiles; past the
+# cap the sequence is too long for one (batch, head) to sit in VMEM.
+_MIB = 1 << 20
+_VMEM_FLOOR, _VMEM_CAP, _TILE_ROOM = 32 * _MIB, 96 * _MIB, 8 * _MIB
+
+
+def _vmem_bytes(shape, dtype):
+  """VMEM bytes of a block: the last dim padded to 128 lanes, the one before to the sublanes
+  (8 rows of 32 bits)."""
+  *lead, rows, lanes = shape
+  itemsize = jnp.dtype(dtype).itemsize
+  packing = max(1, 4 // itemsize)
+  rows = -(-rows // (8 * packing)) * 8 * packing
+  lanes = -(-lanes // 128) * 128
+  return math.prod(lead) * rows * lanes * itemsize
+
+
+def vmem_limit(whole_blocks) -> int:
+  """The scoped VMEM limit for kernels whose whole-sequence blocks are `whole_blocks`
+  ((shape, dtype) pairs); raises past the cap."""
+  need = 2 * sum(_vmem_bytes(s, d) for s, d in whole_blocks) + _TILE_ROOM
+  if need > _VMEM_CAP:
+    raise ValueError(f"selective attention: {need / _MIB:.0f} MiB of VMEM for one (batch, head)"
+                     f"'s sequence (blocks {[s for s, _ in whole_blocks]}), over {_VMEM_CAP // _MIB}"
+                     " MiB; fix: split the length over more devices (mesh.sequence) or use the "
+                     "'reference' kernel")
+  return max(need, _VMEM_FLOOR)
+
+
+def _call(kernel, grid, num_scalars, in_specs, out_specs, out_shape, interpret, whole_blocks):
   return pl.pallas_call(
       kernel, out_shape=out_shape, interpret=_interpret(interpret),
       grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_scalars, grid=grid,
                                              in_specs=in_specs, out_specs=out_specs),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel")))
+          dimension_semantics=("parallel", "parallel", "parallel"),
+          vmem_limit_bytes=vmem_limit(whole_blocks)))
+
+
+def _key_side_blocks(lp, d, dtype):
+  """The forward and dq kernels' whole-sequence blocks: k and v, the key facts."""
+  return [((lp, d), dtype)] * 2 + [((1, lp), jnp.int32)] * 2
 
 
 def _key_ranges(pos, l, window, bs):
@@ -183,7 +223,7 @@ def _forward(q_c, k, v, pos, seg_q, ok, seg, window, bs, interpret):
        slot_block, whole_keys, whole_keys, key_facts, key_facts],
       [slot_block, pl.BlockSpec((1, 1, bs.block_q, 1), lambda i, j, s, *_: (i, j, s, 0))],
       [jax.ShapeDtypeStruct(qt.shape, q_c.dtype), jax.ShapeDtypeStruct((b, h, slots, 1), _F32)],
-      interpret)(_key_ranges(pos, l, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3)
+      interpret, _key_side_blocks(lp, d, k.dtype))(_key_ranges(pos, l, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3)
   return jnp.transpose(o, (0, 2, 1, 3)), lse
 
 
@@ -208,11 +248,12 @@ def _backward(q_c, k, v, pos, count, seg_q, ok, seg, lse, delta, do_c, window, b
        slot_block, whole_keys, whole_keys, key_facts, key_facts, slot_block, slot_stat,
        slot_stat],
       slot_block, jax.ShapeDtypeStruct(qt.shape, q_c.dtype), interpret,
+      _key_side_blocks(lp, d, k.dtype),
   )(_key_ranges(pos, l, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3, dot_, lse, delta)
 
   whole_slots = pl.BlockSpec((1, 1, slots, d), lambda i, j, kb, *_: (i, j, 0, 0))
-  whole_stat = pl.BlockSpec((1, 1, slots, 1), lambda i, j, kb, *_: (i, j, 0, 0))
-  slot_facts = pl.BlockSpec((1, slots, 1), lambda i, j, kb, *_: (i, 0, 0))
+  whole_stat = pl.BlockSpec((1, 1, 1, slots), lambda i, j, kb, *_: (i, j, 0, 0))
+  slot_facts = pl.BlockSpec((1, 1, slots), lambda i, j, kb, *_: (i, 0, 0))
   key_block = pl.BlockSpec((1, 1, bs.block_k, d), lambda i, j, kb, *_: (i, j, kb, 0))
   key_block_facts = pl.BlockSpec((1, 1, bs.block_k), lambda i, j, kb, *_: (i, 0, kb))
   dk, dv = _call(
@@ -222,8 +263,9 @@ def _backward(q_c, k, v, pos, count, seg_q, ok, seg, lse, delta, do_c, window, b
        key_block_facts, whole_slots, whole_stat, whole_stat],
       [key_block, key_block],
       [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-      interpret,
-  )(_slot_ranges(count, lp, window, bs), pos3, segq3, qt, kt, vt, ok3, seg3, dot_, lse, delta)
+      interpret, [((slots, d), q_c.dtype)] * 2 + [((1, slots), _F32)] * 4,
+  )(_slot_ranges(count, lp, window, bs), pos[:, None], seg_q[:, None], qt, kt, vt, ok3, seg3,
+    dot_, lse.reshape(b, h, 1, slots), delta.reshape(b, h, 1, slots))
   back = lambda t: jnp.transpose(t, (0, 2, 1, 3))[:, :l]
   return jnp.transpose(dq, (0, 2, 1, 3)), back(dk), back(dv)
 
@@ -258,10 +300,14 @@ def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, seg
   if len(tiles) > 1:
     raise ValueError(f"{block_sizes}: the TPU kernels use one block_q x block_k tile for "
                      "forward, dq and dk/dv; build it with BlockSizes.uniform(block_q, block_k)")
+  # Compiled, the dk/dv kernel slices its rows' facts and the forward kernels their keys'
+  # in lanes: whole tiles of 128. Interpret mode takes any multiple of 8.
+  multiple = 8 if interpret else 128
   for name in ("block_q", "block_k"):
-    if getattr(tile, name) % 8:
-      raise ValueError(f"block {name}={getattr(tile, name)} must be a multiple of 8 on TPU; "
-                       "128 fills the MXU")
+    if getattr(tile, name) % multiple:
+      raise ValueError(f"block {name}={getattr(tile, name)} must be a multiple of {multiple} "
+                       f"for the TPU kernels{' in interpret mode' if interpret else ''}; 128 "
+                       "fills the MXU")
   return _compacted_attention(q, k, v, select, window=window, kv_select=kv_select,
                               segment_ids=segment_ids, block_sizes=block_sizes,
                               interpret=interpret)
