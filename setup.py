@@ -22,6 +22,11 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
 ]
 
+# jax[tpu] pins the libtpu built for that jax release. libtpu ships for Linux x86_64 only;
+# on a machine without a TPU it is a compiler: jax's default backend stays the CPU (or GPU),
+# and jax.experimental.topologies describes TPU slices to compile for (`taipan compile`).
+_LIBTPU = "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'"
+
 EXTRAS = {
     # Plots (long-context evaluation, benchmarks, notebooks).
     "plot": ["matplotlib>=3.8"],
@@ -29,11 +34,13 @@ EXTRAS = {
     "eval": ["lm-eval>=0.4.8"],
     # Hugging Face tokenizer.json files as data.tokenizer (e.g. the Llama-3 tokenizer).
     "hf": ["tokenizers>=0.15"],
-    # nbmake runs notebooks/ (small mode) inside the test command.
+    # nbmake runs notebooks/ (small mode) inside the test command; libtpu lets the tests
+    # compile every Mosaic kernel and the train step for TPU slices on the CPU.
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "matplotlib>=3.8", "nbmake>=1.5",
-             "tokenizers>=0.15"],
+             "tokenizers>=0.15", _LIBTPU],
     "gpu": ["jax[cuda12]>=0.10.2"],
-    "tpu": ["jax[tpu]>=0.10.2"],
+    # What a TPU VM installs, and what a CPU machine installs to compile for TPUs.
+    "tpu": [_LIBTPU],
 }
 
 setup(

@@ -21,19 +21,20 @@ _GIB = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU chip's public figures (Cloud TPU system architecture pages)."""
+  """One TPU chip's public figures, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("HBM2
+  capacity", "HBM2 bandwidth" per chip); peak FLOP/s live in training.flops."""
   name: str
+  device_kind: str          # what jax calls its devices
   hbm_bytes: int            # HBM per chip
-  peak_bf16_flops: float    # dense bf16 matmul FLOP/s per chip
   hbm_bytes_per_s: float    # HBM bandwidth per chip
   dims: int                 # axes of its topology names (2: v5e/v6e, 3: v4/v5p)
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * _GIB, 275e12, 1228e9, 3),
-    "v5e": Chip("v5e", 16 * _GIB, 197e12, 819e9, 2),
-    "v5p": Chip("v5p", 95 * _GIB, 459e12, 2765e9, 3),
-    "v6e": Chip("v6e", 32 * _GIB, 918e12, 1640e9, 2),
+    "v4": Chip("v4", "TPU v4", 32 * _GIB, 1228e9, 3),
+    "v5e": Chip("v5e", "TPU v5 lite", 16 * _GIB, 819e9, 2),
+    "v5p": Chip("v5p", "TPU v5", 95 * _GIB, 2765e9, 3),
+    "v6e": Chip("v6e", "TPU v6 lite", 32 * _GIB, 1640e9, 2),
 }
 
 
