@@ -29,7 +29,7 @@ from pallas_kernels.ssd import BlockSizes as SsdBlocks
 from pallas_kernels.ssd import ssd_tpu
 from taipan_jax.sharding.topology import topology_devices
 
-GENERATION_TOPOLOGY = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2", "v4": "v4:2x2x1"}
+GENERATION_TOPOLOGY = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 
 @dataclasses.dataclass(frozen=True)

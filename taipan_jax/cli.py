@@ -6,6 +6,7 @@ r"""The `taipan` command: thin subcommands that parse, validate once, and call t
     taipan generate --workdir=/tmp/run --prompt="def main(" [--temperature=0.8 --top_p=0.95]
     taipan tokenizer train --input='corpus/**/*.txt' --vocab_size=8192 --output=/tmp/spm
     taipan convert --hf_dir=path/to/mamba2 --workdir=/tmp/m2 [--upcycle_sal_every=6]
+    taipan compile --config=taipan_190m --topology=v5e:4x4 [--step=train] [--out=r.json]
 
 A bad input stops with one line `taipan: error: ...` naming the value and the fix, and a
 non-zero exit, before any file is written. `taipan --help` and `taipan <command> --help`
@@ -32,14 +33,15 @@ _LONG = flags.DEFINE_bool("long_context", False, "eval: stream one long document
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "eval --long_context: tokens of "
                                    "the document to evaluate (it is cut there).")
 _SEGMENT = flags.DEFINE_integer("segment_len", 16384, "eval --long_context: tokens per "
-                                "forward call.")
+                                "forward call; compile --step=long_context: the segment.")
 _FIRST_BUCKET = flags.DEFINE_integer("first_bucket", 1024, "eval --long_context: the first "
                                      "position bucket's size; each next one doubles.")
 _FRESH = flags.DEFINE_list("fresh_starts", [], "eval --long_context: positions from which the "
                           "document is streamed again from an empty cache, to tell a bucket's "
                           "position from its text (long_context.fresh_start_control).")
 _OUT = flags.DEFINE_string("out", None, "eval --long_context: output stem for .json/.png "
-                           "(default <workdir>/long_context/<data name>).")
+                           "(default <workdir>/long_context/<data name>); compile: the "
+                           "report's JSON file.")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: text to continue (text models).")
 _PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "generate: comma-separated token ids "
                                   "instead of --prompt (any model).")
@@ -61,6 +63,15 @@ _UPCYCLE = flags.DEFINE_integer("upcycle_sal_every", 0, "convert: 0 keeps the Ma
                                 "grows a Taipan with a fresh SAL after every K blocks.")
 _PROFILE = flags.DEFINE_string("profile_steps", None, "train: a:b traces steps a..b with "
                                "jax.profiler into <workdir>/profile/ (open it in TensorBoard).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile: the TPU slice, e.g. v5e:4x4, "
+                                "v5p:4x4x4, v6e:2x2 (libtpu describes it; no TPU needed).")
+_CHIP_CONFIG = flags.DEFINE_enum("chip_config", "default", ["default", "megacore"],
+                                 "compile: libtpu's chip configuration.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "compile: slices joined over DCN "
+                                   "(set --config.mesh.dcn_data to match).")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "eval", "long_context"], "compile: the "
+                          "training step, the eval step, or one --segment_len segment of "
+                          "`eval --long_context` split over every chip.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' when the environment names a multi-process "
@@ -278,6 +289,29 @@ def _convert(argv):
         f"`taipan train --config={path} --workdir={_WORKDIR.value} --config.data...`")
 
 
+def _compile(argv):
+  import json
+  from taipan_jax.config import load_config, parse_overrides
+  from taipan_jax.training import aot_compile
+  if not _TOPOLOGY.value:
+    raise UsageError("compile needs --topology=<generation>:<chips per axis>, e.g. v5e:4x4")
+  cfg = load_config(_CONFIG.value, parse_overrides(_overrides))
+  try:
+    report = aot_compile.compile_for_topology(
+        cfg, _TOPOLOGY.value, chip_config=_CHIP_CONFIG.value, num_slices=_NUM_SLICES.value,
+        step=_STEP.value, segment_len=_SEGMENT.value)
+  except aot_compile.AotCompileError as e:
+    raise UsageError(str(e)) from None
+  print(aot_compile.format_report(report), flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(report, f, indent=1)
+    print(f"wrote {_OUT.value}")
+  if not report["fits"]:
+    print(f"taipan: error: {aot_compile.does_not_fit(report)}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 class _Command:
   def __init__(self, run, usage, summary, flag_names, examples, positional=()):
     self.run, self.usage, self.summary = run, usage, summary
@@ -323,6 +357,15 @@ _COMMANDS = {
         ("hf_dir", "workdir", "upcycle_sal_every"),
         ["taipan convert --hf_dir=path/to/mamba2-130m --workdir=/tmp/m2",
          "taipan convert --hf_dir=path/to/mamba2-130m --workdir=/tmp/t --upcycle_sal_every=6"]),
+    "compile": _Command(
+        _compile, "taipan compile --topology=T [--config=C] [--step=train|eval|long_context]",
+        "compile a step for a TPU slice on any machine; memory per chip, cost, fits or not",
+        ("config", "topology", "chip_config", "num_slices", "step", "segment_len", "out"),
+        ["taipan compile --config=taipan_190m --topology=v5e:4x4 "
+         "--config.model.dtype=bfloat16 --config.train.grad_accum_steps=8",
+         "taipan compile --config=tiny --topology=v5p:2x2x1 --step=eval --out=r.json",
+         "taipan compile --config=taipan_190m --topology=v5e:2x4 --step=long_context "
+         "--segment_len=131072"]),
 }
 # absl's own flags every command takes.
 _COMMON = ("flagfile", "verbosity", "v")
@@ -347,7 +390,7 @@ def _command_help(name: str) -> str:
     lines.append(f"      {f.help}")
   lines.append("  --flagfile=FILE")
   lines.append("      read more flags (and --config. overrides) from FILE, one a line")
-  if name == "train":
+  if name in ("train", "compile"):
     lines.append("  --config.<section>.<field>=VALUE (or --config.<section>.<field> VALUE)")
     lines.append("      override any field of configs/base.py")
   elif name in ("eval", "generate"):

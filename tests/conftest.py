@@ -70,6 +70,9 @@ def _optimized_compilation(request):
 def pytest_configure(config):
   config.addinivalue_line("markers", "optimized: compile this test's programs with XLA's "
                           "optimizations on (it spends its time running them)")
+  config.addinivalue_line("markers", "tpu_compile: compiles a whole step for a TPU slice "
+                          "with libtpu (half a minute each); -m 'not tpu_compile' leaves "
+                          "them out of a local run")
   # pytest-xdist's load scheduling hands each worker a first chunk of consecutive tests (a
   # quarter of its share): every test at the front of the order below went to one worker,
   # which ran them all in a row while the other worker ran the short tests. Handing out one
@@ -97,6 +100,8 @@ _LONGEST_FIRST = (
     "test_model_decode_with_the_kernels_equals_the_jnp_path",
     "test_upcycled_taipan_starts_equal_to_its_mamba2", "test_sigterm_checkpoints_and_exits_cleanly",
     "test_memory_estimate_matches_the_state_and_grows_with_tokens", "03_kernels.ipynb",
+    "test_tiny_train_step_compiles_for_v5e_and_fits",
+    "test_a_step_over_the_chips_memory_exits_with_one_line",
 )
 
 

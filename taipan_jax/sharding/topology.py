@@ -21,20 +21,22 @@ _GIB = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU chip's public figures, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("HBM2
-  capacity", "HBM2 bandwidth" per chip); peak FLOP/s live in training.flops."""
+  """One TPU chip. hbm_bytes: the HBM XLA:TPU lets a program use, as its out-of-memory
+  message states it (libtpu 0.0.42.1: "exceeds available HBM (15.75G)" on v5e, 95.74G on
+  v5p, 31.25G on v6e; the data sheets say 16, 95 and 32 GB). hbm_bytes_per_s: "HBM2
+  bandwidth" per chip, cloud.google.com/tpu/docs/{v5e,v5p,v6e}. Peak FLOP/s live in
+  training.flops."""
   name: str
   device_kind: str          # what jax calls its devices
-  hbm_bytes: int            # HBM per chip
-  hbm_bytes_per_s: float    # HBM bandwidth per chip
-  dims: int                 # axes of its topology names (2: v5e/v6e, 3: v4/v5p)
+  hbm_bytes: int
+  hbm_bytes_per_s: float
+  dims: int                 # axes of its topology names (2: v5e/v6e, 3: v5p)
 
 
 CHIPS = {
-    "v4": Chip("v4", "TPU v4", 32 * _GIB, 1228e9, 3),
-    "v5e": Chip("v5e", "TPU v5 lite", 16 * _GIB, 819e9, 2),
-    "v5p": Chip("v5p", "TPU v5", 95 * _GIB, 2765e9, 3),
-    "v6e": Chip("v6e", "TPU v6 lite", 32 * _GIB, 1640e9, 2),
+    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * _GIB), 819e9, 2),
+    "v5p": Chip("v5p", "TPU v5", int(95.74 * _GIB), 2765e9, 3),
+    "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * _GIB), 1640e9, 2),
 }
 
 

@@ -71,6 +71,13 @@ def lower_train_step(steps, plan: Plan, abstract_batch):
                                                                  abstract_batch)
 
 
+def lower_eval_step(steps, plan: Plan, abstract_batch):
+  """The eval step lowered for abstract inputs (as lower_train_step)."""
+  jitted = jax.jit(steps.eval_step, in_shardings=(plan.state.params, plan.batch),
+                   out_shardings=plan.replicated)
+  return _traced_under(plan, jitted.lower)(steps.abstract_state.params, abstract_batch)
+
+
 def jit_eval_step(steps, plan: Plan):
   return _traced_under(plan, jax.jit(steps.eval_step,
                                      in_shardings=(plan.state.params, plan.batch),
