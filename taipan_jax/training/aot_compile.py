@@ -70,8 +70,9 @@ def _lower_step(cfg, devices, step: str):
                      else (steps.abstract_state.params, plan.state.params))
   arguments = (_per_device_bytes(state, state_sh)
                + _per_device_bytes(batch, {k: plan.batch for k in batch}))
+  params = _per_device_bytes(steps.abstract_state.params, plan.state.params)
   lower = partition.lower_train_step if step == "train" else partition.lower_eval_step
-  return lower(steps, plan, batch), plan.mesh, b * l, arguments
+  return lower(steps, plan, batch), plan.mesh, b * l, arguments, params
 
 
 def _lower_long_context(cfg, devices, segment_len: int):
@@ -112,9 +113,11 @@ def _kernel_flops(cfg, mesh, step: str, tokens: int, seq_len: int) -> float:
   parts = flops.forward_flops_breakdown(cfg, seq_len)
   with jax.set_mesh(mesh):
     ssd = resolve_implementation(cfg.mamba.kernel, head_dim=cfg.mamba.head_dim,
-                                 d_state=cfg.mamba.d_state) == "pallas_tpu"
-    attention = resolve_attention_implementation(cfg.sal.kernel,
-                                                 head_dim=cfg.sal.head_dim) == "pallas_tpu"
+                                 d_state=cfg.mamba.d_state,
+                                 chunk_size=cfg.mamba.chunk_size) == "pallas_tpu"
+    attention = resolve_attention_implementation(
+        cfg.sal.kernel, head_dim=cfg.sal.head_dim, dtype=cfg.model.dtype,
+        seq_len=seq_len // mesh.shape.get("sequence", 1)) == "pallas_tpu"
   per_token = parts["ssd"] * ssd + parts["sal_attention"] * attention
   return per_token * tokens * (3.0 if step == "train" else 1.0) / mesh.size
 
@@ -145,10 +148,11 @@ def compile_for_topology(cfg, topology: str, *, chip_config: str = "default",
   if step == "long_context":
     lowered, mesh, tokens, arguments = _lower_long_context(cfg, devices,
                                                            segment_len or cfg.data.seq_len)
-    seq_len = tokens
+    seq_len, params, accum = tokens, 0, 1
   else:
-    lowered, mesh, tokens, arguments = _lower_step(cfg, devices, step)
+    lowered, mesh, tokens, arguments, params = _lower_step(cfg, devices, step)
     seq_len = cfg.data.seq_len
+    accum = cfg.train.grad_accum_steps if step == "train" else 1
   head = {"topology": topology, "chip_config": chip_config, "num_slices": num_slices,
           "step": step, "num_devices": mesh.size, "mesh": dict(mesh.shape),
           "tokens_per_step": tokens, "device_kind": chip.device_kind}
@@ -182,6 +186,14 @@ def compile_for_topology(cfg, topology: str, *, chip_config: str = "default",
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  if accum > 1:
+    # XLA's cost analysis counts a loop body once: the micro-batch scan runs `accum` times.
+    # Outside it is the optimizer update, whose bytes are taken as 7 passes over the
+    # parameters (read params, gradients and two moments; write params and moments); its
+    # FLOPs are a few per parameter and are scaled with the rest.
+    update = 7 * params
+    xla_flops *= accum
+    bytes_accessed = accum * max(bytes_accessed - update, 0.0) + update
   kernel_flops = _kernel_flops(cfg, mesh, step, tokens, seq_len)
   hlo = compiled.as_text()
   peak = flops.peak_flops_per_second(chip.device_kind, cfg.model.dtype)
@@ -195,6 +207,7 @@ def compile_for_topology(cfg, topology: str, *, chip_config: str = "default",
       "collectives": _count_collectives(hlo),
       "flops": xla_flops + kernel_flops, "flops_xla": xla_flops,
       "flops_in_kernels_analytic": kernel_flops, "bytes_accessed": bytes_accessed,
+      "grad_accum_steps": accum,
       "compile_seconds": round(seconds, 1),
       "prediction": {
           "note": "a prediction from the compiled cost, not a measurement: max(FLOPs / peak, "
