@@ -63,3 +63,14 @@ def test_a_topology_libtpu_cannot_describe_is_refused(capsys, tmp_path):
   code, _, err, report = _compile(capsys, tmp_path, "--topology=v5e:4x4x4")
   assert code == 2 and report is None
   assert "v5e topologies have 2 axes" in err
+
+
+def test_a_long_context_segment_compiles_over_a_sequence_mesh(capsys, tmp_path):
+  code, out, err, report = _compile(capsys, tmp_path, "--step=long_context",
+                                    "--segment_len=256")
+  assert code == 0, err
+  assert report["mesh"] == {"sequence": 4} and report["tokens_per_step"] == 256
+  # halos to the next chip (convolution inputs, attention keys); the SSD's states gathered
+  assert report["collectives"].get("collective-permute", 0) > 0
+  assert report["collectives"].get("all-gather", 0) > 0
+  assert report["fits"]

@@ -50,9 +50,15 @@ def _build(cfg):
                                                            gumbel=cfg.train.seed + 1))
 
 
+def _itemsize(dtype) -> int:
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return 8                        # a threefry key: two uint32 words
+  return np.dtype(dtype).itemsize
+
+
 def _per_device_bytes(tree, shardings) -> int:
   """Bytes one device holds of abstract arrays laid out by `shardings` (a matching tree)."""
-  one = lambda x, s: math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  one = lambda x, s: math.prod(s.shard_shape(x.shape)) * _itemsize(x.dtype)
   return int(sum(jax.tree.leaves(jax.tree.map(one, tree, shardings))))
 
 
