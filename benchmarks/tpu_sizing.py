@@ -120,6 +120,8 @@ def extrapolate(model, slice_name, kernels, done: dict):
       scale = mesh["grad_accum_steps"] / src["mesh_rule"]["grad_accum_steps"] / mesh["sequence"]
       step = pred["step_seconds"] * scale
       row["prediction"] = {"step_seconds": step, "bound": pred["bound"],
+                           "compute_seconds": pred["compute_seconds"] * scale,
+                           "memory_seconds": pred["memory_seconds"] * scale,
                            "tokens_per_s_per_chip": ROWS * SEQ / step / mesh["chips"]}
     return row
   return None
@@ -129,18 +131,19 @@ def markdown_table(rows: list[dict]) -> str:
   """The docs' table: one line per (model, slice, kernels), compiled rows marked."""
   gib = lambda v: f"{v / 2**30:.1f}"
   out = ["| model | slice | kernels | mesh (data x fsdp x sequence), micro-steps | memory / "
-         "HBM per chip (GiB) | fits | predicted step (s) | predicted tokens/s per chip | "
-         "source |", "|---|---|---|---|---|---|---|---|---|"]
+         "HBM per chip (GiB) | fits | compute / memory time (s) | predicted step (s) | "
+         "predicted tokens/s per chip | source |", "|---|---|---|---|---|---|---|---|---|---|"]
   order = {m: i for i, m in enumerate(MODELS)}
   slices = {s: i for i, s in enumerate(SLICES)}
   train = [r for r in rows if "mesh_rule" in r]
   for r in sorted(train, key=lambda r: (order[r["model"]], slices[r["slice"]], r["kernels"])):
     m, pred = r["mesh_rule"], r.get("prediction") or {}
-    step = f"{pred['step_seconds']:.2f} ({pred['bound']})" if pred else "-"
+    step = f"{pred['step_seconds']:.2f}" if pred else "-"
+    both = f"{pred['compute_seconds']:.2f} / {pred['memory_seconds']:.2f}" if pred else "-"
     rate = f"{pred['tokens_per_s_per_chip']:,.0f}" if pred else "-"
     out.append(f"| {r['model']} | {r['slice']} | {r['kernels']} | {m['data']} x {m['fsdp']} x "
                f"{m['sequence']}, {m['grad_accum_steps']} | {gib(r['memory_per_device_bytes'])}"
-               f" / {gib(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} | {step} | "
+               f" / {gib(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} | {both} | {step} | "
                f"{rate} | {r['source']} |")
   return "\n".join(out)
 

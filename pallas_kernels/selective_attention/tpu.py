@@ -151,10 +151,22 @@ def _vmem_bytes(shape, dtype):
   return math.prod(lead) * rows * lanes * itemsize
 
 
+def _vmem_need(whole_blocks) -> int:
+  return 2 * sum(_vmem_bytes(s, d) for s, d in whole_blocks) + _TILE_ROOM
+
+
+def fits_vmem(seq_len: int, head_dim: int, dtype, block: int = 128) -> bool:
+  """Whether every kernel's whole-sequence blocks fit the VMEM cap at this length (keys and
+  slots padded to `block`); past it the kernels refuse the call."""
+  lp = seq_len + (-seq_len) % block
+  keys = _key_side_blocks(lp, head_dim, dtype)
+  return max(_vmem_need(keys), _vmem_need(_slot_side_blocks(lp, head_dim, dtype))) <= _VMEM_CAP
+
+
 def vmem_limit(whole_blocks) -> int:
   """The scoped VMEM limit for kernels whose whole-sequence blocks are `whole_blocks`
   ((shape, dtype) pairs); raises past the cap."""
-  need = 2 * sum(_vmem_bytes(s, d) for s, d in whole_blocks) + _TILE_ROOM
+  need = _vmem_need(whole_blocks)
   if need > _VMEM_CAP:
     raise ValueError(f"selective attention: {need / _MIB:.0f} MiB of VMEM for one (batch, head)"
                      f"'s sequence (blocks {[s for s, _ in whole_blocks]}), over {_VMEM_CAP // _MIB}"
@@ -176,6 +188,11 @@ def _call(kernel, grid, num_scalars, in_specs, out_specs, out_shape, interpret, 
 def _key_side_blocks(lp, d, dtype):
   """The forward and dq kernels' whole-sequence blocks: k and v, the key facts."""
   return [((lp, d), dtype)] * 2 + [((1, lp), jnp.int32)] * 2
+
+
+def _slot_side_blocks(slots, d, dtype):
+  """The dk/dv kernel's whole-sequence blocks: q and do, the rows' four facts."""
+  return [((slots, d), dtype)] * 2 + [((1, slots), _F32)] * 4
 
 
 def _key_ranges(pos, l, window, bs):
@@ -263,7 +280,7 @@ def _backward(q_c, k, v, pos, count, seg_q, ok, seg, lse, delta, do_c, window, b
        key_block_facts, whole_slots, whole_stat, whole_stat],
       [key_block, key_block],
       [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-      interpret, [((slots, d), q_c.dtype)] * 2 + [((1, slots), _F32)] * 4,
+      interpret, _slot_side_blocks(slots, d, q_c.dtype),
   )(_slot_ranges(count, lp, window, bs), pos[:, None], seg_q[:, None], qt, kt, vt, ok3, seg3,
     dot_, lse.reshape(b, h, 1, slots), delta.reshape(b, h, 1, slots))
   back = lambda t: jnp.transpose(t, (0, 2, 1, 3))[:, :l]

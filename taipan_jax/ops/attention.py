@@ -49,11 +49,14 @@ def _masked_softmax_attend(q, k, v, mask):
 
 
 def resolve_attention_implementation(implementation: str = "auto",
-                                     head_dim: int | None = None) -> str:
-  """'auto' defers to $TAIPAN_KERNELS, then picks the Pallas GPU kernels on a GPU where they
-  tile the shape (head_dim a power of two >= 16) and the XLA path elsewhere (the TPU kernels
-  have not been timed on a TPU). 'pallas' forces the backend's kernels (GPU or TPU),
-  'interpret' runs the TPU kernels in Pallas interpret mode on any backend.
+                                     head_dim: int | None = None, seq_len: int | None = None,
+                                     dtype=None) -> str:
+  """'auto' defers to $TAIPAN_KERNELS, then picks by the target platform (ops.platform): the
+  Pallas GPU kernels on a GPU where they tile the shape (head_dim a power of two >= 16); the
+  Mosaic kernels on a TPU where a head's whole sequence fits their VMEM blocks (seq_len and
+  dtype given; chosen on compiled cost, not a timing: docs/tpu_pod.md); XLA elsewhere.
+  'pallas' forces the platform's kernels (GPU or TPU), 'interpret' runs the TPU kernels in
+  Pallas interpret mode on any backend.
   Returns 'reference', 'pallas_gpu', 'pallas_tpu' or 'interpret'."""
   if implementation == "auto":
     implementation = os.environ.get("TAIPAN_KERNELS", "auto")
@@ -63,7 +66,13 @@ def resolve_attention_implementation(implementation: str = "auto",
   tiles = head_dim is None or (head_dim >= 16 and not head_dim & (head_dim - 1))
   backend = target_platform()
   if implementation == "auto":
-    return "pallas_gpu" if backend == "gpu" and tiles else "reference"
+    if backend == "gpu" and tiles:
+      return "pallas_gpu"
+    if backend == "tpu":
+      from pallas_kernels.selective_attention.tpu import fits_vmem
+      if seq_len is None or fits_vmem(seq_len, head_dim or 128, dtype or jnp.float32):
+        return "pallas_tpu"
+    return "reference"
   if implementation in ("reference", "interpret"):
     return implementation
   if backend == "tpu":
@@ -103,7 +112,7 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
   if sequence_axis() is not None and window > 1:
     return _attention_context_parallel(q, k, v, select, window=window, kv_select=kv_select,
                                        segment_ids=segment_ids, implementation=implementation)
-  impl = resolve_attention_implementation(implementation, head_dim=d)
+  impl = resolve_attention_implementation(implementation, head_dim=d, seq_len=l, dtype=q.dtype)
   if impl != "reference":
     from pallas_kernels.selective_attention import (selective_attention_gpu,
                                                     selective_attention_tpu)

@@ -56,12 +56,14 @@ IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 
 
 def resolve_implementation(implementation: str = "auto", head_dim: int | None = None,
-                           d_state: int | None = None) -> str:
-  """'auto' defers to $TAIPAN_KERNELS, then to the fastest measured path for the backend.
+                           d_state: int | None = None, chunk_size: int | None = None) -> str:
+  """'auto' defers to $TAIPAN_KERNELS, then picks by the target platform (ops.platform).
 
   GPU: the Pallas Triton kernels where they tile the shape (head_dim and d_state powers of
-  two >= 16), measured faster than XLA on an H100 (benchmarks/ssd.py). TPU and CPU: the XLA
-  path; the TPU kernel's forward has not been timed on a TPU (docs/kernels/ssd.md).
+  two >= 16), measured faster than XLA on an H100 (benchmarks/ssd.py). TPU: the Mosaic
+  kernels where the chunk is a multiple of 128, chosen on compiled cost, not on a timing (no
+  TPU has run them): they compile for v5e, v5p and v6e, and the train step with them needs
+  less memory and moves fewer bytes than with the XLA path (docs/tpu_pod.md). CPU: XLA.
   Returns 'reference', 'pallas_gpu', 'pallas_tpu' or 'interpret'.
   """
   if implementation == "auto":
@@ -72,7 +74,11 @@ def resolve_implementation(implementation: str = "auto", head_dim: int | None = 
   backend = target_platform()
   tiles = all(v is None or (v >= 16 and not v & (v - 1)) for v in (head_dim, d_state))
   if implementation == "auto":
-    return "pallas_gpu" if backend == "gpu" and tiles else "reference"
+    if backend == "gpu" and tiles:
+      return "pallas_gpu"
+    if backend == "tpu" and (chunk_size is None or chunk_size % 128 == 0):
+      return "pallas_tpu"
+    return "reference"
   if implementation == "pallas":
     if backend == "gpu":
       if not tiles:
@@ -122,7 +128,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   if dt.shape != (b, l, h) or A.shape != (h,) or B.shape != C.shape or B.shape[:2] != (b, l):
     raise ValueError(f"ssd shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
                      f"B {B.shape}, C {C.shape}")
-  impl = resolve_implementation(implementation, head_dim=p, d_state=n)
+  impl = resolve_implementation(implementation, head_dim=p, d_state=n, chunk_size=chunk_size)
   if impl == "reference":
     return _ssd_xla(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state,
                     return_final_state=return_final_state, segment_ids=segment_ids)
