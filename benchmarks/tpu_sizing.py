@@ -45,6 +45,7 @@ ROWS, SEQ = 128, 4096
 # What is compiled first: each (model, generation, kernels) once on its smallest slice.
 PRIORITY = [(m, s, k) for m in ("190m", "1.3b", "450m")
             for s in ("v5e-16", "v5p-16", "v6e-16") for k in (True, False)]
+LONG_CONTEXT_AFTER = 3         # compiled after the first rows: 190M on v5e, then on v5p
 LONG_CONTEXT = ("190m", "v5e-8", "v5e:2x4", 131072, 1 << 20)
 
 
@@ -96,6 +97,46 @@ def compile_long_context():
           **report}
 
 
+# Step temporaries per token of the train step compiled for an H100 with the Pallas kernels,
+# relative to the 190M's (docs/scaling.md, "Per model size, measured": 1.38, 2.45 and 3.42 MiB
+# per token): how the activations of a model without a compiled TPU row are scaled.
+ACTIVATION_RATIO = {"190m": 1.0, "450m": 2.45 / 1.38, "1.3b": 3.42 / 1.38}
+
+
+def extrapolate_across_models(model, slice_name, kernels, done: dict):
+  """A model with no compiled row on this generation, from the compiled 190M row of the same
+  generation and kernels: the state (12 bytes per parameter: fp32 params and two Adam
+  moments) divided by fsdp; the 190M's temporaries scaled by ACTIVATION_RATIO; the step time
+  by the analytic train FLOPs per token and the micro-steps per chip. Rough: it says so."""
+  from taipan_jax.training.flops import train_flops_per_token
+  gen = slice_name.split("-")[0]
+  mesh = mesh_for(model, slice_name)
+  sources = [r for k, r in done.items() if k.startswith("190m|") and r.get("source") ==
+             "compiled" and r["slice"].startswith(gen) and r["kernels"] == ("pallas" if kernels
+                                                                           else "xla")]
+  if not sources:
+    return None
+  src = sources[0]
+  temps = src["memory_breakdown_bytes"]["temporaries"] * ACTIVATION_RATIO[model] / mesh["sequence"]
+  memory = 12 * MODELS[model][1] / mesh["fsdp"] + temps
+  row = {"model": model, "slice": slice_name, "kernels": src["kernels"], "mesh_rule": mesh,
+         "source": f"extrapolated from 190m on {src['slice']} (state exact, activations "
+                   "scaled by the H100 per-token ratio: rough)",
+         "fits": memory <= src["hbm_bytes"], "memory_per_device_bytes": memory,
+         "hbm_bytes": src["hbm_bytes"]}
+  pred = src.get("prediction")
+  if pred:
+    ratio = (train_flops_per_token(load_config(MODELS[model][0]), SEQ)
+             / train_flops_per_token(load_config("taipan_190m"), SEQ))
+    scale = ratio * (ROWS * SEQ / mesh["chips"]) / (ROWS * SEQ / src["mesh_rule"]["chips"])
+    compute, mem = pred["compute_seconds"] * scale, pred["memory_seconds"] * scale
+    step = max(compute, mem)
+    row["prediction"] = {"step_seconds": step, "bound": "compute" if compute >= mem else "memory",
+                         "compute_seconds": compute, "memory_seconds": mem,
+                         "tokens_per_s_per_chip": ROWS * SEQ / step / mesh["chips"]}
+  return row
+
+
 def extrapolate(model, slice_name, kernels, done: dict):
   """The row from the compiled row of the same model, kernels and generation (same per-device
   micro-step and fsdp): memory carries over, the step time scales with the micro-steps."""
@@ -124,7 +165,7 @@ def extrapolate(model, slice_name, kernels, done: dict):
                            "memory_seconds": pred["memory_seconds"] * scale,
                            "tokens_per_s_per_chip": ROWS * SEQ / step / mesh["chips"]}
     return row
-  return None
+  return extrapolate_across_models(model, slice_name, kernels, done)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -145,6 +186,17 @@ def markdown_table(rows: list[dict]) -> str:
                f"{m['sequence']}, {m['grad_accum_steps']} | {gib(r['memory_per_device_bytes'])}"
                f" / {gib(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} | {both} | {step} | "
                f"{rate} | {r['source']} |")
+  for r in rows:
+    if r.get("step") == "long_context" and r.get("prediction"):
+      pred = r["prediction"]
+      out.append(f"\nLong context, {r['model']} on {r['slice']} ({r['topology']}), one segment of "
+                 f"{r['tokens_per_step']:,} tokens over mesh {r['mesh']}, kernels: "
+                 f"{gib(r['memory_per_device_bytes'])} / {gib(r['hbm_bytes'])} GiB per chip "
+                 f"({'fits' if r['fits'] else 'does not fit'}), {r['mosaic_kernels']} Mosaic "
+                 f"calls, predicted {pred['step_seconds']:.3f} s a segment ({pred['bound']}-"
+                 f"bound), {pred.get('document_seconds', 0):.1f} s for "
+                 f"{pred.get('document_tokens', 0):,} tokens; compiled in "
+                 f"{r['compile_seconds']:.0f} s.")
   return "\n".join(out)
 
 
@@ -173,7 +225,7 @@ def main():
                          "predictions from compiled cost, not measurements",
                  "rows": list(done.values())}, f, indent=1)
 
-  todo = PRIORITY[:6] + [("long_context",)] + PRIORITY[6:]
+  todo = PRIORITY[:LONG_CONTEXT_AFTER] + [("long_context",)] + PRIORITY[LONG_CONTEXT_AFTER:]
   only = set(filter(None, args.only.split(",")))
   compiles = 0
   for item in todo:
