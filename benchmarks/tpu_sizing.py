@@ -111,17 +111,22 @@ def extrapolate_across_models(model, slice_name, kernels, done: dict):
   from taipan_jax.training.flops import train_flops_per_token
   gen = slice_name.split("-")[0]
   mesh = mesh_for(model, slice_name)
-  sources = [r for k, r in done.items() if k.startswith("190m|") and r.get("source") ==
-             "compiled" and r["slice"].startswith(gen) and r["kernels"] == ("pallas" if kernels
-                                                                           else "xla")]
-  if not sources:
+  kind = "pallas" if kernels else "xla"
+  sources = [r for k, r in done.items() if k.startswith("190m|") and "mesh_rule" in r
+             and r["slice"].startswith(gen) and r["kernels"] == kind
+             and r["mesh_rule"]["sequence"] == 1]
+  # a compiled 190M row first; else one extrapolated from another generation
+  sources.sort(key=lambda r: r.get("source") != "compiled")
+  if not sources or not sources[0].get("prediction"):
     return None
   src = sources[0]
-  temps = src["memory_breakdown_bytes"]["temporaries"] * ACTIVATION_RATIO[model] / mesh["sequence"]
+  src_temps = (src["memory_breakdown_bytes"]["temporaries"] if "memory_breakdown_bytes" in src
+               else src["memory_per_device_bytes"] - 12 * MODELS["190m"][1])
+  temps = src_temps * ACTIVATION_RATIO[model] / mesh["sequence"]
   memory = 12 * MODELS[model][1] / mesh["fsdp"] + temps
   row = {"model": model, "slice": slice_name, "kernels": src["kernels"], "mesh_rule": mesh,
-         "source": f"extrapolated from 190m on {src['slice']} (state exact, activations "
-                   "scaled by the H100 per-token ratio: rough)",
+         "source": f"extrapolated from 190m on {src['slice']} ({src['source']}; state exact, "
+                   "activations scaled by the H100 per-token ratio: rough)",
          "fits": memory <= src["hbm_bytes"], "memory_per_device_bytes": memory,
          "hbm_bytes": src["hbm_bytes"]}
   pred = src.get("prediction")
@@ -165,7 +170,40 @@ def extrapolate(model, slice_name, kernels, done: dict):
                            "memory_seconds": pred["memory_seconds"] * scale,
                            "tokens_per_s_per_chip": ROWS * SEQ / step / mesh["chips"]}
     return row
-  return extrapolate_across_models(model, slice_name, kernels, done)
+  return (extrapolate_across_generations(model, slice_name, kernels, done)
+          or extrapolate_across_models(model, slice_name, kernels, done))
+
+
+def extrapolate_across_generations(model, slice_name, kernels, done: dict):
+  """From the compiled row of the same model and kernels on another generation, at the same
+  per-chip program (one row per micro-step, same fsdp): its per-chip memory against this
+  chip's HBM, its per-chip FLOPs and bytes per micro-step against this chip's peak and
+  bandwidth. XLA:TPU compiles each generation differently, so memory is approximate."""
+  from taipan_jax.training.flops import peak_flops_per_second
+  gen = slice_name.split("-")[0]
+  chip = CHIPS[gen]
+  mesh = mesh_for(model, slice_name)
+  for src in done.values():
+    if (src.get("source") != "compiled" or src.get("model") != model
+        or src.get("kernels") != ("pallas" if kernels else "xla") or "mesh_rule" not in src
+        or src["mesh_rule"]["fsdp"] != mesh["fsdp"] or src["mesh_rule"]["sequence"] != 1
+        or mesh["sequence"] != 1):
+      continue
+    memory = src["memory_per_device_bytes"]
+    row = {"model": model, "slice": slice_name, "kernels": src["kernels"], "mesh_rule": mesh,
+           "source": f"extrapolated from {src['slice']} (another generation's compile, this "
+                     "chip's HBM and rates)",
+           "fits": memory <= chip.hbm_bytes, "memory_per_device_bytes": memory,
+           "hbm_bytes": chip.hbm_bytes}
+    scale = mesh["grad_accum_steps"] / src["mesh_rule"]["grad_accum_steps"]
+    compute = src["flops"] * scale / peak_flops_per_second(chip.device_kind, "bfloat16")
+    mem = src["bytes_accessed"] * scale / chip.hbm_bytes_per_s
+    step = max(compute, mem)
+    row["prediction"] = {"step_seconds": step, "bound": "compute" if compute >= mem else "memory",
+                         "compute_seconds": compute, "memory_seconds": mem,
+                         "tokens_per_s_per_chip": ROWS * SEQ / step / mesh["chips"]}
+    return row
+  return None
 
 
 def markdown_table(rows: list[dict]) -> str:
