@@ -103,7 +103,7 @@ def tables(results: list[dict]) -> list[str]:
   buckets = sorted(ext, key=lambda k: int(k.split("-")[0]))
   out += ["", f"### Extrapolation: perplexity by position (trained on "
           f"{study.TEXT['data.seq_len']}-token rows)", ""]
-  out += _markdown_table(ext, buckets, archs, "model")
+  out += _markdown_table(ext, buckets, archs, "model") if buckets else ["No run finished yet."]
   return out
 
 
