@@ -155,6 +155,9 @@ def run_one(run: dict, root: str) -> dict:
   start = time.perf_counter()
   rows = train(cfg, workdir, log=lambda line: None)
   train_seconds = time.perf_counter() - start
+  if max((r["step"] for r in rows), default=0) < cfg.train.steps:
+    # Stopped early (SIGTERM/SIGINT save and return): no result, the rerun resumes it.
+    raise SystemExit(f"{run['id']}: stopped before step {cfg.train.steps}; rerun to resume")
   last_train = [r for r in rows if "selected_sal0" in r][-1:] or [{}]
   result = {"id": run["id"], "group": run["group"], "arch": run["arch"],
             "setting": run["setting"], "seed": run["seed"], "steps": cfg.train.steps,
