@@ -153,7 +153,7 @@ def run_one(run: dict, root: str) -> dict:
     overrides["data.tokenizer"] = tokenizer_path(root)
   cfg = load_config("tiny", overrides)
   start = time.perf_counter()
-  rows = train(cfg, workdir, log=lambda line: None)
+  rows = train(cfg, workdir, log=print)         # into the run's log under <root>/logs
   train_seconds = time.perf_counter() - start
   if max((r["step"] for r in rows), default=0) < cfg.train.steps:
     # Stopped early (SIGTERM/SIGINT save and return): no result, the rerun resumes it.
