@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.mamba.head_dim = 64                # P: channels per SSM head
   cfg.mamba.n_groups = 1                 # B/C groups shared by the heads
   cfg.mamba.chunk_size = 256             # SSD chunk length (multiple of 8 for the kernels)
-  cfg.mamba.kernel = "auto"              # SSD + decode: auto | reference | pallas | interpret
+  cfg.mamba.kernel = "auto"              # SSD + decode: auto | xla | pallas (ops/dispatch.py)
+  cfg.mamba.interpret = False            # run those Pallas kernels in interpret mode (any host)
   cfg.mamba.a_init_min = 1.0             # A = -exp(A_log) initialised uniformly in [min, max]
   cfg.mamba.a_init_max = 16.0
   cfg.mamba.dt_min = 1e-3                # initial dt log-uniform in [dt_min, dt_max]
@@ -59,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   # did); "sign" [s1 > s0] (selects ~nothing once trained to a budget); "window_rank" /
   # "window_expected" causal top-k of each window; "none" / "all" switch the SAL off / on.
   cfg.sal.inference_selection = "positional_gumbel"
-  cfg.sal.kernel = "auto"                # attention: auto | reference | pallas | interpret
+  cfg.sal.kernel = "auto"                # attention: auto | xla | pallas (ops/dispatch.py)
+  cfg.sal.interpret = False              # run those Pallas kernels in interpret mode (any host)
 
   # --- full attention ('a' layers) ----------------------------------------------------------
   cfg.attention = ml_collections.ConfigDict()

@@ -202,6 +202,23 @@ def _check_schema(cfg, schema, prefix=""):
             f"give a {want.__name__}")
 
 
+# The vocabulary of ops/dispatch.py (tests/test_config.py holds the two equal): config sits
+# below ops and imports nothing of them.
+KERNELS = ("auto", "xla", "pallas")
+_RENAMED_KERNELS = {"reference": "'xla'", "interpret": "'pallas' with {section}.interpret=True"}
+
+
+def _check_kernel(section: str, node) -> None:
+  if node.kernel in _RENAMED_KERNELS:
+    _fail(f"{section}.kernel", node.kernel, "is the old spelling",
+          "use " + _RENAMED_KERNELS[node.kernel].format(section=section))
+  if node.kernel not in KERNELS:
+    _fail(f"{section}.kernel", node.kernel, "unknown implementation", f"use one of {KERNELS}")
+  if node.interpret and node.kernel == "xla":
+    _fail(f"{section}.interpret", node.interpret, f"{section}.kernel='xla' runs no kernel",
+          f"set {section}.kernel='pallas' (or 'auto') to interpret the kernels")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field once; returns the same config, locked against new keys."""
   _check_schema(cfg, _base.get_config())
@@ -240,13 +257,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail("mamba.dt_min", mb.dt_min, f"need 0 < dt_min <= dt_max ({mb.dt_max})",
             "use the defaults 1e-3 and 0.1")
     positive("mamba.dt_init_floor", mb.dt_init_floor)
-    from taipan_jax.ops.ssd import IMPLEMENTATIONS
-    if mb.kernel not in IMPLEMENTATIONS:
-      _fail("mamba.kernel", mb.kernel, "unknown SSD implementation",
-            f"use one of {IMPLEMENTATIONS}")
-    if mb.kernel in ("pallas", "interpret") and mb.chunk_size % 8:
-      _fail("mamba.chunk_size", mb.chunk_size, f"the Pallas SSD kernel ({mb.kernel}) needs a "
-            "multiple of 8", "use e.g. 256")
+    _check_kernel("mamba", mb)
+    if (mb.kernel == "pallas" or mb.interpret) and mb.chunk_size % 8:
+      _fail("mamba.chunk_size", mb.chunk_size, "the Pallas SSD kernel needs a multiple of 8",
+            "use e.g. 256")
 
   if "s" in m.pattern:
     positive("sal.head_dim", sal.head_dim)
@@ -268,10 +282,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"use one of {INFERENCE_SELECTIONS}")
     if sal.rope and sal.head_dim % 2:
       _fail("sal.head_dim", sal.head_dim, "RoPE needs an even head_dim", "use an even value")
-    from taipan_jax.ops.ssd import IMPLEMENTATIONS
-    if sal.kernel not in IMPLEMENTATIONS:
-      _fail("sal.kernel", sal.kernel, "unknown attention implementation",
-            f"use one of {IMPLEMENTATIONS}")
+    _check_kernel("sal", sal)
     if sal.inference_capacity is not None:
       if not 1 <= sal.inference_capacity <= sal.window:
         _fail("sal.inference_capacity", sal.inference_capacity, "must be in [1, window]",

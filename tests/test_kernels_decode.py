@@ -21,6 +21,7 @@ from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ss
                                              window_attention_reference)
 from pallas_kernels.decode.window_attention import ring_attention_gpu, window_attention_gpu
 from taipan_jax import ops
+from taipan_jax.ops.decode import KERNELS as DECODE_KERNELS
 
 ON_GPU = jax.default_backend() == "gpu"
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}   # relative to the output's largest entry
@@ -435,20 +436,28 @@ def test_bad_shapes_are_refused(rng):
     window_attention_gpu(q, kv, kv, jnp.ones((1, 7), bool), interpret=True)
   with pytest.raises(ValueError, match="must be \\[batch, heads, head_dim\\]"):
     window_attention_gpu(q, kv, kv[:, :, :1], jnp.ones((1, 8), bool), interpret=True)
-  with pytest.raises(ValueError, match="decode implementation 'triton' is unknown"):
-    ops.resolve_decode_implementation("triton")
+  with pytest.raises(ValueError, match="implementation='triton' is unknown"):
+    ops.choose(DECODE_KERNELS, "triton")
 
 
 def test_kernels_env_routes_decode_ops(monkeypatch):
-  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
-  assert ops.resolve_decode_implementation() == "interpret"
-  monkeypatch.setenv("TAIPAN_KERNELS", "reference")
-  assert ops.resolve_decode_implementation() == "reference"
+  kernels = DECODE_KERNELS
+  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
+  monkeypatch.setenv("TAIPAN_INTERPRET", "1")
+  assert ops.choose(kernels) == ops.Route("pallas", "gpu", True)
+  monkeypatch.setenv("TAIPAN_KERNELS", "xla")
+  assert ops.choose(kernels) == ops.Route("xla")
   monkeypatch.delenv("TAIPAN_KERNELS")
-  assert ops.resolve_decode_implementation(head_dim=64, d_state=128) == "reference"
-  assert ops.resolve_decode_implementation("pallas", head_dim=64, d_state=128) == (
-      "pallas_gpu" if ON_GPU else "reference")
-  assert ops.resolve_decode_implementation("pallas", head_dim=48) == "reference"
+  monkeypatch.delenv("TAIPAN_INTERPRET")
+  assert ops.choose(kernels, head_dim=64, d_state=128) == (
+      ops.Route("pallas", "gpu") if ON_GPU else ops.Route("xla"))
+  if ON_GPU:
+    assert ops.choose(kernels, "pallas", head_dim=64, d_state=128) == ops.Route("pallas", "gpu")
+    with pytest.raises(ValueError, match="cannot tile"):
+      ops.choose(kernels, "pallas", head_dim=48)
+  else:
+    with pytest.raises(ValueError, match="no Pallas decode kernel for platform"):
+      ops.choose(kernels, "pallas", head_dim=64, d_state=128)
 
 
 def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
@@ -498,14 +507,16 @@ def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_decode_with_the_kernels_equals_the_jnp_path(dtype):
-  """Taipan's decode steps with mamba.kernel and sal.kernel 'interpret' (the decode kernels,
-  and the prefill's TPU SSD and selective attention kernels in interpret mode; 'pallas'
-  compiled on a GPU) against 'reference': logits and caches."""
+  """Taipan's decode steps with mamba.kernel and sal.kernel 'pallas' (off a GPU in interpret
+  mode: the decode kernels, and the prefill's TPU SSD and selective attention kernels;
+  compiled on a GPU) against 'xla': logits and caches."""
   results = {}
-  kernels = ("reference", "pallas" if ON_GPU else "interpret")
+  kernels = ("xla", "pallas")
   for kernel in kernels:
+    interpret = kernel == "pallas" and not ON_GPU
     cfg = taipan_jax.load_config("tiny", {"model.dtype": dtype, "mamba.kernel": kernel,
-                                          "sal.kernel": kernel})
+                                          "sal.kernel": kernel, "mamba.interpret": interpret,
+                                          "sal.interpret": interpret})
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 9)),
                          jnp.int32)
     model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
@@ -547,9 +558,10 @@ def test_decode_attention_dispatch(monkeypatch):
                       lambda *a, **k: calls.append(k["interpret"]) or real(*a, **k))
   monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
   for slots, env, kernel in ((64, None, ON_GPU), (8192, None, ON_GPU),
-                             (64, "interpret", True), (64, "reference", False)):
+                             (64, "pallas", True), (64, "xla", False)):
     if env:
       monkeypatch.setenv("TAIPAN_KERNELS", env)
+      monkeypatch.setenv("TAIPAN_INTERPRET", str(int(env == "pallas" and not ON_GPU)))
     q = jnp.asarray(rng.standard_normal((1, 2, 16)), jnp.float32)
     kv = jnp.asarray(rng.standard_normal((1, slots, 2, 16)), jnp.float32)
     valid = jnp.arange(slots)[None] < 40

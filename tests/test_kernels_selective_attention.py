@@ -12,6 +12,7 @@ import pytest
 from pallas_kernels.selective_attention import (BlockSizes, Tile, selective_attention_gpu,
                                                 selective_attention_tpu)
 from taipan_jax import ops
+from taipan_jax.ops.attention import KERNELS as ATTENTION_KERNELS
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -114,15 +115,17 @@ def test_tpu_kernels_refuse_mixed_or_unaligned_tiles():
 
 
 def test_ops_dispatch_and_mesh(rng, monkeypatch):
-  """TAIPAN_KERNELS=interpret routes ops.selective_window_attention to the kernels; under an
+  """TAIPAN_KERNELS=pallas with TAIPAN_INTERPRET=1 routes ops.selective_window_attention to
+  the TPU kernels in interpret mode; under an
   8-device mesh they run per batch shard, and per batch and head shard on a data x tensor
   mesh (shard_map), and equal the unsharded result, gradients included."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   b, l, h, d, window = 8, 40, 2, 16, 12
   q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32) for _ in range(3))
   select = jnp.asarray(rng.random((b, l)) < 0.4)
-  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
-  assert ops.resolve_attention_implementation(head_dim=d) == "interpret"
+  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
+  monkeypatch.setenv("TAIPAN_INTERPRET", "1")
+  assert ops.choose(ATTENTION_KERNELS, head_dim=d) == ops.Route("pallas", "tpu", True)
 
   def loss(q, k, v):
     out = ops.selective_window_attention(q, k, v, select, window=window)
@@ -130,7 +133,7 @@ def test_ops_dispatch_and_mesh(rng, monkeypatch):
 
   expected = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
   reference = ops.selective_window_attention(q, k, v, select, window=window,
-                                             implementation="reference")
+                                             implementation="xla")
   np.testing.assert_allclose(
       np.asarray(ops.selective_window_attention(q, k, v, select, window=window)),
       np.asarray(reference), rtol=2e-5, atol=2e-5)
@@ -152,8 +155,8 @@ def test_ops_dispatch_and_mesh(rng, monkeypatch):
     got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
-  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
-  with pytest.raises(ValueError, match="no Pallas selective attention kernel for backend"):
+  monkeypatch.delenv("TAIPAN_INTERPRET")
+  with pytest.raises(ValueError, match="no Pallas selective attention kernel for platform"):
     ops.selective_window_attention(q, k, v, select, window=window)
   monkeypatch.setenv("TAIPAN_KERNELS", "fast")
   with pytest.raises(ValueError, match="'fast' is unknown"):
@@ -161,17 +164,18 @@ def test_ops_dispatch_and_mesh(rng, monkeypatch):
 
 
 def test_taipan_with_the_attention_kernel_matches_reference(rng):
-  """sal.kernel='interpret' end to end: a Taipan's logits and gradients (the tiny config's
-  width, 2 x (Mamba-2, SAL)), with gates that select a real mix of tokens, against
-  sal.kernel='reference'."""
+  """sal.kernel='pallas' in interpret mode end to end: a Taipan's logits and gradients (the
+  tiny config's width, 2 x (Mamba-2, SAL)), with gates that select a real mix of tokens,
+  against sal.kernel='xla'."""
   from flax import nnx
   from helpers import build, randomize_gates, random_tokens, tiny_config
   tokens = random_tokens(rng, 2, 40)
   results = {}
-  for kernel in ("reference", "interpret"):
+  for kernel in ("xla", "pallas"):
     # 2 x (Mamba-2, SAL): the second SAL's kernel takes the first's output, and the gradients
     # go back through both; the tiny pattern's second Mamba-2 blocks would only add compile time.
-    model = build(tiny_config(sal__kernel=kernel, model__pattern="ms"))
+    model = build(tiny_config(sal__kernel=kernel, sal__interpret=kernel == "pallas",
+                              model__pattern="ms"))
     randomize_gates(model, np.random.default_rng(1))
     model.eval()
 
@@ -181,7 +185,7 @@ def test_taipan_with_the_attention_kernel_matches_reference(rng):
 
     (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     results[kernel] = (np.asarray(logits), jax.tree.leaves(nnx.state(grads)))
-  (logits_ref, grads_ref), (logits, grads) = results["reference"], results["interpret"]
+  (logits_ref, grads_ref), (logits, grads) = results["xla"], results["pallas"]
   err = np.abs(logits - logits_ref).max()
   grad_err = max(float(np.abs(np.asarray(g) - np.asarray(r)).max()) for g, r in
                  zip(grads, grads_ref))

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from helpers import ssd_inputs, ssd_segments
 from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu, ssd_reference, ssd_tpu
 from taipan_jax import ops
+from taipan_jax.ops.ssd import KERNELS as SSD_KERNELS
 
 # (batch, seq, heads, head_dim, groups, d_state, chunk): awkward lengths, groups, tiny and
 # large states.
@@ -95,15 +96,15 @@ def test_ops_ssd_interpret_forward_and_gradients_match_reference(rng, packed):
 
   def loss(impl, *args):
     y, s = ops.ssd(*args[:5], chunk_size=16, initial_state=args[5], return_final_state=True,
-                   segment_ids=seg, implementation=impl)
+                   segment_ids=seg, implementation=impl, interpret=impl == "pallas")
     return jnp.sum(y * w_y) + jnp.sum(s * w_s)
 
   args = (x, dt, A, B, C, init)
   # Compiled: eager op-by-op dispatch is slow on the CPU.
   value_and_grad = lambda impl: jax.jit(jax.value_and_grad(lambda *a: loss(impl, *a),
                                                            argnums=tuple(range(6))))
-  value, got = value_and_grad("interpret")(*args)
-  value_ref, want = value_and_grad("reference")(*args)
+  value, got = value_and_grad("pallas")(*args)
+  value_ref, want = value_and_grad("xla")(*args)
   assert abs(float(value) - float(value_ref)) < 1e-3
   for name, a, w in zip(("x", "dt", "A", "B", "C", "init"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-4, atol=1e-4,
@@ -112,17 +113,22 @@ def test_ops_ssd_interpret_forward_and_gradients_match_reference(rng, packed):
 
 def test_environment_variable_forces_the_path(rng, monkeypatch):
   x, dt, A, B, C, _ = ssd_inputs(rng, 1, 20, 2, 8, 1, 8)
-  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
-  assert ops.ssd.__module__ and ops.resolve_implementation() == "interpret"
+  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
+  monkeypatch.setenv("TAIPAN_INTERPRET", "1")
+  assert ops.choose(SSD_KERNELS) == ops.Route("pallas", "tpu", True)
   y = ops.ssd(x, dt, A, B, C, chunk_size=8)
-  monkeypatch.setenv("TAIPAN_KERNELS", "reference")
+  monkeypatch.setenv("TAIPAN_KERNELS", "xla")
   np.testing.assert_allclose(np.asarray(y), np.asarray(ops.ssd(x, dt, A, B, C, chunk_size=8)),
                              rtol=1e-5, atol=1e-5)
   monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
-  with pytest.raises(ValueError, match="no Pallas SSD kernel for backend 'cpu'"):
+  monkeypatch.delenv("TAIPAN_INTERPRET")
+  with pytest.raises(ValueError, match="no Pallas SSD kernel for platform 'cpu'"):
     ops.ssd(x, dt, A, B, C, chunk_size=8)
   monkeypatch.setenv("TAIPAN_KERNELS", "fast")
   with pytest.raises(ValueError, match="'fast' is unknown"):
+    ops.ssd(x, dt, A, B, C, chunk_size=8)
+  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
+  with pytest.raises(ValueError, match="old spelling; use 'pallas' with interpret=True"):
     ops.ssd(x, dt, A, B, C, chunk_size=8)
 
 
@@ -148,7 +154,8 @@ def test_kernel_inside_shard_map_matches_unsharded(rng):
 def test_ops_ssd_under_a_mesh_runs_the_kernel_per_batch_shard(rng, monkeypatch):
   """With a mesh set, ops.ssd wraps the kernel in shard_map over the batch axis: forward and
   gradients on 8 simulated devices equal the unsharded kernel's."""
-  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
+  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
+  monkeypatch.setenv("TAIPAN_INTERPRET", "1")
   x, dt, A, B, C, init = ssd_inputs(rng, 8, 20, 2, 8, 1, 8)
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
 
@@ -184,14 +191,14 @@ def test_per_shard_takes_a_kernel_that_returns_a_list():
 
 
 def test_taipan_forward_with_the_kernel_matches_reference(rng):
-  """mamba.kernel='interpret' end to end: the whole tiny Taipan's logits."""
+  """mamba.kernel='pallas' in interpret mode end to end: the whole tiny Taipan's logits."""
   from helpers import build, jit_forward, random_tokens, tiny_config
   tokens = random_tokens(rng, 2, 40)
   logits = {}
-  for kernel in ("reference", "interpret"):
-    model = build(tiny_config(mamba__kernel=kernel))
+  for kernel in ("xla", "pallas"):
+    model = build(tiny_config(mamba__kernel=kernel, mamba__interpret=kernel == "pallas"))
     model.eval()
     logits[kernel] = np.asarray(jit_forward(model, tokens)[0])
-  err = np.abs(logits["interpret"] - logits["reference"]).max()
-  print(f"\ntiny Taipan logits, kernel vs reference: {err:.2e}")
-  assert err < 1e-5 * max(1.0, np.abs(logits["reference"]).max())
+  err = np.abs(logits["pallas"] - logits["xla"]).max()
+  print(f"\ntiny Taipan logits, kernel vs XLA: {err:.2e}")
+  assert err < 1e-5 * max(1.0, np.abs(logits["xla"]).max())

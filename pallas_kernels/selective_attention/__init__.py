@@ -3,7 +3,7 @@
 `selective_attention_gpu`: query-compacted Pallas Triton forward and backward kernels (GPU, or
 any backend with interpret=True). `selective_attention_tpu`: the same algorithm on Mosaic
 (TPU, or any backend in TPU interpret mode). The reference is
-`taipan_jax.ops.selective_window_attention(implementation="reference")`.
+`taipan_jax.ops.selective_window_attention(implementation="xla")`.
 """
 from pallas_kernels.selective_attention.common import BlockSizes, Tile, compact_selection
 from pallas_kernels.selective_attention.gpu import selective_attention_gpu

@@ -171,7 +171,7 @@ def vmem_limit(whole_blocks) -> int:
     raise ValueError(f"selective attention: {need / _MIB:.0f} MiB of VMEM for one (batch, head)"
                      f"'s sequence (blocks {[s for s, _ in whole_blocks]}), over {_VMEM_CAP // _MIB}"
                      " MiB; fix: split the length over more devices (mesh.sequence) or use the "
-                     "'reference' kernel")
+                     "'xla' implementation")
   return max(need, _VMEM_FLOOR)
 
 

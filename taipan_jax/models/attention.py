@@ -98,7 +98,7 @@ class AttentionBlock(nnx.Module):
     every = jnp.ones((b, l), bool)
     if cache is None:
       attn = ops.selective_window_attention(q, k, v, every, window=l,
-                                            implementation="reference",
+                                            implementation="xla",
                                             segment_ids=segment_ids)
     else:
       # The whole preallocated cache is the prefix; its slots past pos are masked off.
@@ -106,7 +106,7 @@ class AttentionBlock(nnx.Module):
       written = jnp.arange(slots)[None, :] < cache.pos[:, None]
       attn = ops.attention_with_prefix(q, k, v, every, k_prefix=cache.k, v_prefix=cache.v,
                                        prefix_ok=written, window=slots + l,
-                                       implementation="reference")
+                                       implementation="xla")
     h = self._mlp(h + self.o_proj(attn.reshape(b, l, d)).astype(jnp.float32))
     if not return_cache:
       return h

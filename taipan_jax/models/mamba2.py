@@ -48,7 +48,7 @@ class Mamba2Mixer(nnx.Module):
     self.d_state = mb.d_state
     self.d_conv = mb.d_conv
     self.chunk_size = mb.chunk_size
-    self.kernel = mb.kernel
+    self.kernels = dict(implementation=mb.kernel, interpret=mb.interpret)  # ops/dispatch.py
     self.conv_dim = self.d_inner + 2 * mb.n_groups * mb.d_state
     self.dtype = jnp.dtype(m.dtype)
     pdt = jnp.dtype(m.param_dtype)
@@ -130,7 +130,7 @@ class Mamba2Mixer(nnx.Module):
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
     y, state = ops.ssd(x, dt, A, B, C, chunk_size=self.chunk_size, return_final_state=True,
                        initial_state=None if cache is None else cache.ssm,
-                       segment_ids=segment_ids, implementation=self.kernel)
+                       segment_ids=segment_ids, **self.kernels)
     out = self._gate_and_project(y, x, z)
     if not return_cache:
       return out
@@ -153,18 +153,18 @@ class Mamba2Mixer(nnx.Module):
     norm: the block's RMSNorm, applied to h inside the in-projection's call; the residual is
     added by the out-projection's (ops.decode).
     """
-    impl = self.kernel
+    impl = self.kernels
     prepared = getattr(self, "in_proj_t", None)
     w_t = self.in_proj.kernel[...].T if prepared is None else prepared[...]
     zxbcdt, conv = ops.mamba2_in_proj(
         h, norm.weight[...], w_t, cache.conv, self.conv_weight[...],
         self.conv_bias[...], eps=norm.eps, dtype=self.dtype, d_inner=self.d_inner,
-        implementation=impl)
+        **impl)
     out, ssm = ops.mamba2_ssm_out(
         zxbcdt, cache.ssm, self.dt_bias[...], self.A_log[...], self.D[...], self.norm.weight[...],
         self.out_proj.kernel[...], h, eps=self.norm.eps, dtype=self.dtype,
         group_size=self.norm.group_size, heads=self.heads, head_dim=self.head_dim,
-        n_groups=self.n_groups, d_state=self.d_state, implementation=impl)
+        n_groups=self.n_groups, d_state=self.d_state, **impl)
     return out, Mamba2Cache(conv=conv, ssm=ssm)
 
 

@@ -38,7 +38,7 @@ class SwiGLU(nnx.Module):
   def __call__(self, x):
     return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
 
-  def step(self, h, norm, *, implementation: str = "auto"):
+  def step(self, h, norm, *, implementation: str = "auto", interpret: bool = False):
     """One token per row of the residual block around this layer: h + SwiGLU(norm(h)).
 
     h: [batch, d_model] fp32 -> [batch, d_model] fp32. norm: the block's RMSNorm, applied
@@ -47,6 +47,7 @@ class SwiGLU(nnx.Module):
     """
     dtype = self.w2.dtype
     up, gate = ops.norm_matvec(h, norm.weight[...], (self.w3.kernel[...], self.w1.kernel[...]),
-                               eps=norm.eps, dtype=dtype, implementation=implementation)
+                               eps=norm.eps, dtype=dtype, implementation=implementation,
+                               interpret=interpret)
     return ops.norm_matvec(up, None, self.w2.kernel[...], gate=gate, residual=h, dtype=dtype,
-                           implementation=implementation)
+                           implementation=implementation, interpret=interpret)

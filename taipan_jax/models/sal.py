@@ -93,7 +93,7 @@ class SelectiveAttentionLayer(nnx.Module):
     self.inference_capacity = sal.inference_capacity
     self.inference_selection = sal.inference_selection
     self.select_seed = 0          # the SAL's ordinal in the model (LanguageModel sets it)
-    self.kernel = sal.kernel
+    self.kernels = dict(implementation=sal.kernel, interpret=sal.interpret)  # ops/dispatch.py
     self.dtype = jnp.dtype(m.dtype)
     self.deterministic = False
     pdt = jnp.dtype(m.param_dtype)
@@ -242,7 +242,7 @@ class SelectiveAttentionLayer(nnx.Module):
       attn = ops.selective_window_attention(
           q, k, v, selected, window=self.window,
           kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
-          implementation=self.kernel)
+          **self.kernels)
       out = self._mix_and_mlp(h, mask, scores, attn)
       return out, {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not self.deterministic:
@@ -279,7 +279,7 @@ class SelectiveAttentionLayer(nnx.Module):
     attn = ops.attention_with_prefix(
         q, k, v, selected, k_prefix=k_prev, v_prefix=v_prev, prefix_ok=prefix_ok,
         window=w, kv_select=selected if self.kv_selected_only else None,
-        implementation=self.kernel)
+        **self.kernels)
     out = self._mix_and_mlp(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:
@@ -308,12 +308,12 @@ class SelectiveAttentionLayer(nnx.Module):
           h, self.norm_a.weight[...], projections + (self.gate.out.kernel[...],),
           eps=self.norm_a.eps, dtype=self.dtype,
           product_dtypes=(self.dtype,) * 3 + (jnp.dtype(self.gate.out.dtype),),
-          implementation=self.kernel)
+          **self.kernels)
       scores = (scores + self.gate.out.bias[...]).astype(jnp.float32)        # [b, 2]
     else:
       scores = self.gate(self.norm_a(h))
       qkv = ops.norm_matvec(h, self.norm_a.weight[...], projections, eps=self.norm_a.eps,
-                            dtype=self.dtype, implementation=self.kernel)
+                            dtype=self.dtype, **self.kernels)
     margin = scores[:, 1] - scores[:, 0]
     slot = cache.pos % self.window                 # holds token pos - window, which leaves
     if self.select_all:
@@ -334,11 +334,11 @@ class SelectiveAttentionLayer(nnx.Module):
     attn, (ck, cv, filled, kept, pos) = ops.ring_decode_attention(
         q[:, 0], k[:, 0].astype(self.dtype), v[:, 0].astype(self.dtype), cache.k, cache.v,
         cache.filled, cache.kept, cache.pos, mask, kv_selected_only=self.kv_selected_only,
-        implementation=self.kernel)
+        **self.kernels)
     mixed = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...],
                             dtype=self.dtype, residual=h, mix=self._mix_weight(mask, scores),
-                            implementation=self.kernel)          # _mix(h, mask, scores, o)
-    out = self.mlp.step(mixed, self.norm_b, implementation=self.kernel)
+                            **self.kernels)          # _mix(h, mask, scores, o)
+    out = self.mlp.step(mixed, self.norm_b, **self.kernels)
     margins = cache.margin.at[jnp.arange(b), slot].set(margin)
     return out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept,
                                          margin=margins, pos=pos)
