@@ -48,7 +48,8 @@ class Mamba2Mixer(nnx.Module):
     self.d_state = mb.d_state
     self.d_conv = mb.d_conv
     self.chunk_size = mb.chunk_size
-    self.kernels = dict(implementation=mb.kernel, interpret=mb.interpret)  # ops/dispatch.py
+    self.kernel = mb.kernel                 # how the ops run: ops/dispatch.py
+    self.interpret = mb.interpret
     self.conv_dim = self.d_inner + 2 * mb.n_groups * mb.d_state
     self.dtype = jnp.dtype(m.dtype)
     pdt = jnp.dtype(m.param_dtype)
@@ -70,6 +71,12 @@ class Mamba2Mixer(nnx.Module):
     self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // mb.n_groups,
                              eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
     self.out_proj = dense(self.d_inner, d, scale=residual_scale, **kw)
+
+  @property
+  def kernels(self) -> dict:
+    """The ops' implementation and interpret arguments (plain attributes: a graphdef is
+    hashed, a dict is not)."""
+    return dict(implementation=self.kernel, interpret=self.interpret)
 
   def _split_proj(self, zxbcdt):
     z, xbc, dt = jnp.split(zxbcdt, [self.d_inner, self.d_inner + self.conv_dim], axis=-1)

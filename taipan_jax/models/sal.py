@@ -93,7 +93,8 @@ class SelectiveAttentionLayer(nnx.Module):
     self.inference_capacity = sal.inference_capacity
     self.inference_selection = sal.inference_selection
     self.select_seed = 0          # the SAL's ordinal in the model (LanguageModel sets it)
-    self.kernels = dict(implementation=sal.kernel, interpret=sal.interpret)  # ops/dispatch.py
+    self.kernel = sal.kernel                 # how the ops run: ops/dispatch.py
+    self.interpret = sal.interpret
     self.dtype = jnp.dtype(m.dtype)
     self.deterministic = False
     pdt = jnp.dtype(m.param_dtype)
@@ -110,6 +111,12 @@ class SelectiveAttentionLayer(nnx.Module):
     self.norm_b = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
     self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
     self.rngs = rngs["gumbel"].fork()
+
+  @property
+  def kernels(self) -> dict:
+    """The ops' implementation and interpret arguments (plain attributes: a graphdef is
+    hashed, a dict is not)."""
+    return dict(implementation=self.kernel, interpret=self.interpret)
 
   def _inference_mask(self, scores, positions, segment_ids=None, prev_margin=None,
                       prev_ok=None, token_ids=None):
