@@ -31,8 +31,10 @@ ENV_INTERPRET = "TAIPAN_INTERPRET"
 class TileRule:
   """A tiling rule on one dimension (None: not given, which passes); `need` says it in words."""
 
-  def __init__(self, test: Callable[[int], bool], need: str):
-    self.test, self.need = test, need
+  def __init__(self, test: Callable[[int], bool], need: str, interpreted: bool = True):
+    # interpreted=False: a limit of the compiler (Mosaic's tiling), not of the algorithm, so
+    # interpret mode does not have it.
+    self.test, self.need, self.interpreted = test, need, interpreted
 
   def __call__(self, v: int | None) -> bool:
     return v is None or self.test(v)
@@ -42,8 +44,8 @@ def power_of_two(minimum: int = 1) -> TileRule:
   return TileRule(lambda v: v >= minimum and not v & (v - 1), f"a power of two >= {minimum}")
 
 
-def multiple_of(m: int) -> TileRule:
-  return TileRule(lambda v: v % m == 0, f"a multiple of {m}")
+def multiple_of(m: int, interpreted: bool = True) -> TileRule:
+  return TileRule(lambda v: v % m == 0, f"a multiple of {m}", interpreted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,8 @@ def choose(kernels: Kernels, implementation: str = "auto", interpret: bool = Fal
   if interpret and platform not in kernels.tiles:
     platform = next(iter(kernels.tiles))
   rules = kernels.tiles.get(platform)
+  if rules is not None and interpret:
+    rules = {d: rule for d, rule in rules.items() if rule.interpreted}
   fits = rules is not None and all(rule(dims.get(d)) for d, rule in rules.items())
   if implementation == "auto":
     pallas = kernel_by_default and fits and target in ("gpu", "tpu")

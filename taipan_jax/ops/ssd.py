@@ -56,7 +56,7 @@ def _combine_chunks(left, right):
 # compiled cost, not on a timing (no TPU has run them): they compile for v5e, v5p and v6e, and
 # the train step with them needs less memory and moves fewer bytes than with XLA
 # (docs/tpu_pod.md). Interpret mode off a TPU or GPU runs the TPU kernels.
-KERNELS = Kernels("SSD", {"tpu": {"chunk_size": multiple_of(128)},
+KERNELS = Kernels("SSD", {"tpu": {"chunk_size": multiple_of(128, interpreted=False)},
                           "gpu": {"head_dim": power_of_two(16), "d_state": power_of_two(16)}})
 
 
