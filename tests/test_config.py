@@ -58,10 +58,10 @@ def test_impossible_values_name_key_value_and_fix(overrides, key):
 def test_kernel_vocabulary_is_the_dispatch_vocabulary():
   """config sits below ops and keeps its own copy of the names: the two stay equal, and an
   old spelling is refused with the new one."""
-  from taipan_jax import config
+  from taipan_jax.config import validation
   from taipan_jax.ops import dispatch
-  assert config.KERNELS == dispatch.IMPLEMENTATIONS
-  assert set(config._RENAMED_KERNELS) == set(dispatch.RENAMED)
+  assert validation.KERNELS == dispatch.IMPLEMENTATIONS
+  assert set(validation._RENAMED_KERNELS) == set(dispatch.RENAMED)
   with pytest.raises(ConfigError, match=r"mamba.kernel='interpret'.*fix: use 'pallas' with "
                                         r"mamba.interpret=True"):
     taipan_jax.load_config("tiny", {"mamba.kernel": "interpret"})

@@ -17,38 +17,11 @@ from typing import Mapping
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from taipan_jax.sharding.mesh import MESH_AXES
+from taipan_jax.config.axes import LOGICAL_AXES, RulesError, parse_rules
 
 Rules = Mapping[str, tuple[str, ...]]
-
-LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "mlp", "mamba_in",
-                "mamba_inner", "mamba_conv", "mamba_heads", "conv_width", "norm", "gate_in",
-                "gate_out")
-
-
-class RulesError(ValueError):
-  """A rule that names an unknown logical or mesh axis (the message says which)."""
-
-
-def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
-  """'batch=data+fsdp, embed=fsdp, norm=' -> {'batch': ('data', 'fsdp'), 'embed': ('fsdp',),
-  'norm': ()}."""
-  rules = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    name, sep, axes = item.partition("=")
-    name = name.strip()
-    if not sep or name not in LOGICAL_AXES:
-      raise RulesError(f"config key sharding.rules: {item!r} is not 'logical=mesh[+mesh]' "
-                       f"with a logical axis of {LOGICAL_AXES}; fix: e.g. 'embed=fsdp'")
-    mesh_axes = tuple(a.strip() for a in axes.split("+") if a.strip())
-    bad = [a for a in mesh_axes if a not in MESH_AXES]
-    if bad:
-      raise RulesError(f"config key sharding.rules: {item!r} names mesh axes {bad}; fix: use "
-                       f"{MESH_AXES}")
-    if name in rules:
-      raise RulesError(f"config key sharding.rules: {name!r} has two rules; fix: keep one")
-    rules[name] = mesh_axes
-  return rules
+__all__ = ["LOGICAL_AXES", "Rules", "RulesError", "constrain", "logical_spec",
+           "param_logical_axes", "parse_rules", "shard_count", "tree_shardings", "use_rules"]
 
 
 def shard_count(sharding: NamedSharding, dim: int | None = None) -> int:
