@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import taipan_jax
+from taipan_jax.models.build import build_model
 from taipan_jax.ops.attention import attention_route
 from taipan_jax.ops.ssd import ssd_route
 from taipan_jax.sharding.topology import CHIPS, TopologyError, parse_topology, topology_devices
@@ -46,7 +46,7 @@ def _batch(b: int, l: int) -> dict:
 
 
 def _build(cfg):
-  return lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=cfg.train.seed,
+  return lambda: build_model(cfg, rngs=nnx.Rngs(params=cfg.train.seed,
                                                            gumbel=cfg.train.seed + 1))
 
 
