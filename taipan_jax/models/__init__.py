@@ -7,6 +7,6 @@ from taipan_jax.models.mlp import SwiGLU
 from taipan_jax.models.norms import GatedRMSNorm, RMSNorm
 from taipan_jax.models.sal import Gate, SALCache, SelectiveAttentionLayer
 
-__all__ = ["build_model", "count_params", "LanguageModel", "Mamba2Mixer", "Mamba2Block", "Mamba2Cache",
-           "SelectiveAttentionLayer", "SALCache", "Gate", "AttentionBlock", "KVCache",
+__all__ = ["build_model", "count_params", "LanguageModel", "Mamba2Mixer", "Mamba2Block",
+           "Mamba2Cache", "SelectiveAttentionLayer", "SALCache", "Gate", "AttentionBlock", "KVCache",
            "apply_rope", "SwiGLU", "RMSNorm", "GatedRMSNorm"]

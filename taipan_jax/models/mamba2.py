@@ -1,4 +1,4 @@
-"""Mamba-2 mixer and block (SPEC section 2), with a parallel forward and a decode step."""
+"""Mamba-2 mixer and block (docs/spec.md section 2), with a parallel forward and a decode step."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from taipan_jax import ops
+from taipan_jax.models.layer import LayerOutput
 from taipan_jax.models.mlp import dense
 from taipan_jax.models.norms import GatedRMSNorm, RMSNorm
 
@@ -187,17 +188,23 @@ class Mamba2Block(nnx.Module):
   def init_cache(self, batch_size: int) -> Mamba2Cache:
     return self.mixer.init_cache(batch_size)
 
-  def __call__(self, h, *, segment_ids=None, cache: Mamba2Cache | None = None,
-               return_cache: bool = False):
+  selects = False
+
+  def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
+               cache: Mamba2Cache | None = None, return_cache: bool = False,
+               token_ids=None) -> LayerOutput:
     """h: [batch, seq, d_model]; segment_ids: optional [batch, seq] int (packed documents);
-    cache: continue from it (Mamba2Mixer)."""
+    cache: continue from it (Mamba2Mixer). The layer interface (models/layer.py); token_mask,
+    gumbel_key, tau and token_ids are unused."""
     out = self.mixer(self.norm(h), segment_ids=segment_ids, cache=cache,
                      return_cache=return_cache)
-    if return_cache:
-      out, cache = out
-      return h + out.astype(jnp.float32), cache
-    return h + out.astype(jnp.float32)
+    out, cache = out if return_cache else (out, None)
+    return LayerOutput(h + out.astype(jnp.float32), {}, cache)
 
-  def step(self, h, cache: Mamba2Cache):
-    """One token.  h: [batch, d_model] fp32 -> (h + mixer(norm(h)), new cache)."""
-    return self.mixer.step(h, cache, self.norm)
+  def step(self, h, cache: Mamba2Cache, token_ids=None) -> LayerOutput:
+    """One token.  h: [batch, d_model] fp32 -> h + mixer(norm(h)), no aux, new cache."""
+    h, cache = self.mixer.step(h, cache, self.norm)
+    return LayerOutput(h, {}, cache)
+
+  def split_refusal(self) -> str | None:
+    return None

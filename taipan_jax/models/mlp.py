@@ -10,7 +10,7 @@ from taipan_jax import ops
 def uniform_fan_in(scale: float = 1.0):
   """U(+-scale/sqrt(fan_in)): PyTorch's nn.Linear default, which mamba_ssm keeps.
 
-  scale < 1 gives the residual rescale of output projections (SPEC section 2, decision m).
+  scale < 1 gives the residual rescale of output projections (docs/spec.md section 2, decision m).
   """
   return nnx.initializers.variance_scaling(scale * scale / 3.0, "fan_in", "uniform")
 

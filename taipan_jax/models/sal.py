@@ -1,4 +1,4 @@
-"""The Selective Attention Layer (SPEC section 3; paper eq. 1-6)."""
+"""The Selective Attention Layer (docs/spec.md section 3; paper eq. 1-6)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ from flax import nnx, struct
 from taipan_jax import ops
 from taipan_jax.config import mlp_hidden_size
 from taipan_jax.models.attention import apply_rope
+from taipan_jax.models.layer import LayerOutput
 from taipan_jax.models.mlp import SwiGLU, dense
 from taipan_jax.models.norms import RMSNorm
 
@@ -219,7 +220,8 @@ class SelectiveAttentionLayer(nnx.Module):
                     pos=pos.astype(jnp.int32))
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               cache: SALCache | None = None, return_cache: bool = False, token_ids=None):
+               cache: SALCache | None = None, return_cache: bool = False,
+               token_ids=None) -> LayerOutput:
     """h: [batch, seq, d_model]; token_mask: [batch, seq] bool real tokens (for the fraction).
     token_ids: [batch, seq] the model's input tokens, which key the inference draw's noise
       (LanguageModel passes them; None keys it by position alone).
@@ -229,7 +231,7 @@ class SelectiveAttentionLayer(nnx.Module):
       document gets the same scores.
     cache: continue a sequence from this cache (evaluation mode): the rows attend to its
       keys too, and positions start at cache.pos.
-    Returns (h, aux) or, with return_cache, (h, aux, cache).
+    Returns LayerOutput(h, aux, cache or None) (models/layer.py).
     """
     if segment_ids is not None and (return_cache or cache is not None):
       raise ValueError("a decode cache continues one document: segment_ids cannot be combined "
@@ -251,7 +253,8 @@ class SelectiveAttentionLayer(nnx.Module):
           kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
           **self.kernels)
       out = self._mix_and_mlp(h, mask, scores, attn)
-      return out, {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
+      return LayerOutput(out, {"mask": mask,
+                               "fraction": ops.selected_fraction(mask, token_mask)}, None)
     if not self.deterministic:
       raise ValueError("cache / return_cache is for evaluation and decoding: call model.eval() "
                        "first (training selection is random)")
@@ -290,18 +293,30 @@ class SelectiveAttentionLayer(nnx.Module):
     out = self._mix_and_mlp(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:
-      return out, aux
+      return LayerOutput(out, aux, None)
     new = self._ring(jnp.concatenate([k_prev, k.astype(self.dtype)], axis=1),
                      jnp.concatenate([v_prev, v.astype(self.dtype)], axis=1),
                      jnp.concatenate([filled_prev, jnp.ones((b, l), bool)], axis=1),
                      jnp.concatenate([kept_prev, selected], axis=1),
                      jnp.concatenate([margin_prev, margin], axis=1),
                      cache.pos + ops.rows_length(l))
-    return out, aux, jax.tree.map(ops.from_last_device, new)
+    return LayerOutput(out, aux, jax.tree.map(ops.from_last_device, new))
 
-  def step(self, h, cache: SALCache, token_ids=None):
-    """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache).
-    token_ids: [batch] the input tokens (the inference draw's noise key, as in __call__).
+  selects = True
+
+  def split_refusal(self) -> str | None:
+    if not self.deterministic:
+      return ("context-parallel forward needs deterministic selection; fix: call "
+              "model.eval() first")
+    if self.inference_capacity is not None:
+      return ("sal.inference_capacity counts selections over each window, which context "
+              "parallelism does not carry across devices; fix: leave it unset")
+    return None
+
+  def step(self, h, cache: SALCache, token_ids=None) -> LayerOutput:
+    """One token per row, deterministic selection.  h: [batch, d_model] -> LayerOutput(h,
+    {'mask'}, cache). token_ids: [batch] the input tokens (the inference draw's noise key,
+    as in __call__).
 
     Four launches on the kernel path besides the SwiGLU's: norm_a, q, k, v and (a one-layer
     gate) the gate's scores in one call (ops.norm_matvec); the ring buffer's append with the
@@ -347,5 +362,5 @@ class SelectiveAttentionLayer(nnx.Module):
                             **self.kernels)          # _mix(h, mask, scores, o)
     out = self.mlp.step(mixed, self.norm_b, **self.kernels)
     margins = cache.margin.at[jnp.arange(b), slot].set(margin)
-    return out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept,
-                                         margin=margins, pos=pos)
+    return LayerOutput(out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept,
+                                                     margin=margins, pos=pos))
