@@ -1,4 +1,4 @@
-"""Selective sliding-window softmax attention (the SAL's attention, SPEC section 3).
+"""Selective sliding-window softmax attention (the SAL's attention, docs/spec.md section 3).
 
 `selective_window_attention` is the parallel form used for training and prefill; it computes
 the window blockwise so memory grows with seq * window, not seq^2. `window_decode_attention`

@@ -1,7 +1,7 @@
 """Mamba-2's structured state-space duality (SSD) scan in its chunked parallel form (the decode
 step is ops.decode.mamba2_in_proj and mamba2_ssm_out).
 
-Per head h the recurrence (SPEC section 2) is
+Per head h the recurrence (docs/spec.md section 2) is
     S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t (outer) B_t        S: [head_dim, d_state]
     y_t = S_t C_t
 The chunked form (Mamba-2 paper, Listing 1) computes it in four steps: a quadratic
