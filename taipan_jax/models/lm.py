@@ -14,7 +14,7 @@ from taipan_jax.models.attention import AttentionBlock
 from taipan_jax.models.mamba2 import Mamba2Block
 from taipan_jax.models.norms import RMSNorm
 from taipan_jax.models.sal import SelectiveAttentionLayer
-from taipan_jax.sharding import constrain
+from taipan_jax.sharding import constrain, with_axes
 
 _LAYERS = {"m": Mamba2Block, "s": SelectiveAttentionLayer, "a": AttentionBlock}
 
@@ -37,7 +37,8 @@ class LanguageModel(nnx.Module):
     residual_scale = 1.0 / math.sqrt(residual_branches(cfg))
     self.embed = nnx.Embed(padded_vocab_size(cfg), m.d_model,
                            embedding_init=nnx.initializers.normal(0.02), dtype=self.dtype,
-                           param_dtype=pdt, rngs=rngs)
+                           param_dtype=pdt, rngs=rngs,
+                           embedding_metadata=with_axes("vocab", "embed"))
     self.layers = nnx.List([_LAYERS[kind](cfg, residual_scale=residual_scale, rngs=rngs)
                             for kind in self.kinds])
     for ordinal, layer in enumerate(l for l in self.layers if l.selects):
@@ -46,7 +47,7 @@ class LanguageModel(nnx.Module):
     self.lm_head = None if m.tie_embeddings else nnx.Linear(
         m.d_model, padded_vocab_size(cfg), use_bias=False,
         kernel_init=nnx.initializers.normal(0.02), dtype=self.dtype, param_dtype=pdt,
-        rngs=rngs)
+        rngs=rngs, kernel_metadata=with_axes("embed", "vocab"))
 
   @property
   def num_sal(self) -> int:

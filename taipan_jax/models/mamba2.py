@@ -11,6 +11,7 @@ from taipan_jax import ops
 from taipan_jax.models.layer import LayerOutput
 from taipan_jax.models.mlp import dense
 from taipan_jax.models.norms import GatedRMSNorm, RMSNorm
+from taipan_jax.sharding import with_axes
 
 
 @struct.dataclass
@@ -57,21 +58,26 @@ class Mamba2Mixer(nnx.Module):
     kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
 
     # Fused projection, split in the order z | x B C | dt (mamba_ssm's layout).
-    self.in_proj = dense(d, self.d_inner + self.conv_dim + self.heads, **kw)
+    # Its columns are not split: splitting them would cut across the parts ('mamba_in').
+    self.in_proj = dense(d, self.d_inner + self.conv_dim + self.heads, axes=("embed", "mamba_in"),
+                         **kw)
     bound = 1.0 / math.sqrt(mb.d_conv)
     self.conv_weight = nnx.Param(jax.random.uniform(
-        rngs.params(), (mb.d_conv, self.conv_dim), pdt, -bound, bound))
+        rngs.params(), (mb.d_conv, self.conv_dim), pdt, -bound, bound),
+        **with_axes("conv_width", "mamba_conv"))
     self.conv_bias = nnx.Param(jax.random.uniform(
-        rngs.params(), (self.conv_dim,), pdt, -bound, bound))
+        rngs.params(), (self.conv_dim,), pdt, -bound, bound), **with_axes("mamba_conv"))
+    heads = with_axes("mamba_heads")
     self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), self.heads, mb.dt_min, mb.dt_max,
-                                           mb.dt_init_floor).astype(pdt))
+                                           mb.dt_init_floor).astype(pdt), **heads)
     a = jax.random.uniform(rngs.params(), (self.heads,), jnp.float32, mb.a_init_min,
                            mb.a_init_max)
-    self.A_log = nnx.Param(jnp.log(a).astype(pdt))
-    self.D = nnx.Param(jnp.ones((self.heads,), pdt))
+    self.A_log = nnx.Param(jnp.log(a).astype(pdt), **heads)
+    self.D = nnx.Param(jnp.ones((self.heads,), pdt), **heads)
     self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // mb.n_groups,
                              eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
-    self.out_proj = dense(self.d_inner, d, scale=residual_scale, **kw)
+    self.out_proj = dense(self.d_inner, d, axes=("mamba_inner", "embed"), scale=residual_scale,
+                          **kw)
 
   @property
   def kernels(self) -> dict:

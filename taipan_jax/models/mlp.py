@@ -5,6 +5,7 @@ import jax
 from flax import nnx
 
 from taipan_jax import ops
+from taipan_jax.sharding import with_axes
 
 
 def uniform_fan_in(scale: float = 1.0):
@@ -15,11 +16,13 @@ def uniform_fan_in(scale: float = 1.0):
   return nnx.initializers.variance_scaling(scale * scale / 3.0, "fan_in", "uniform")
 
 
-def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, scale: float = 1.0, dtype, param_dtype,
-          use_bias: bool = False) -> nnx.Linear:
+def dense(d_in: int, d_out: int, *, axes: tuple[str, str], rngs: nnx.Rngs, scale: float = 1.0,
+          dtype, param_dtype, use_bias: bool = False) -> nnx.Linear:
+  """A Linear whose kernel carries logical axes (input, output) and its bias (output,)."""
   return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=uniform_fan_in(scale),
                     bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
-                    rngs=rngs)
+                    rngs=rngs, kernel_metadata=with_axes(*axes),
+                    bias_metadata=with_axes(axes[1]))
 
 
 class SwiGLU(nnx.Module):
@@ -31,9 +34,9 @@ class SwiGLU(nnx.Module):
   def __init__(self, d_model: int, hidden: int, *, residual_scale: float, dtype, param_dtype,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.w1 = dense(d_model, hidden, **kw)
-    self.w3 = dense(d_model, hidden, **kw)
-    self.w2 = dense(hidden, d_model, scale=residual_scale, **kw)
+    self.w1 = dense(d_model, hidden, axes=("embed", "mlp"), **kw)
+    self.w3 = dense(d_model, hidden, axes=("embed", "mlp"), **kw)
+    self.w2 = dense(hidden, d_model, axes=("mlp", "embed"), scale=residual_scale, **kw)
 
   def __call__(self, x):
     return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))

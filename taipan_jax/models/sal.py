@@ -13,6 +13,7 @@ from taipan_jax.models.attention import apply_rope
 from taipan_jax.models.layer import LayerOutput
 from taipan_jax.models.mlp import SwiGLU, dense
 from taipan_jax.models.norms import RMSNorm
+from taipan_jax.sharding import with_axes
 
 
 def _take_rows(t, index):
@@ -53,12 +54,14 @@ class Gate(nnx.Module):
   def __init__(self, d: int, hidden: int, capacity: float, *, dtype, param_dtype,
                rngs: nnx.Rngs):
     small = nnx.initializers.normal(0.02)
+    axes = dict(kernel_metadata=with_axes("gate_in", "gate_out"),
+                bias_metadata=with_axes("gate_out"))
     self.hidden = (nnx.Linear(d, hidden, kernel_init=small, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs) if hidden else None)
+                              param_dtype=param_dtype, rngs=rngs, **axes) if hidden else None)
     bias = jnp.array([0.0, math.log(capacity / (1.0 - capacity)) if capacity < 1 else 10.0])
     self.out = nnx.Linear(hidden or d, 2, kernel_init=small,
                           bias_init=lambda *_: bias.astype(param_dtype), dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+                          param_dtype=param_dtype, rngs=rngs, **axes)
 
   def __call__(self, x):
     if self.hidden is not None:
@@ -105,10 +108,10 @@ class SelectiveAttentionLayer(nnx.Module):
     # selections as possible (its cost is a d_model x 2 matmul).
     self.gate = Gate(d, sal.gate_hidden, sal.capacity, dtype=jnp.float32, param_dtype=pdt,
                      rngs=rngs)
-    self.q_proj = dense(d, d, **kw)
-    self.k_proj = dense(d, d, **kw)
-    self.v_proj = dense(d, d, **kw)
-    self.o_proj = dense(d, d, scale=residual_scale, **kw)
+    self.q_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.k_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.v_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.o_proj = dense(d, d, axes=("heads", "embed"), scale=residual_scale, **kw)
     self.norm_b = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
     self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
     self.rngs = rngs["gumbel"].fork()
