@@ -10,8 +10,8 @@ a decode step's cost depends on the shapes, not on the values. The timed call is
 excludes Python dispatch. A model that runs out of memory at L is recorded as such, and its
 larger contexts are skipped.
 
-A config may carry `@reference` (or another kernel choice) to set mamba.kernel and
-sal.kernel: `taipan_190m@reference` decodes through XLA alone, where 'auto' takes the Triton
+A config may carry `@xla` (or another kernel choice) to set mamba.kernel and
+sal.kernel: `taipan_190m@xla` decodes through XLA alone, where 'auto' takes the Triton
 kernels of pallas_kernels/decode on a GPU at batch 1.
 
 `--eval_tokens=N` also streams N random tokens through the 190M Taipan in segments with
@@ -80,7 +80,7 @@ def decode_sweep(name, contexts, args, record, path):
   # The model's own max_cache_len only sizes init_cache; the timed caches are made here.
   config, _, kernel = name.partition("@")
   overrides = {"model.dtype": "bfloat16"}
-  if kernel:          # e.g. taipan_190m@reference: XLA alone, no decode kernels
+  if kernel:          # e.g. taipan_190m@xla: XLA alone, no decode kernels
     overrides.update({"mamba.kernel": kernel, "sal.kernel": kernel})
   cfg = taipan_jax.load_config(config, overrides)
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
@@ -165,7 +165,7 @@ def plot(rows, path):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs",
-                      default="taipan_190m,transformer_190m,mamba2_190m,taipan_190m@reference")
+                      default="taipan_190m,transformer_190m,mamba2_190m,taipan_190m@xla")
   parser.add_argument("--contexts", default=",".join(str(1024 << i) for i in range(11)))
   parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
   parser.add_argument("--reps", type=int, default=5)

@@ -1,5 +1,5 @@
 r"""A Mamba-2 block's decode token, the 190M model's shapes, through the two decode kernels
-against XLA (the same ops with implementation='reference'), and the kernels' block choices.
+against XLA (the same ops with implementation='xla'), and the kernels' block choices.
 
 One timed call is a jitted `lax.scan` of `--steps` tokens through `--layers` blocks, each
 with its own weights and caches (as in the model's decode step, so no block's weights are
@@ -54,22 +54,22 @@ def block(h, w, cache, *, variant, dims, dtype):
   d_inner = heads * head_dim
   in_args = (h, w["norm"], w["w_in_t"], cache["conv"], w["conv_w"], w["conv_b"])
   kw = dict(eps=1e-5, dtype=dtype, d_inner=d_inner)
-  if impl == "reference":
-    zx, conv = ops.mamba2_in_proj(*in_args, implementation="reference", **kw)
+  if impl == "xla":
+    zx, conv = ops.mamba2_in_proj(*in_args, implementation="xla", **kw)
   else:
     zx, conv = mamba2_in_proj_gpu(*in_args, **kw, **in_kw)
   out_args = (zx, cache["ssm"], w["dt_bias"], w["A_log"], w["D"], w["gnorm"], w["w_out"], h)
   kw = dict(eps=1e-5, dtype=dtype, group_size=d_inner, heads=heads, head_dim=head_dim,
             n_groups=1, d_state=d_state)
-  if impl == "reference":
-    h, ssm = ops.mamba2_ssm_out(*out_args, implementation="reference", **kw)
+  if impl == "xla":
+    h, ssm = ops.mamba2_ssm_out(*out_args, implementation="xla", **kw)
   else:
     h, ssm = mamba2_ssm_out_gpu(*out_args, **kw, **out_kw)
   return h, dict(conv=conv, ssm=ssm)
 
 
 VARIANTS = {
-    "xla": ("reference", {}, {}),
+    "xla": ("xla", {}, {}),
     "kernels": ("pallas", {}, {}),
     "ssm_out block_p 32": ("pallas", {}, dict(block_p=32)),
     "ssm_out block_p 64": ("pallas", {}, dict(block_p=64)),

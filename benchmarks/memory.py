@@ -1,4 +1,4 @@
-r"""Per-device memory of a training run: the estimator (taipan_jax.sharding.memory) against
+r"""Per-device memory of a training run: the estimator (taipan_jax.training.memory) against
 the peak the device reports after running the same steps.
 
     python benchmarks/memory.py --configs=taipan_190m --batch_size=4 [--steps=3]
@@ -16,7 +16,7 @@ from flax import nnx
 import taipan_jax
 from report import write_result
 from taipan_jax.data import make_train_iterator
-from taipan_jax.sharding.memory import estimate_training_memory
+from taipan_jax.training.memory import estimate_training_memory
 from taipan_jax.training import partition
 from taipan_jax.training.step import make_steps
 

@@ -35,7 +35,7 @@ RULES = ("sign", "positional_gumbel", "window_rank", "window_expected", "none", 
 
 
 def _sals(model):
-  return [layer for kind, layer in zip(model.kinds, model.layers) if kind == "s"]
+  return [layer for layer in model.layers if layer.selects]
 
 
 @nnx.jit

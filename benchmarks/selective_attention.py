@@ -5,7 +5,7 @@ Times forward and forward+backward (d q, k, v of sum(out * dout)) of:
   cudnn      dense sliding-window attention, jax.nn.dot_product_attention(local_window_size=,
              implementation='cudnn'), all rows, masked afterwards (what the SAL costs without
              a sparse kernel)
-  xla        our dense-blockwise XLA reference (ops.selective_window_attention, 'reference')
+  xla        our dense-blockwise XLA path (ops.selective_window_attention, 'xla')
   flex       torch FlexAttention over the compacted selected queries with a sliding-window
              mask_mod on their original positions (if torch has it)
   tokamax_*  tokamax.dot_product_attention's Triton / Mosaic-GPU kernels over the compacted
@@ -52,7 +52,7 @@ def jax_impl(name, select, window):
     return lambda q, k, v: selective_attention_gpu(q, k, v, select, window=window)
   if name == "xla":
     return lambda q, k, v: ops.selective_window_attention(q, k, v, select, window=window,
-                                                          implementation="reference")
+                                                          implementation="xla")
   def cudnn(q, k, v):
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                        local_window_size=(window - 1, 0),
@@ -199,7 +199,7 @@ def main():
       select = jnp.asarray(selection(kind, fraction, b, l))
       up = lambda t: t.astype(jnp.float32)
       ref = jax.jit(lambda q, k, v: ops.selective_window_attention(
-          up(q), up(k), up(v), select, window=args.window, implementation="reference"))(q, k, v)
+          up(q), up(k), up(v), select, window=args.window, implementation="xla"))(q, k, v)
       scale = float(jnp.max(jnp.abs(ref)))
       rows = []
       for impl in args.impls.split(","):

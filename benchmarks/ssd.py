@@ -3,7 +3,7 @@ r"""The chunked SSD on one GPU: our Pallas kernels against XLA and the fastest p
 Times forward and forward+backward (the backward of sum(y * dy) with respect to x, dt, A, B,
 C) of:
   pallas     taipan_jax's Pallas Triton kernels (pallas_kernels/ssd/gpu.py)
-  xla        our XLA chunked SSD (ops.ssd implementation='reference'), chunk 256
+  xla        our XLA chunked SSD (ops.ssd implementation='xla'), chunk 256
   mamba_ssm  mamba_ssm's Triton `mamba_chunk_scan_combined`, chunk 256 (if importable)
   fla        flash-linear-attention's `chunk_simple_gla` (if importable): the same recurrence
              with q = C, k = B, v = x dt, g = dt A. It is timed on those native inputs with
@@ -73,7 +73,7 @@ def jax_fns(impl, block_sizes):
     forward = lambda x, dt, A, B, C: ssd_gpu(x, dt, A, B, C, block_sizes=block_sizes)[0]
   else:
     forward = lambda x, dt, A, B, C: ops.ssd(x, dt, A, B, C, chunk_size=256,
-                                             implementation="reference")
+                                             implementation="xla")
 
   def fwd_bwd(x, dt, A, B, C, dy):
     y, vjp = jax.vjp(forward, x, dt, A, B, C)

@@ -67,8 +67,8 @@ def overrides(kernels: bool, mesh: dict) -> dict:
   return {"model.dtype": "bfloat16", "train.batch_size": ROWS, "data.seq_len": SEQ,
        "train.grad_accum_steps": mesh["grad_accum_steps"], "mesh.data": mesh["data"],
        "mesh.fsdp": mesh["fsdp"], "mesh.sequence": mesh["sequence"],
-       "mamba.kernel": "pallas" if kernels else "reference",
-       "sal.kernel": "pallas" if kernels else "reference"}
+       "mamba.kernel": "pallas" if kernels else "xla",
+       "sal.kernel": "pallas" if kernels else "xla"}
 
 
 def key(model, slice_name, kernels):

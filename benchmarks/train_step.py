@@ -6,12 +6,11 @@ over the pure Mamba-2 model a user would otherwise train.
     python benchmarks/train_step.py --config=tiny            # the config's batch and length
     python benchmarks/train_step.py --config=taipan_190m --batch_size=4 --seq_len=2048 \
         --dtype=bfloat16
-Writes benchmarks/results/train_step_<config>_<dtype>_<device>.json.
+Writes benchmarks/results/train_step_<config>_<dtype>_<device kind>.json (report.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ from flax import nnx
 import taipan_jax
 from taipan_jax.data import make_train_iterator
 from taipan_jax.training.step import make_steps
+from report import write_result
 
 
 def time_steps(cfg, warmup: int, iters: int) -> dict:
@@ -81,10 +81,7 @@ def main():
         f"on {device.device_kind} (jax {jax.__version__}): {ours['median_ms']:.2f} ms; "
         f"Mamba-2-only anchor {base['median_ms']:.2f} ms; "
         f"ratio {result['ratio_taipan_over_anchor']:.2f}")
-  os.makedirs(args.out, exist_ok=True)
-  name = f"train_step_{args.config}_{args.dtype}_{device.device_kind.replace(' ', '_')}.json"
-  with open(os.path.join(args.out, name), "w") as f:
-    json.dump(result, f, indent=2)
+  write_result(args.out, f"train_step_{args.config}_{args.dtype}", result)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def main():
   parser.add_argument("--kernels", default="auto",
                       help="kernel implementations to run each config with (mamba.kernel and "
                            "sal.kernel), e.g. "
-                           "pallas,reference; results go to train_text_kernels_<device>.json")
+                           "pallas,xla; results go to train_text_kernels_<device>.json")
   args = parser.parse_args()
 
   os.makedirs(args.workdir, exist_ok=True)

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- the language model -------------------------------------------------------------------
   cfg.model = ml_collections.ConfigDict()
-  cfg.model.vocab_size = 128256          # Llama-3 vocabulary (SPEC section 6)
+  cfg.model.vocab_size = 128256          # Llama-3 vocabulary (docs/spec.md section 6)
   cfg.model.pad_vocab_multiple = 16      # embedding rows padded to a multiple of this
   cfg.model.d_model = 768                # width of the residual stream
   # One character per layer: 'm' Mamba-2 block, 's' Selective Attention Layer,
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.param_dtype = "float32"      # storage dtype of parameters and optimizer state
   cfg.model.mlp_hidden = 0               # SwiGLU width of 's' and 'a' layers; 0: 8/3*d to 128
 
-  # --- Mamba-2 blocks (SPEC section 2, decision k) ------------------------------------------
+  # --- Mamba-2 blocks (docs/spec.md section 2, decision k) ------------------------------------------
   cfg.mamba = ml_collections.ConfigDict()
   cfg.mamba.d_state = 128                # SSM state size N per head
   cfg.mamba.d_conv = 4                   # causal depthwise convolution width
@@ -35,14 +35,15 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.mamba.head_dim = 64                # P: channels per SSM head
   cfg.mamba.n_groups = 1                 # B/C groups shared by the heads
   cfg.mamba.chunk_size = 256             # SSD chunk length (multiple of 8 for the kernels)
-  cfg.mamba.kernel = "auto"              # SSD + decode: auto | reference | pallas | interpret
+  cfg.mamba.kernel = "auto"              # SSD + decode: auto | xla | pallas (ops/dispatch.py)
+  cfg.mamba.interpret = False            # run those Pallas kernels in interpret mode (any host)
   cfg.mamba.a_init_min = 1.0             # A = -exp(A_log) initialised uniformly in [min, max]
   cfg.mamba.a_init_max = 16.0
   cfg.mamba.dt_min = 1e-3                # initial dt log-uniform in [dt_min, dt_max]
   cfg.mamba.dt_max = 0.1
   cfg.mamba.dt_init_floor = 1e-4         # lower clip of the initial dt
 
-  # --- Selective Attention Layers (SPEC section 3, decisions a-g) ---------------------------
+  # --- Selective Attention Layers (docs/spec.md section 3, decisions a-g) ---------------------------
   cfg.sal = ml_collections.ConfigDict()
   cfg.sal.head_dim = 64                  # attention head width (heads = d_model / head_dim)
   cfg.sal.window = 2048                  # sliding window: a token sees the last `window` tokens
@@ -59,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   # did); "sign" [s1 > s0] (selects ~nothing once trained to a budget); "window_rank" /
   # "window_expected" causal top-k of each window; "none" / "all" switch the SAL off / on.
   cfg.sal.inference_selection = "positional_gumbel"
-  cfg.sal.kernel = "auto"                # attention: auto | reference | pallas | interpret
+  cfg.sal.kernel = "auto"                # attention: auto | xla | pallas (ops/dispatch.py)
+  cfg.sal.interpret = False              # run those Pallas kernels in interpret mode (any host)
 
   # --- full attention ('a' layers) ----------------------------------------------------------
   cfg.attention = ml_collections.ConfigDict()
@@ -69,10 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- loss ---------------------------------------------------------------------------------
   cfg.loss = ml_collections.ConfigDict()
-  cfg.loss.budget_weight = 1.0           # lambda of SPEC section 4
+  cfg.loss.budget_weight = 1.0           # lambda of docs/spec.md section 4
   cfg.loss.ce_chunk = 512                # LM head + loss fused, positions a step; 0: unfused
 
-  # --- optimizer (SPEC section 7, decision j) -----------------------------------------------
+  # --- optimizer (docs/spec.md section 7, decision j) -----------------------------------------------
   cfg.optim = ml_collections.ConfigDict()
   cfg.optim.peak_lr = 5e-4               # AdamW, linear warmup then cosine decay
   cfg.optim.final_lr = 1e-5              # learning rate at the last step

@@ -1,4 +1,4 @@
-"""Taipan 190M: d_model 768, 3 x (6 Mamba-2 + 1 SAL), Llama-3 vocabulary (SPEC section 6)."""
+"""Taipan 190M: d_model 768, 3 x (6 Mamba-2 + 1 SAL), Llama-3 vocabulary (docs/spec.md section 6)."""
 from taipan_jax.configs import base
 
 

@@ -1,4 +1,4 @@
-"""Taipan 1.3B: d_model 2048, 5 x (6 Mamba-2 + 1 SAL) (SPEC section 6)."""
+"""Taipan 1.3B: d_model 2048, 5 x (6 Mamba-2 + 1 SAL) (docs/spec.md section 6)."""
 from taipan_jax.configs import base
 
 

@@ -1,4 +1,4 @@
-"""Taipan 450M: d_model 1024, 6 x (6 Mamba-2 + 1 SAL) (SPEC section 6)."""
+"""Taipan 450M: d_model 1024, 6 x (6 Mamba-2 + 1 SAL) (docs/spec.md section 6)."""
 from taipan_jax.configs import base
 
 

@@ -5,34 +5,20 @@
     cfg = taipan_jax.load_config("configs/taipan_190m.py")
     model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
     logits, aux = model(tokens)          # [batch, seq] int32 -> [batch, seq, vocab] fp32
+
+The import surface only: everything here is defined in a subpackage.
 """
 from __future__ import annotations
 
 import importlib
 
 from taipan_jax.config import ConfigError, load_config, validate
+from taipan_jax.version import __version__
 
-__version__ = "0.1.0"
-
-
-def build_model(cfg, *, rngs) -> "LanguageModel":
-  """The LanguageModel a validated config describes, in training mode."""
-  from taipan_jax.models import LanguageModel
-  return LanguageModel(cfg, rngs=rngs)
-
-
-def count_params(cfg) -> int:
-  """Number of parameters (embedding padding included), via eval_shape: nothing allocated."""
-  import jax
-  import numpy as np
-  from flax import nnx
-  abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
-  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
-  return int(sum(np.prod(leaf.shape) for leaf in leaves))
-
-
-# jax is imported on first use, not with the package: `taipan --help` answers in a blink.
-_LAZY = {"LanguageModel": "taipan_jax.models", "interop": "taipan_jax.interop"}
+# Re-exported, and imported on first use, not with the package (jax with them): `taipan
+# --help` answers in a blink.
+_LAZY = {"LanguageModel": "taipan_jax.models", "build_model": "taipan_jax.models",
+         "count_params": "taipan_jax.models", "interop": "taipan_jax.interop"}
 
 
 def __getattr__(name):
@@ -43,4 +29,4 @@ def __getattr__(name):
 
 
 __all__ = ["load_config", "validate", "build_model", "count_params", "ConfigError",
-           "LanguageModel", "__version__"]
+           "LanguageModel", "interop", "__version__"]

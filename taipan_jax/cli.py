@@ -344,7 +344,7 @@ _COMMANDS = {
          "top_p", "seed"),
         ["taipan generate --workdir=runs/190m --prompt='Once upon a time'",
          "taipan generate --workdir=/tmp/tiny --prompt_ids=3,17,4 --max_new_tokens=8",
-         "taipan generate --workdir=runs/190m --prompt=hi --config.sal.kernel=interpret"]),
+         "taipan generate --workdir=runs/190m --prompt=hi --config.sal.kernel=xla"]),
     "tokenizer": _Command(
         _tokenizer, "taipan tokenizer train --input=PATH --output=PREFIX [--vocab_size=V]",
         "train a byte-fallback SentencePiece tokenizer",

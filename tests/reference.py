@@ -1,72 +1,41 @@
-"""Plain numpy float64 references that the JAX ops and models are tested against."""
+"""float64 views of the kernel packages' oracles (pallas_kernels/<op>/reference.py), the one
+ground truth that the ops, the models and the kernels are all tested against."""
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.selective_attention import selective_attention_reference
+from pallas_kernels.ssd import ssd_reference
+
+
+def _f64(*arrays):
+  return [None if t is None else jnp.asarray(t, jnp.float64) for t in arrays]
 
 
 def ssd_sequential(x, dt, A, B, C, initial_state=None, segment_ids=None):
-  """The SSD recurrence one step at a time, float64.
+  """The SSD recurrence in float64 numpy: y [b, l, h, p] and the final state [b, h, p, n]."""
+  with jax.enable_x64(True):
+    x, dt, A, B, C, init = _f64(x, dt, A, B, C, initial_state)
+    y, state = ssd_reference(x, dt, A, B, C, initial_state=init,
+                             segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
+    return np.asarray(y), np.asarray(state)
 
-  x: [b, l, h, p], dt: [b, l, h], A: [h], B/C: [b, l, g, n]. Returns y [b, l, h, p] and the
-  final state [b, h, p, n].
-  """
-  x, dt, A, B, C = (np.asarray(t, np.float64) for t in (x, dt, A, B, C))
-  b, l, h, p = x.shape
-  g, n = B.shape[-2:]
-  rep = h // g
-  state = (np.zeros((b, h, p, n)) if initial_state is None
-           else np.asarray(initial_state, np.float64).copy())
-  y = np.zeros_like(x)
-  for t in range(l):
-    if segment_ids is not None and t > 0:   # a new document starts from a zero state
-      new_doc = np.asarray(segment_ids)[:, t] != np.asarray(segment_ids)[:, t - 1]
-      state = np.where(new_doc[:, None, None, None], 0.0, state)
-    Bh = np.repeat(B[:, t], rep, axis=1)
-    Ch = np.repeat(C[:, t], rep, axis=1)
-    decay = np.exp(dt[:, t] * A)[:, :, None, None]
-    state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, :, None, :]
-    y[:, t] = np.einsum("bhpn,bhn->bhp", state, Ch)
-  return y, state
+
+def ssd_sequential_jax(x, dt, A, B, C, initial_state):
+  """The same in jax, differentiable (call inside `jax.enable_x64(True)` for float64)."""
+  return ssd_reference(x, dt, A, B, C, initial_state=initial_state)
 
 
 def window_attention_dense(q, k, v, select, window, kv_select=None, segment_ids=None, xp=np):
   """Dense masked softmax attention; rows with no selected query or no key are 0.
 
   xp=np: float64 numpy. xp=jax.numpy (inside `jax.enable_x64(True)`): the same in float64
-  jax, for reference gradients. Masked scores are -1e30 rather than -inf so that rows with
-  no key stay finite (and differentiable) in both.
+  jax, for reference gradients.
   """
+  kw = dict(window=window, kv_select=None if kv_select is None else jnp.asarray(kv_select),
+            segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
   if xp is np:
-    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-  b, l, h, d = q.shape
-  i = xp.arange(l)[:, None]
-  j = xp.arange(l)[None, :]
-  mask = xp.broadcast_to((j <= i) & (j > i - window), (b, l, l))
-  if kv_select is not None:
-    mask = mask & xp.asarray(kv_select, bool)[:, None, :]
-  if segment_ids is not None:
-    seg = xp.asarray(segment_ids)
-    mask = mask & (seg[:, :, None] == seg[:, None, :])
-  s = xp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
-  s = xp.where(mask[:, None], s, -1e30)
-  p = xp.exp(s - s.max(-1, keepdims=True)) * mask[:, None]
-  denom = p.sum(-1, keepdims=True)
-  p = p / xp.where(denom > 0, denom, 1.0)
-  return xp.einsum("bhij,bjhd->bihd", p, v) * xp.asarray(select, bool)[:, :, None, None]
-
-
-def ssd_sequential_jax(x, dt, A, B, C, initial_state):
-  """The same recurrence in jax (call inside `jax.enable_x64(True)` for float64 gradients)."""
-  import jax
-  import jax.numpy as jnp
-  h, g = x.shape[2], B.shape[2]
-  Bh = jnp.repeat(B, h // g, axis=2)
-  Ch = jnp.repeat(C, h // g, axis=2)
-
-  def step(state, inputs):
-    xt, dtt, bt, ct = inputs
-    state = (jnp.exp(dtt * A)[..., None, None] * state
-             + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :])
-    return state, jnp.einsum("bhpn,bhn->bhp", state, ct)
-
-  moved = [jnp.moveaxis(t, 1, 0) for t in (x, dt, Bh, Ch)]
-  final, ys = jax.lax.scan(step, initial_state, moved)
-  return jnp.moveaxis(ys, 0, 1), final
+    with jax.enable_x64(True):
+      return np.asarray(selective_attention_reference(*_f64(q, k, v), jnp.asarray(select),
+                                                      **kw))
+  return selective_attention_reference(q, k, v, select, **kw)

@@ -1,4 +1,4 @@
-"""A float64 numpy Mamba-2 mixer written straight from SPEC section 2 (no shared code)."""
+"""A float64 numpy Mamba-2 mixer written straight from docs/spec.md section 2 (no shared code)."""
 import numpy as np
 
 from reference import ssd_sequential

@@ -39,6 +39,9 @@ def test_derived_sizes():
     ({"sal.capacity": 1.5}, "sal.capacity"),
     ({"sal.selection": "topk"}, "sal.selection"),
     ({"sal.kernel": "flash"}, "sal.kernel"),
+    ({"sal.kernel": "reference"}, "sal.kernel"),             # old spelling: 'xla'
+    ({"mamba.kernel": "interpret"}, "mamba.kernel"),         # old: 'pallas' + interpret
+    ({"mamba.kernel": "xla", "mamba.interpret": True}, "mamba.interpret"),
     ({"model.pattern": "mmx"}, "model.pattern"),
     ({"model.dtype": "float8"}, "model.dtype"),
     ({"optim.final_lr": 1.0}, "optim.final_lr"),
@@ -50,6 +53,18 @@ def test_impossible_values_name_key_value_and_fix(overrides, key):
     taipan_jax.load_config("tiny", overrides)
   message = str(err.value)
   assert f"config key {key}=" in message and "fix:" in message and "\n" not in message
+
+
+def test_kernel_vocabulary_is_the_dispatch_vocabulary():
+  """config sits below ops and keeps its own copy of the names: the two stay equal, and an
+  old spelling is refused with the new one."""
+  from taipan_jax.config import validation
+  from taipan_jax.ops import dispatch
+  assert validation.KERNELS == dispatch.IMPLEMENTATIONS
+  assert set(validation._RENAMED_KERNELS) == set(dispatch.RENAMED)
+  with pytest.raises(ConfigError, match=r"mamba.kernel='interpret'.*fix: use 'pallas' with "
+                                        r"mamba.interpret=True"):
+    taipan_jax.load_config("tiny", {"mamba.kernel": "interpret"})
 
 
 def test_unknown_key_is_rejected():

@@ -8,7 +8,8 @@ import pytest
 from taipan_jax import ops
 from taipan_jax.sharding.context_parallel import context_parallel_forward
 
-from helpers import build, jit_forward, randomize_gates, random_tokens, ssd_inputs, tiny_config
+from helpers import build, jit_forward, randomize_gates, random_tokens, tiny_config
+from kernel_inputs import ssd_inputs
 
 # 8 devices; 8 x 70 + 3 tokens: not a multiple of 8, nor of 8 x chunk (16); every device holds
 # more than the SAL's window - 1 = 63 halo.

@@ -1,5 +1,5 @@
-"""The decode kernels (pallas_kernels/decode) against float64 numpy, and the ops and model that
-use them.
+"""The decode kernels (pallas_kernels/decode) against float64 numpy (the ops and the model
+routed to them: test_ops_decode.py).
 
 On the CPU the Triton kernels run in Pallas interpret mode, which fills memory a kernel never
 writes with NaN, so an unwritten output block fails the comparison; with JAX_PLATFORMS=cuda
@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-import taipan_jax
 from pallas_kernels.decode.mamba2_in_proj import mamba2_in_proj_gpu
 from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
 from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
@@ -20,7 +18,6 @@ from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ss
                                              norm_matvec_reference, ring_attention_reference,
                                              window_attention_reference)
 from pallas_kernels.decode.window_attention import ring_attention_gpu, window_attention_gpu
-from taipan_jax import ops
 
 ON_GPU = jax.default_backend() == "gpu"
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}   # relative to the output's largest entry
@@ -435,98 +432,6 @@ def test_bad_shapes_are_refused(rng):
     window_attention_gpu(q, kv, kv, jnp.ones((1, 7), bool), interpret=True)
   with pytest.raises(ValueError, match="must be \\[batch, heads, head_dim\\]"):
     window_attention_gpu(q, kv, kv[:, :, :1], jnp.ones((1, 8), bool), interpret=True)
-  with pytest.raises(ValueError, match="decode implementation 'triton' is unknown"):
-    ops.resolve_decode_implementation("triton")
-
-
-def test_kernels_env_routes_decode_ops(monkeypatch):
-  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
-  assert ops.resolve_decode_implementation() == "interpret"
-  monkeypatch.setenv("TAIPAN_KERNELS", "reference")
-  assert ops.resolve_decode_implementation() == "reference"
-  monkeypatch.delenv("TAIPAN_KERNELS")
-  assert ops.resolve_decode_implementation(head_dim=64, d_state=128) == "reference"
-  assert ops.resolve_decode_implementation("pallas", head_dim=64, d_state=128) == (
-      "pallas_gpu" if ON_GPU else "reference")
-  assert ops.resolve_decode_implementation("pallas", head_dim=48) == "reference"
-
-
-def test_block_kernels_dispatch_by_batch(monkeypatch, rng):
-  """'auto' takes the Mamba-2 block kernels on a GPU for one row and XLA for more (as
-  measured), and norm_matvec's only up to k = 2048; the backend is faked as a GPU and the
-  kernels run in interpret mode."""
-  import pallas_kernels.decode.mamba2_in_proj as in_module
-  import pallas_kernels.decode.mamba2_ssm_out as out_module
-  import pallas_kernels.decode.norm_matvec as matvec_module
-  calls = []
-  for module, name in ((matvec_module, "norm_matvec_gpu"), (in_module, "mamba2_in_proj_gpu"),
-                       (out_module, "mamba2_ssm_out_gpu")):
-    real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: (
-        calls.append(name), real(*a, **{**k, "interpret": True}))[1])
-  monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  heads, head_dim, d_state, d = 2, 16, 16, 24
-  d_inner, conv_dim = heads * head_dim, heads * head_dim + 2 * d_state
-  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  for b, kernel in ((1, True), (2, False)):
-    calls.clear()
-    x = normal(b, d)
-    got = ops.norm_matvec(x, jnp.ones(d), jnp.ones((d, 8)), eps=1e-5, dtype=jnp.float32)
-    want = norm_matvec_reference(x, jnp.ones(d), jnp.ones((d, 8)), eps=1e-5, dtype=jnp.float32)
-    assert _err(got, np.asarray(want, np.float64)) < 1e-5
-    args = (x, jnp.ones(d), normal(d_inner + conv_dim + heads, d), normal(b, 3, conv_dim),
-            normal(4, conv_dim), normal(conv_dim))
-    kw = dict(eps=1e-5, dtype=jnp.float32, d_inner=d_inner)
-    got = ops.mamba2_in_proj(*args, **kw)
-    for g, w in zip(got, mamba2_in_proj_reference(*args, **kw)):
-      assert _err(g, np.asarray(w, np.float64)) < 1e-5
-    args = (got[0], normal(b, heads, head_dim, d_state), normal(heads), normal(heads),
-            normal(heads), jnp.ones(d_inner), normal(d_inner, d), x)
-    kw = dict(eps=1e-5, dtype=jnp.float32, group_size=d_inner, heads=heads, head_dim=head_dim,
-              n_groups=1, d_state=d_state)
-    got = ops.mamba2_ssm_out(*args, **kw)
-    for g, w in zip(got, mamba2_ssm_out_reference(*args, **kw)):
-      assert _err(g, np.asarray(w, np.float64)) < 1e-5
-    assert calls == (["norm_matvec_gpu", "mamba2_in_proj_gpu", "mamba2_ssm_out_gpu"]
-                     if kernel else []), b
-  calls.clear()
-  ops.norm_matvec(jnp.ones((1, 4096)), jnp.ones(4096), jnp.ones((4096, 8)), eps=1e-5,
-                  dtype=jnp.float32)
-  assert calls == []
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_decode_with_the_kernels_equals_the_jnp_path(dtype):
-  """Taipan's decode steps with mamba.kernel and sal.kernel 'interpret' (the decode kernels,
-  and the prefill's TPU SSD and selective attention kernels in interpret mode; 'pallas'
-  compiled on a GPU) against 'reference': logits and caches."""
-  results = {}
-  kernels = ("reference", "pallas" if ON_GPU else "interpret")
-  for kernel in kernels:
-    cfg = taipan_jax.load_config("tiny", {"model.dtype": dtype, "mamba.kernel": kernel,
-                                          "sal.kernel": kernel})
-    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 9)),
-                         jnp.int32)
-    model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
-    model.eval()
-    graphdef, state = nnx.split(model)
-    prefill = jax.jit(lambda s, p: nnx.merge(graphdef, s)(p, return_cache=True)[2])
-    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).step(t, c))
-    cache = prefill(state, prompt)
-    logits = []
-    token = prompt[:, -1]
-    for _ in range(5):
-      out, cache = step(state, token, cache)
-      logits.append(out)
-      token = jnp.argmax(out, -1).astype(jnp.int32)
-    results[kernel] = (jnp.stack(logits), cache)
-  (want, want_cache), (got, got_cache) = (results[k] for k in kernels)
-  tol = 1e-4 if dtype == "float32" and not ON_GPU else 5e-2
-  assert _err(got, np.asarray(want, np.float64)) < tol
-  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
-    if jnp.issubdtype(a.dtype, jnp.floating):
-      assert _err(a, np.asarray(jnp.asarray(b, jnp.float32), np.float64)) < tol
 
 
 def test_default_split_count():
@@ -536,25 +441,3 @@ def test_default_split_count():
       16, 16, 16, 32, 32, 128, 128]
 
 
-def test_decode_attention_dispatch(monkeypatch):
-  """'auto' takes the kernel on a GPU at any cache length, XLA on other backends;
-  $TAIPAN_KERNELS overrides. Each route gives the same result."""
-  import pallas_kernels.decode.window_attention as kernel_module
-  rng = np.random.default_rng(0)
-  calls = []
-  real = kernel_module.window_attention_gpu
-  monkeypatch.setattr(kernel_module, "window_attention_gpu",
-                      lambda *a, **k: calls.append(k["interpret"]) or real(*a, **k))
-  monkeypatch.delenv("TAIPAN_KERNELS", raising=False)
-  for slots, env, kernel in ((64, None, ON_GPU), (8192, None, ON_GPU),
-                             (64, "interpret", True), (64, "reference", False)):
-    if env:
-      monkeypatch.setenv("TAIPAN_KERNELS", env)
-    q = jnp.asarray(rng.standard_normal((1, 2, 16)), jnp.float32)
-    kv = jnp.asarray(rng.standard_normal((1, slots, 2, 16)), jnp.float32)
-    valid = jnp.arange(slots)[None] < 40
-    calls.clear()
-    got = ops.window_decode_attention(q, kv, kv, valid, active=jnp.ones((1,), bool))
-    assert bool(calls) == kernel, (slots, env)
-    want = window_attention_reference(q, kv, kv, valid)
-    assert _err(got, np.asarray(want, np.float64)) < 1e-5, (slots, env)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from helpers import ssd_inputs, ssd_segments
+from kernel_inputs import ssd_inputs, ssd_segments
 from pallas_kernels.ssd import BlockSizes, ssd_forward_tpu, ssd_reference, ssd_tpu
-from taipan_jax import ops
 
 # (batch, seq, heads, head_dim, groups, d_state, chunk): awkward lengths, groups, tiny and
 # large states.
@@ -50,7 +49,6 @@ def test_bfloat16_inputs_accumulate_in_fp32(rng):
   assert rel < 1e-2
 
 
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_backward_kernels_match_reference_gradients(rng, shape, dtype):
@@ -85,47 +83,6 @@ def test_backward_kernels_match_reference_gradients(rng, shape, dtype):
     assert err < tol, name   # NaN fails too
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_ops_ssd_interpret_forward_and_gradients_match_reference(rng, packed):
-  b, l, h, p, g, n = 2, 37, 4, 8, 2, 8
-  x, dt, A, B, C, init = ssd_inputs(rng, b, l, h, p, g, n)
-  seg = ssd_segments(rng, b, l) if packed else None
-  w_y = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
-  w_s = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
-
-  def loss(impl, *args):
-    y, s = ops.ssd(*args[:5], chunk_size=16, initial_state=args[5], return_final_state=True,
-                   segment_ids=seg, implementation=impl)
-    return jnp.sum(y * w_y) + jnp.sum(s * w_s)
-
-  args = (x, dt, A, B, C, init)
-  # Compiled: eager op-by-op dispatch is slow on the CPU.
-  value_and_grad = lambda impl: jax.jit(jax.value_and_grad(lambda *a: loss(impl, *a),
-                                                           argnums=tuple(range(6))))
-  value, got = value_and_grad("interpret")(*args)
-  value_ref, want = value_and_grad("reference")(*args)
-  assert abs(float(value) - float(value_ref)) < 1e-3
-  for name, a, w in zip(("x", "dt", "A", "B", "C", "init"), got, want):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-4, atol=1e-4,
-                               err_msg=name)
-
-
-def test_environment_variable_forces_the_path(rng, monkeypatch):
-  x, dt, A, B, C, _ = ssd_inputs(rng, 1, 20, 2, 8, 1, 8)
-  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
-  assert ops.ssd.__module__ and ops.resolve_implementation() == "interpret"
-  y = ops.ssd(x, dt, A, B, C, chunk_size=8)
-  monkeypatch.setenv("TAIPAN_KERNELS", "reference")
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ops.ssd(x, dt, A, B, C, chunk_size=8)),
-                             rtol=1e-5, atol=1e-5)
-  monkeypatch.setenv("TAIPAN_KERNELS", "pallas")
-  with pytest.raises(ValueError, match="no Pallas SSD kernel for backend 'cpu'"):
-    ops.ssd(x, dt, A, B, C, chunk_size=8)
-  monkeypatch.setenv("TAIPAN_KERNELS", "fast")
-  with pytest.raises(ValueError, match="'fast' is unknown"):
-    ops.ssd(x, dt, A, B, C, chunk_size=8)
-
-
 def test_kernel_inside_shard_map_matches_unsharded(rng):
   """Pallas calls are not partitioned by XLA: the batch is split with shard_map."""
   x, dt, A, B, C, init = ssd_inputs(rng, 8, 24, 2, 8, 1, 8)
@@ -145,53 +102,3 @@ def test_kernel_inside_shard_map_matches_unsharded(rng):
   np.testing.assert_allclose(np.asarray(final), np.asarray(final_ref), rtol=1e-6, atol=1e-6)
 
 
-def test_ops_ssd_under_a_mesh_runs_the_kernel_per_batch_shard(rng, monkeypatch):
-  """With a mesh set, ops.ssd wraps the kernel in shard_map over the batch axis: forward and
-  gradients on 8 simulated devices equal the unsharded kernel's."""
-  monkeypatch.setenv("TAIPAN_KERNELS", "interpret")
-  x, dt, A, B, C, init = ssd_inputs(rng, 8, 20, 2, 8, 1, 8)
-  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
-
-  def loss(x, dt, A, B, C, init):
-    y, final = ops.ssd(x, dt, A, B, C, chunk_size=8, initial_state=init,
-                       return_final_state=True)
-    return jnp.sum(y * jnp.cos(y)) + jnp.sum(final ** 2)
-
-  value_and_grads = jax.value_and_grad(loss, argnums=range(6))
-  expected = jax.jit(value_and_grads)(x, dt, A, B, C, init)
-  put = lambda t: jax.device_put(t, NamedSharding(mesh, P("data")))
-  with jax.set_mesh(mesh):
-    args = (put(x), put(dt), A, put(B), put(C), put(init))
-    assert "shard_map" in str(jax.make_jaxpr(value_and_grads)(*args))
-    got = jax.jit(value_and_grads)(*args)
-  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
-  with jax.set_mesh(mesh), pytest.raises(ValueError, match="batch 4 does not split"):
-    ops.ssd(x[:4], dt[:4], A, B[:4], C[:4], chunk_size=8)
-
-
-def test_per_shard_takes_a_kernel_that_returns_a_list():
-  """A pallas_call with several outputs returns a list (the GPU SSD kernel does): per_shard
-  must accept it. (Two-GPU training failed on exactly this.)"""
-  from taipan_jax.ops.kernel_sharding import per_shard
-  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
-  x = jax.device_put(jnp.arange(48.0).reshape(16, 3), NamedSharding(mesh, P("data")))
-  kernel = lambda a, x: [x * a, x + a]
-  with jax.set_mesh(mesh):
-    y, z = jax.jit(lambda a, x: per_shard(kernel, (a,), (x,), num_outputs=2))(2.0, x)
-  np.testing.assert_array_equal(np.asarray(y), np.arange(48.0).reshape(16, 3) * 2)
-  np.testing.assert_array_equal(np.asarray(z), np.arange(48.0).reshape(16, 3) + 2)
-
-
-def test_taipan_forward_with_the_kernel_matches_reference(rng):
-  """mamba.kernel='interpret' end to end: the whole tiny Taipan's logits."""
-  from helpers import build, jit_forward, random_tokens, tiny_config
-  tokens = random_tokens(rng, 2, 40)
-  logits = {}
-  for kernel in ("reference", "interpret"):
-    model = build(tiny_config(mamba__kernel=kernel))
-    model.eval()
-    logits[kernel] = np.asarray(jit_forward(model, tokens)[0])
-  err = np.abs(logits["interpret"] - logits["reference"]).max()
-  print(f"\ntiny Taipan logits, kernel vs reference: {err:.2e}")
-  assert err < 1e-5 * max(1.0, np.abs(logits["reference"]).max())

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ssd_inputs, ssd_segments
+from kernel_inputs import ssd_inputs, ssd_segments
 from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_reference
 
 ON_GPU = jax.default_backend() == "gpu"

@@ -55,7 +55,7 @@ def test_sal_leaves_unselected_tokens_untouched_by_attention(rng):
   randomize_gates(model_like, rng)
   sal.deterministic = True
   h = jnp.asarray(rng.standard_normal((2, 30, 64)), jnp.float32)
-  out, aux = sal(h)
+  out, aux, _ = sal(h)
   unselected = ~np.asarray(aux["mask"], bool)
   assert unselected.any() and (~unselected).any()
   # Unselected rows: only the SwiGLU residual was added, h itself was kept exactly.
@@ -66,7 +66,7 @@ def test_sal_leaves_unselected_tokens_untouched_by_attention(rng):
   for proj in (sal.q_proj, sal.k_proj, sal.v_proj, sal.o_proj):
     proj.kernel[...] = proj.kernel[...] + jnp.asarray(
         rng.standard_normal(proj.kernel.shape) * 0.3, jnp.float32)
-  out2, _ = sal(h)
+  out2, _, _ = sal(h)
   diff = np.abs(np.asarray(out2 - out)).max(-1)
   assert (diff[unselected] == 0).all()
   assert (diff[~unselected] > 1e-4).all()

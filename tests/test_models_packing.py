@@ -1,4 +1,4 @@
-"""Packed documents (SPEC decision n): a document's outputs do not depend on its neighbours."""
+"""Packed documents (docs/spec.md decision n): a document's outputs do not depend on its neighbours."""
 import jax
 import jax.numpy as jnp
 import numpy as np

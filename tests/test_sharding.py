@@ -180,7 +180,7 @@ def test_two_processes_train_like_one(tmp_path):
 def test_memory_estimate_matches_the_state_and_grows_with_tokens():
   """The state part equals the bytes device 0 really holds after sharded init (mesh
   (2, 2, 2)); XLA's temporaries grow with the batch."""
-  from taipan_jax.sharding.memory import estimate_training_memory
+  from taipan_jax.training.memory import estimate_training_memory
   estimates = []
   for batch in (8, 16):
     cfg = _small(train__batch_size=batch, **_mesh_overrides(2, 2, 2))

@@ -14,7 +14,7 @@ KEYS = ("topology", "num_devices", "fits", "memory_per_device_bytes", "hbm_bytes
         "mosaic_kernels", "flops", "bytes_accessed", "compile_seconds")
 KERNELS = ("--config.mamba.kernel=pallas", "--config.sal.kernel=pallas",
            "--config.mamba.chunk_size=128")    # the Mosaic SSD kernel tiles chunks of 128
-XLA = ("--config.mamba.kernel=reference", "--config.sal.kernel=reference")
+XLA = ("--config.mamba.kernel=xla", "--config.sal.kernel=xla")
 
 
 def _compile(capsys, tmp_path, *flags):

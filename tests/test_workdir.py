@@ -193,11 +193,13 @@ def test_eval_beside_a_saving_trainer(tmp_path):
   proc = start_taipan("train", f"--workdir={run}", *SMALL, "--config.train.steps=40",
                       "--config.train.checkpoint_every=1")
   deadline = time.time() + 240
-  while not (run / "checkpoints").is_dir() or not [
-      n for n in os.listdir(run / "checkpoints") if n.isdigit()]:
-    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
-    time.sleep(0.1)
   steps = []
+  while not steps:     # until the first checkpoint is finished, not merely begun
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+    try:
+      steps.append(loop.evaluate_workdir(str(run), log=lambda _: None)["step"])
+    except (CheckpointError, workdirs.WorkdirError):
+      time.sleep(0.1)
   while proc.poll() is None:
     steps.append(loop.evaluate_workdir(str(run), log=lambda _: None)["step"])
   out, err = proc.communicate()

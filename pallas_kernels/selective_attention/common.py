@@ -4,12 +4,11 @@ scatters, and the custom_vjp around a backend's forward and backward."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+
+from pallas_kernels.custom_vjp import kernel_vjp
 
 _F32 = jnp.float32
 
@@ -41,6 +40,13 @@ class BlockSizes:
     launch: num_warps, num_stages."""
     tile = Tile(block_q, block_k, **launch)
     return cls(tile, tile, tile)
+
+  @classmethod
+  def for_backend(cls, backend: str) -> "BlockSizes":
+    """The defaults of a backend's kernels: the H100-tuned tiles on a GPU; on a TPU one
+    128 x 128 tile for all three kernels (the Mosaic kernels need one tile, and 128 fills the
+    MXU)."""
+    return cls() if backend == "gpu" else cls.uniform(128, 128)
 
   @property
   def slot_multiple(self) -> int:
@@ -118,21 +124,15 @@ def make_selective_attention(forward, backward):
   backward(q, k, v, pos, count, ok, seg, o, lse, do, statics) -> (dq, dk, dv).
   pos and count are compact_selection's; ok and seg are [b, seq] int32.
   """
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-  def attend(q, k, v, pos, count, ok, seg, statics):
-    return forward(q, k, v, pos, count, ok, seg, statics)[0]
+  def attend_fwd(statics, *arrays):
+    o, lse = forward(*arrays, statics)
+    return o, (o, lse)
 
-  def attend_fwd(q, k, v, pos, count, ok, seg, statics):
-    o, lse = forward(q, k, v, pos, count, ok, seg, statics)
-    return o, (q, k, v, pos, count, ok, seg, o, lse)
+  def attend_bwd(statics, arrays, saved, do):
+    return backward(*arrays, *saved, do.astype(arrays[0].dtype), statics)
 
-  def attend_bwd(statics, residuals, do):
-    q, k, v, pos, count, ok, seg, o, lse = residuals
-    dq, dk, dv = backward(q, k, v, pos, count, ok, seg, o, lse, do.astype(q.dtype), statics)
-    zero = lambda t: np.zeros(t.shape, jax.dtypes.float0)
-    return dq, dk, dv, zero(pos), zero(count), zero(ok), zero(seg)
-
-  attend.defvjp(attend_fwd, attend_bwd)
+  # arrays: q, k, v | pos, count, ok, seg.
+  attend = kernel_vjp(attend_fwd, attend_bwd, differentiable=3)
 
   def run(q, k, v, select, *, window, kv_select, segment_ids, block_sizes, interpret):
     b, l = q.shape[:2]
@@ -144,6 +144,6 @@ def make_selective_attention(forward, backward):
     ok = jnp.ones((b, l), jnp.int32) if kv_select is None else kv_select.astype(jnp.int32)
     window_only = kv_select is None and segment_ids is None
     statics = Statics(window, window_only, block_sizes, interpret)
-    return attend(q, k, v, pos, count, ok, seg, statics)
+    return attend(statics, q, k, v, pos, count, ok, seg)
 
   return run

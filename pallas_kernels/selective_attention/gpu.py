@@ -274,7 +274,8 @@ _selective_attention = make_selective_attention(_forward, _backward)
 
 
 def selective_attention_gpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
-                            block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+                            block_sizes: BlockSizes = BlockSizes.for_backend("gpu"),
+                            interpret: bool = False):
   """Causal sliding-window attention for the selected query rows (zeros elsewhere).
 
   Args as taipan_jax.ops.selective_window_attention: q, k, v [batch, seq, heads, head_dim];

@@ -171,7 +171,7 @@ def vmem_limit(whole_blocks) -> int:
     raise ValueError(f"selective attention: {need / _MIB:.0f} MiB of VMEM for one (batch, head)"
                      f"'s sequence (blocks {[s for s, _ in whole_blocks]}), over {_VMEM_CAP // _MIB}"
                      " MiB; fix: split the length over more devices (mesh.sequence) or use the "
-                     "'reference' kernel")
+                     "'xla' implementation")
   return max(need, _VMEM_FLOOR)
 
 
@@ -307,7 +307,7 @@ _compacted_attention = make_selective_attention(_forward_rows, _backward_rows)
 
 
 def selective_attention_tpu(q, k, v, select, *, window: int, kv_select=None, segment_ids=None,
-                            block_sizes: BlockSizes = BlockSizes.uniform(128, 128),
+                            block_sizes: BlockSizes = BlockSizes.for_backend("tpu"),
                             interpret: bool | pltpu.InterpretParams = False):
   """As selective_attention_gpu, on the Mosaic kernels (TPU, or any backend in interpret
   mode). One tile for all three kernels (BlockSizes.uniform), block_q and block_k multiples

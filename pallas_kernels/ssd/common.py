@@ -40,6 +40,7 @@ class BlockSizes:
 
   @classmethod
   def for_backend(cls, backend: str) -> "BlockSizes":
+    """The defaults of a backend's kernels ('gpu' or 'tpu')."""
     if backend == "gpu":      # tuned on an H100 by benchmarks/ssd_tune.py
       return cls(chunk=64, chunk_bwd=32, block_p=None, heads_per_program=None, num_warps=4,
                  num_stages=2, num_stages_bwd=1)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.custom_vjp import kernel_vjp
 from pallas_kernels.ssd.common import BlockSizes
 
 _F32 = jnp.float32
@@ -335,29 +336,12 @@ def ssd_backward_gpu(x, dt, A, B, C, initial_state, segment_ids, dy, dfinal, *,
   return dx, ddt, da, db, dc, dinit
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ssd(x, dt, A, B, C, initial_state, segment_ids, block_sizes, interpret):
-  return ssd_forward_gpu(x, dt, A, B, C, initial_state, segment_ids,
-                         block_sizes=block_sizes, interpret=interpret)
-
-
-def _ssd_fwd(x, dt, A, B, C, initial_state, segment_ids, block_sizes, interpret):
-  out = _ssd(x, dt, A, B, C, initial_state, segment_ids, block_sizes, interpret)
-  return out, (x, dt, A, B, C, initial_state, segment_ids)
-
-
-def _ssd_bwd(block_sizes, interpret, residuals, cotangents):
-  x, dt, A, B, C, initial_state, segment_ids = residuals
-  dy, dfinal = cotangents
-  dx, ddt, da, db, dc, dinit = ssd_backward_gpu(
-      x, dt, A, B, C, initial_state, segment_ids, dy, dfinal,
-      block_sizes=block_sizes, interpret=interpret)
-  cast = lambda grad, primal: grad.astype(primal.dtype)
-  return (cast(dx, x), cast(ddt, dt), cast(da, A), cast(db, B), cast(dc, C),
-          cast(dinit, initial_state), jnp.zeros(segment_ids.shape, jax.dtypes.float0))
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+# statics: (block_sizes, interpret); arrays: x, dt, A, B, C, initial_state | segment_ids.
+_ssd = kernel_vjp(
+    lambda st, *arrays: (ssd_forward_gpu(*arrays, block_sizes=st[0], interpret=st[1]), ()),
+    lambda st, arrays, _, cot: ssd_backward_gpu(*arrays, *cot, block_sizes=st[0],
+                                                interpret=st[1]),
+    differentiable=6)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -389,4 +373,4 @@ def ssd_gpu(x, dt, A, B, C, initial_state=None, segment_ids=None, *,
           else initial_state.astype(_F32))
   seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
          else segment_ids.astype(jnp.int32))
-  return _ssd(x, dt, A, B, C, init, seg, block_sizes, interpret)
+  return _ssd((block_sizes, interpret), x, dt, A, B, C, init, seg)

@@ -12,14 +12,17 @@ import jax.numpy as jnp
 
 def ssd_reference(x, dt, A, B, C, *, initial_state=None, segment_ids=None):
   """x: [b, l, h, p]; dt: [b, l, h]; A: [h]; B, C: [b, l, g, n]; initial_state
-  [b, h, p, n]; segment_ids [b, l] int. Returns (y [b, l, h, p] fp32, final state fp32)."""
+  [b, h, p, n]; segment_ids [b, l] int. Returns (y [b, l, h, p], final state [b, h, p, n]),
+  computed and returned in fp32, or float64 for float64 inputs (under jax.enable_x64: the
+  tests' oracle for the XLA path and the kernels alike)."""
   b, l, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   rep = h // g
-  f32 = lambda t: t.astype(jnp.float32)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  f32 = lambda t: jnp.asarray(t).astype(dtype)
   Bh = jnp.repeat(f32(B), rep, axis=2)                 # [b, l, h, n]
   Ch = jnp.repeat(f32(C), rep, axis=2)
-  state = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None
+  state = (jnp.zeros((b, h, p, n), dtype) if initial_state is None
            else f32(initial_state))
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
   prev = jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)

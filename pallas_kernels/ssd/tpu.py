@@ -19,10 +19,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.custom_vjp import kernel_vjp
 from pallas_kernels.ssd.common import BlockSizes
 
 _F32 = jnp.float32
@@ -359,31 +359,16 @@ def ssd_backward_tpu(x, dt, A, B, C, initial_state, segment_ids, dy, dfinal, *,
           dlog.sum((0, 2, 3)), unlayout(db), unlayout(dc), dinit)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ssd(x, dt, A, B, C, initial_state, segment_ids, block_sizes, interpret):
-  return ssd_forward_tpu(x, dt, A, B, C, initial_state, segment_ids, block_sizes=block_sizes,
-                         interpret=interpret)
-
-
-def _ssd_fwd(x, dt, A, B, C, initial_state, segment_ids, block_sizes, interpret):
-  out = _ssd(x, dt, A, B, C, initial_state, segment_ids, block_sizes, interpret)
-  return out, (x, dt, A, B, C, initial_state, segment_ids)
-
-
-def _ssd_bwd(block_sizes, interpret, residuals, cotangents):
-  x, dt, A, B, C, initial_state, segment_ids = residuals
-  grads = ssd_backward_tpu(x, dt, A, B, C, initial_state, segment_ids, *cotangents,
-                           block_sizes=block_sizes, interpret=interpret)
-  primals = (x, dt, A, B, C, initial_state)
-  return (*(gr.astype(pr.dtype) for gr, pr in zip(grads, primals)),
-          np.zeros(segment_ids.shape, jax.dtypes.float0))
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+# statics: (block_sizes, interpret); arrays: x, dt, A, B, C, initial_state | segment_ids.
+_ssd = kernel_vjp(
+    lambda st, *arrays: (ssd_forward_tpu(*arrays, block_sizes=st[0], interpret=st[1]), ()),
+    lambda st, arrays, _, cot: ssd_backward_tpu(*arrays, *cot, block_sizes=st[0],
+                                                interpret=st[1]),
+    differentiable=6)
 
 
 def ssd_tpu(x, dt, A, B, C, initial_state=None, segment_ids=None, *,
-            block_sizes: BlockSizes = BlockSizes(),
+            block_sizes: BlockSizes = BlockSizes.for_backend("tpu"),
             interpret: bool | pltpu.InterpretParams = False):
   """Differentiable chunked SSD on the Mosaic kernels (forward and backward); arguments and
   results as ssd_forward_tpu."""
@@ -393,4 +378,4 @@ def ssd_tpu(x, dt, A, B, C, initial_state=None, segment_ids=None, *,
           else initial_state.astype(jnp.float32))
   seg = (jnp.zeros((b, l), jnp.int32) if segment_ids is None
          else segment_ids.astype(jnp.int32))
-  return _ssd(x, dt, A, B, C, init, seg, block_sizes, interpret)
+  return _ssd((block_sizes, interpret), x, dt, A, B, C, init, seg)

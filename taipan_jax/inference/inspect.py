@@ -23,8 +23,8 @@ def sal_attention_maps(model, tokens):
   b, l = tokens.shape
   h = model.embed(tokens).astype(jnp.float32)
   maps = []
-  for kind, layer in zip(model.kinds, model.layers):
-    if kind == "s":
+  for layer in model.layers:
+    if layer.selects:
       x = layer.norm_a(h)
       mask = layer._select(layer.gate(x), gumbel_key=None, tau=None, token_ids=tokens)
       q, k, _ = layer._qkv(x, jnp.broadcast_to(jnp.arange(l), (b, l)))
@@ -39,7 +39,5 @@ def sal_attention_maps(model, tokens):
       w = jax.nn.softmax(s, axis=-1)
       w = jnp.where(allowed[:, None], w, 0.0)
       maps.append({"select": mask, "weights": w})
-      h, _ = layer(h, token_ids=tokens)
-    else:
-      h = layer(h)
+    h = layer(h, token_ids=tokens).h
   return maps

@@ -7,14 +7,15 @@ import os
 import ml_collections
 from flax import nnx
 
-import taipan_jax
+from taipan_jax.config import load_config
 from taipan_jax.data.tokenizer import check_vocab, load_tokenizer
+from taipan_jax.models import LanguageModel, build_model
 from taipan_jax.training import workdir as workdirs
 
 
 @dataclasses.dataclass
 class Loaded:
-  model: "taipan_jax.LanguageModel"       # in evaluation mode
+  model: LanguageModel                    # in evaluation mode
   cfg: ml_collections.ConfigDict
   step: int
   tokenizer: object | None                # SentencePieceProcessor for text runs, else None
@@ -29,7 +30,7 @@ def load_workdir(workdir: str, overrides: dict | None = None, log=print) -> Load
   else is loaded. The workdir is opened read-only.
   """
   workdirs.check_readable(workdir)
-  cfg = taipan_jax.load_config(os.path.join(workdir, "config.json"), overrides)
+  cfg = load_config(os.path.join(workdir, "config.json"), overrides)
   tokenizer = None
   if cfg.data.task == "text":
     kept = workdirs.kept_tokenizer(workdir)
@@ -38,7 +39,7 @@ def load_workdir(workdir: str, overrides: dict | None = None, log=print) -> Load
     tokenizer = load_tokenizer(path)
     check_vocab(tokenizer, cfg.model.vocab_size, path)
   cfg, _, _, state, step = workdirs.restore(workdir, overrides, log)
-  model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1))
+  model = build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1))
   nnx.update(model, state.params)
   model.eval()
   return Loaded(model=model, cfg=cfg, step=step, tokenizer=tokenizer)

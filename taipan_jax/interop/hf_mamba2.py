@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import taipan_jax
-from taipan_jax.config import padded_vocab_size
+from taipan_jax.config import load_config, padded_vocab_size
+from taipan_jax.models import build_model
 
 
 class InteropError(ValueError):
@@ -111,7 +111,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32") -> ml_collections.Config
       "mamba.n_groups": _get(hf, "n_groups", default=ssm.get("ngroups", 1)),
       "mamba.chunk_size": _get(hf, "chunk_size", default=ssm.get("chunk_size", 256)),
   }
-  return taipan_jax.load_config("base", over)
+  return load_config("base", over)
 
 
 # Our parameter path (inside layers.<i>) for each per-layer tensor, and how to reshape it.
@@ -211,6 +211,6 @@ def load_hf_mamba2(path: str, *, dtype: str = "float32"):
   """
   hf_config, tensors = read_checkpoint(path)
   cfg = config_from_hf(hf_config, dtype=dtype)
-  model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
+  model = build_model(cfg, rngs=nnx.Rngs(0))
   load_params(model, cfg, tensors)
   return model, cfg

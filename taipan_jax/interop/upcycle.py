@@ -17,8 +17,9 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-import taipan_jax
+from taipan_jax.config import load_config
 from taipan_jax.interop.hf_mamba2 import InteropError
+from taipan_jax.models import build_model
 
 
 def upcycle_to_taipan(source_model, source_cfg, *, sal_every: int, overrides=None,
@@ -36,14 +37,14 @@ def upcycle_to_taipan(source_model, source_cfg, *, sal_every: int, overrides=Non
     raise InteropError(f"sal_every={sal_every} does not divide the source's {n} Mamba-2 "
                        f"blocks; fix: pick a divisor of {n} (the paper uses 6)")
   cfg_dict = source_cfg.to_dict()
-  cfg = taipan_jax.load_config("base")
+  cfg = load_config("base")
   over = {f"{section}.{k}": v for section in ("model", "mamba")
           for k, v in cfg_dict[section].items()}
   over.update({"name": f"{source_cfg.name}_taipan{sal_every}",
                "model.pattern": "m" * sal_every + "s", "model.num_units": n // sal_every,
                **(overrides or {})})
-  cfg = taipan_jax.load_config("base", over)
-  model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=seed, gumbel=seed + 1))
+  cfg = load_config("base", over)
+  model = build_model(cfg, rngs=nnx.Rngs(params=seed, gumbel=seed + 1))
 
   src = dict(nnx.to_flat_state(nnx.state(source_model, nnx.Param)))
   dst = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))

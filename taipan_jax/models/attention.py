@@ -7,6 +7,7 @@ from flax import nnx, struct
 
 from taipan_jax import ops
 from taipan_jax.config import mlp_hidden_size
+from taipan_jax.models.layer import LayerOutput
 from taipan_jax.models.mlp import SwiGLU, dense
 from taipan_jax.models.norms import RMSNorm
 
@@ -47,10 +48,10 @@ class AttentionBlock(nnx.Module):
     pdt = jnp.dtype(m.param_dtype)
     kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
     self.norm_attn = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
-    self.q_proj = dense(d, d, **kw)
-    self.k_proj = dense(d, d, **kw)
-    self.v_proj = dense(d, d, **kw)
-    self.o_proj = dense(d, d, scale=residual_scale, **kw)
+    self.q_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.k_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.v_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.o_proj = dense(d, d, axes=("heads", "embed"), scale=residual_scale, **kw)
     self.norm_mlp = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
     self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
 
@@ -72,9 +73,13 @@ class AttentionBlock(nnx.Module):
     return KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                    pos=jnp.zeros((batch_size,), jnp.int32))
 
-  def __call__(self, h, *, segment_ids=None, cache: KVCache | None = None,
-               return_cache: bool = False):
-    """h: [b, l, d_model] -> h (and the KV cache after l).
+  selects = False
+
+  def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
+               cache: KVCache | None = None, return_cache: bool = False,
+               token_ids=None) -> LayerOutput:
+    """h: [b, l, d_model] -> LayerOutput(h, {}, the KV cache after l or None): the layer
+    interface (models/layer.py); token_mask, gumbel_key, tau and token_ids are unused.
 
     segment_ids: optional [b, l] int (packed documents): attention stays inside a segment.
     RoPE keeps absolute positions: it only sees differences, so an offset document gets the
@@ -98,7 +103,7 @@ class AttentionBlock(nnx.Module):
     every = jnp.ones((b, l), bool)
     if cache is None:
       attn = ops.selective_window_attention(q, k, v, every, window=l,
-                                            implementation="reference",
+                                            implementation="xla",
                                             segment_ids=segment_ids)
     else:
       # The whole preallocated cache is the prefix; its slots past pos are masked off.
@@ -106,16 +111,21 @@ class AttentionBlock(nnx.Module):
       written = jnp.arange(slots)[None, :] < cache.pos[:, None]
       attn = ops.attention_with_prefix(q, k, v, every, k_prefix=cache.k, v_prefix=cache.v,
                                        prefix_ok=written, window=slots + l,
-                                       implementation="reference")
+                                       implementation="xla")
     h = self._mlp(h + self.o_proj(attn.reshape(b, l, d)).astype(jnp.float32))
     if not return_cache:
-      return h
+      return LayerOutput(h, {}, None)
     write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new, p, axis=0))
-    return h, KVCache(k=write(cache.k, k.astype(self.dtype), cache.pos),
-                      v=write(cache.v, v.astype(self.dtype), cache.pos), pos=cache.pos + l)
+    return LayerOutput(h, {}, KVCache(k=write(cache.k, k.astype(self.dtype), cache.pos),
+                                      v=write(cache.v, v.astype(self.dtype), cache.pos),
+                                      pos=cache.pos + l))
 
-  def step(self, h, cache: KVCache):
-    """h: [batch, d_model] one token per row -> (h, cache)."""
+  def split_refusal(self) -> str | None:
+    return ("context-parallel forward covers Mamba-2 and SAL layers; full attention "
+            "('a' in model.pattern) is not split; fix: evaluate it on one device")
+
+  def step(self, h, cache: KVCache, token_ids=None) -> LayerOutput:
+    """h: [batch, d_model] one token per row -> LayerOutput(h, {}, cache)."""
     b, d = h.shape
     qkv = ops.norm_matvec(h, self.norm_attn.weight[...], (self.q_proj.kernel[...],
                                                            self.k_proj.kernel[...],
@@ -130,4 +140,4 @@ class AttentionBlock(nnx.Module):
     h = ops.norm_matvec(attn.reshape(b, d), None, self.o_proj.kernel[...], residual=h,
                         dtype=self.dtype)
     h = self.mlp.step(h, self.norm_mlp)
-    return h, KVCache(k=ck, v=cv, pos=cache.pos + 1)
+    return LayerOutput(h, {}, KVCache(k=ck, v=cv, pos=cache.pos + 1))

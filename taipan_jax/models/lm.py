@@ -14,7 +14,7 @@ from taipan_jax.models.attention import AttentionBlock
 from taipan_jax.models.mamba2 import Mamba2Block
 from taipan_jax.models.norms import RMSNorm
 from taipan_jax.models.sal import SelectiveAttentionLayer
-from taipan_jax.sharding import constrain
+from taipan_jax.sharding import constrain, with_axes
 
 _LAYERS = {"m": Mamba2Block, "s": SelectiveAttentionLayer, "a": AttentionBlock}
 
@@ -37,16 +37,17 @@ class LanguageModel(nnx.Module):
     residual_scale = 1.0 / math.sqrt(residual_branches(cfg))
     self.embed = nnx.Embed(padded_vocab_size(cfg), m.d_model,
                            embedding_init=nnx.initializers.normal(0.02), dtype=self.dtype,
-                           param_dtype=pdt, rngs=rngs)
+                           param_dtype=pdt, rngs=rngs,
+                           embedding_metadata=with_axes("vocab", "embed"))
     self.layers = nnx.List([_LAYERS[kind](cfg, residual_scale=residual_scale, rngs=rngs)
                             for kind in self.kinds])
-    for ordinal, layer in enumerate(l for k, l in zip(self.kinds, self.layers) if k == "s"):
+    for ordinal, layer in enumerate(l for l in self.layers if l.selects):
       layer.select_seed = ordinal
     self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
     self.lm_head = None if m.tie_embeddings else nnx.Linear(
         m.d_model, padded_vocab_size(cfg), use_bias=False,
         kernel_init=nnx.initializers.normal(0.02), dtype=self.dtype, param_dtype=pdt,
-        rngs=rngs)
+        rngs=rngs, kernel_metadata=with_axes("embed", "vocab"))
 
   @property
   def num_sal(self) -> int:
@@ -98,30 +99,20 @@ class LanguageModel(nnx.Module):
     keys = (jax.random.split(gumbel_key, max(self.num_sal, 1)) if gumbel_key is not None
             else [None] * self.num_sal)
     fractions, masks, caches = [], [], []
-    sal_index = 0
     if cache is not None and len(cache) != len(self.layers):
       raise ValueError(f"cache has {len(cache)} entries but the model has {len(self.layers)} "
                        "layers; fix: build it with this model's init_cache()")
-    for index, (kind, layer) in enumerate(zip(self.kinds, self.layers)):
-      if kind == "s":
-        out = layer(h, token_mask=token_mask, segment_ids=segment_ids,
-                    gumbel_key=keys[sal_index], tau=tau, return_cache=return_cache,
-                    cache=None if cache is None else cache[index], token_ids=tokens)
-        h, aux = stream(out[0]), out[1]
-        fractions.append(aux["fraction"])
-        masks.append(aux["mask"])
-        sal_index += 1
-        if return_cache:
-          caches.append(out[2])
-      else:
-        out = layer(h, segment_ids=segment_ids, return_cache=return_cache,
-                    cache=None if cache is None else cache[index])
-        if return_cache:
-          h, layer_cache = out
-          caches.append(layer_cache)
-        else:
-          h = out
-        h = stream(h)
+    keys = iter(keys)
+    for index, layer in enumerate(self.layers):
+      out = layer(h, token_mask=token_mask, segment_ids=segment_ids,
+                  gumbel_key=next(keys) if layer.selects else None, tau=tau,
+                  return_cache=return_cache, cache=None if cache is None else cache[index],
+                  token_ids=tokens)
+      h = stream(out.h)
+      if layer.selects:
+        fractions.append(out.aux["fraction"])
+        masks.append(out.aux["mask"])
+      caches.append(out.cache)
     logits = h if return_hidden else self.logits(h)
     b = tokens.shape[0]
     fractions = jnp.stack(fractions) if fractions else jnp.zeros((0, b), jnp.float32)
@@ -146,10 +137,7 @@ class LanguageModel(nnx.Module):
     """
     h = self.embed(tokens).astype(jnp.float32)
     new_cache = []
-    for kind, layer, c in zip(self.kinds, self.layers, cache):
-      if kind == "s":
-        h, _, c = layer.step(h, c, token_ids=tokens)
-      else:
-        h, c = layer.step(h, c)
+    for layer, c in zip(self.layers, cache):
+      h, _, c = layer.step(h, c, token_ids=tokens)
       new_cache.append(c)
     return self.logits(h), tuple(new_cache)

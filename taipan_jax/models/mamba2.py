@@ -1,4 +1,4 @@
-"""Mamba-2 mixer and block (SPEC section 2), with a parallel forward and a decode step."""
+"""Mamba-2 mixer and block (docs/spec.md section 2), with a parallel forward and a decode step."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from taipan_jax import ops
+from taipan_jax.models.layer import LayerOutput
 from taipan_jax.models.mlp import dense
 from taipan_jax.models.norms import GatedRMSNorm, RMSNorm
+from taipan_jax.sharding import with_axes
 
 
 @struct.dataclass
@@ -48,28 +50,40 @@ class Mamba2Mixer(nnx.Module):
     self.d_state = mb.d_state
     self.d_conv = mb.d_conv
     self.chunk_size = mb.chunk_size
-    self.kernel = mb.kernel
+    self.kernel = mb.kernel                 # how the ops run: ops/dispatch.py
+    self.interpret = mb.interpret
     self.conv_dim = self.d_inner + 2 * mb.n_groups * mb.d_state
     self.dtype = jnp.dtype(m.dtype)
     pdt = jnp.dtype(m.param_dtype)
     kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
 
     # Fused projection, split in the order z | x B C | dt (mamba_ssm's layout).
-    self.in_proj = dense(d, self.d_inner + self.conv_dim + self.heads, **kw)
+    # Its columns are not split: splitting them would cut across the parts ('mamba_in').
+    self.in_proj = dense(d, self.d_inner + self.conv_dim + self.heads, axes=("embed", "mamba_in"),
+                         **kw)
     bound = 1.0 / math.sqrt(mb.d_conv)
     self.conv_weight = nnx.Param(jax.random.uniform(
-        rngs.params(), (mb.d_conv, self.conv_dim), pdt, -bound, bound))
+        rngs.params(), (mb.d_conv, self.conv_dim), pdt, -bound, bound),
+        **with_axes("conv_width", "mamba_conv"))
     self.conv_bias = nnx.Param(jax.random.uniform(
-        rngs.params(), (self.conv_dim,), pdt, -bound, bound))
+        rngs.params(), (self.conv_dim,), pdt, -bound, bound), **with_axes("mamba_conv"))
+    heads = with_axes("mamba_heads")
     self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), self.heads, mb.dt_min, mb.dt_max,
-                                           mb.dt_init_floor).astype(pdt))
+                                           mb.dt_init_floor).astype(pdt), **heads)
     a = jax.random.uniform(rngs.params(), (self.heads,), jnp.float32, mb.a_init_min,
                            mb.a_init_max)
-    self.A_log = nnx.Param(jnp.log(a).astype(pdt))
-    self.D = nnx.Param(jnp.ones((self.heads,), pdt))
+    self.A_log = nnx.Param(jnp.log(a).astype(pdt), **heads)
+    self.D = nnx.Param(jnp.ones((self.heads,), pdt), **heads)
     self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // mb.n_groups,
                              eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
-    self.out_proj = dense(self.d_inner, d, scale=residual_scale, **kw)
+    self.out_proj = dense(self.d_inner, d, axes=("mamba_inner", "embed"), scale=residual_scale,
+                          **kw)
+
+  @property
+  def kernels(self) -> dict:
+    """The ops' implementation and interpret arguments (plain attributes: a graphdef is
+    hashed, a dict is not)."""
+    return dict(implementation=self.kernel, interpret=self.interpret)
 
   def _split_proj(self, zxbcdt):
     z, xbc, dt = jnp.split(zxbcdt, [self.d_inner, self.d_inner + self.conv_dim], axis=-1)
@@ -130,7 +144,7 @@ class Mamba2Mixer(nnx.Module):
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
     y, state = ops.ssd(x, dt, A, B, C, chunk_size=self.chunk_size, return_final_state=True,
                        initial_state=None if cache is None else cache.ssm,
-                       segment_ids=segment_ids, implementation=self.kernel)
+                       segment_ids=segment_ids, **self.kernels)
     out = self._gate_and_project(y, x, z)
     if not return_cache:
       return out
@@ -153,18 +167,18 @@ class Mamba2Mixer(nnx.Module):
     norm: the block's RMSNorm, applied to h inside the in-projection's call; the residual is
     added by the out-projection's (ops.decode).
     """
-    impl = self.kernel
+    impl = self.kernels
     prepared = getattr(self, "in_proj_t", None)
     w_t = self.in_proj.kernel[...].T if prepared is None else prepared[...]
     zxbcdt, conv = ops.mamba2_in_proj(
         h, norm.weight[...], w_t, cache.conv, self.conv_weight[...],
         self.conv_bias[...], eps=norm.eps, dtype=self.dtype, d_inner=self.d_inner,
-        implementation=impl)
+        **impl)
     out, ssm = ops.mamba2_ssm_out(
         zxbcdt, cache.ssm, self.dt_bias[...], self.A_log[...], self.D[...], self.norm.weight[...],
         self.out_proj.kernel[...], h, eps=self.norm.eps, dtype=self.dtype,
         group_size=self.norm.group_size, heads=self.heads, head_dim=self.head_dim,
-        n_groups=self.n_groups, d_state=self.d_state, implementation=impl)
+        n_groups=self.n_groups, d_state=self.d_state, **impl)
     return out, Mamba2Cache(conv=conv, ssm=ssm)
 
 
@@ -180,17 +194,23 @@ class Mamba2Block(nnx.Module):
   def init_cache(self, batch_size: int) -> Mamba2Cache:
     return self.mixer.init_cache(batch_size)
 
-  def __call__(self, h, *, segment_ids=None, cache: Mamba2Cache | None = None,
-               return_cache: bool = False):
+  selects = False
+
+  def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
+               cache: Mamba2Cache | None = None, return_cache: bool = False,
+               token_ids=None) -> LayerOutput:
     """h: [batch, seq, d_model]; segment_ids: optional [batch, seq] int (packed documents);
-    cache: continue from it (Mamba2Mixer)."""
+    cache: continue from it (Mamba2Mixer). The layer interface (models/layer.py); token_mask,
+    gumbel_key, tau and token_ids are unused."""
     out = self.mixer(self.norm(h), segment_ids=segment_ids, cache=cache,
                      return_cache=return_cache)
-    if return_cache:
-      out, cache = out
-      return h + out.astype(jnp.float32), cache
-    return h + out.astype(jnp.float32)
+    out, cache = out if return_cache else (out, None)
+    return LayerOutput(h + out.astype(jnp.float32), {}, cache)
 
-  def step(self, h, cache: Mamba2Cache):
-    """One token.  h: [batch, d_model] fp32 -> (h + mixer(norm(h)), new cache)."""
-    return self.mixer.step(h, cache, self.norm)
+  def step(self, h, cache: Mamba2Cache, token_ids=None) -> LayerOutput:
+    """One token.  h: [batch, d_model] fp32 -> h + mixer(norm(h)), no aux, new cache."""
+    h, cache = self.mixer.step(h, cache, self.norm)
+    return LayerOutput(h, {}, cache)
+
+  def split_refusal(self) -> str | None:
+    return None

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from taipan_jax.sharding import with_axes
+
 
 def _rms_normalize(x, eps):
   x = x.astype(jnp.float32)
@@ -18,7 +20,7 @@ class RMSNorm(nnx.Module):
                param_dtype=jnp.float32):
     self.eps = eps
     self.dtype = dtype
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **with_axes("norm"))
 
   def __call__(self, x):
     y = _rms_normalize(x, self.eps) * self.weight[...].astype(jnp.float32)
@@ -37,7 +39,8 @@ class GatedRMSNorm(nnx.Module):
     self.eps = eps
     self.group_size = group_size
     self.dtype = dtype
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    # Mamba-2's gated norm spans d_inner, split like the out-projection's input.
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **with_axes("mamba_inner"))
 
   def __call__(self, y, z):
     gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))

@@ -1,4 +1,4 @@
-"""The Selective Attention Layer (SPEC section 3; paper eq. 1-6)."""
+"""The Selective Attention Layer (docs/spec.md section 3; paper eq. 1-6)."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,10 @@ from flax import nnx, struct
 from taipan_jax import ops
 from taipan_jax.config import mlp_hidden_size
 from taipan_jax.models.attention import apply_rope
+from taipan_jax.models.layer import LayerOutput
 from taipan_jax.models.mlp import SwiGLU, dense
 from taipan_jax.models.norms import RMSNorm
+from taipan_jax.sharding import with_axes
 
 
 def _take_rows(t, index):
@@ -52,12 +54,14 @@ class Gate(nnx.Module):
   def __init__(self, d: int, hidden: int, capacity: float, *, dtype, param_dtype,
                rngs: nnx.Rngs):
     small = nnx.initializers.normal(0.02)
+    axes = dict(kernel_metadata=with_axes("gate_in", "gate_out"),
+                bias_metadata=with_axes("gate_out"))
     self.hidden = (nnx.Linear(d, hidden, kernel_init=small, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs) if hidden else None)
+                              param_dtype=param_dtype, rngs=rngs, **axes) if hidden else None)
     bias = jnp.array([0.0, math.log(capacity / (1.0 - capacity)) if capacity < 1 else 10.0])
     self.out = nnx.Linear(hidden or d, 2, kernel_init=small,
                           bias_init=lambda *_: bias.astype(param_dtype), dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+                          param_dtype=param_dtype, rngs=rngs, **axes)
 
   def __call__(self, x):
     if self.hidden is not None:
@@ -93,7 +97,8 @@ class SelectiveAttentionLayer(nnx.Module):
     self.inference_capacity = sal.inference_capacity
     self.inference_selection = sal.inference_selection
     self.select_seed = 0          # the SAL's ordinal in the model (LanguageModel sets it)
-    self.kernel = sal.kernel
+    self.kernel = sal.kernel                 # how the ops run: ops/dispatch.py
+    self.interpret = sal.interpret
     self.dtype = jnp.dtype(m.dtype)
     self.deterministic = False
     pdt = jnp.dtype(m.param_dtype)
@@ -103,13 +108,19 @@ class SelectiveAttentionLayer(nnx.Module):
     # selections as possible (its cost is a d_model x 2 matmul).
     self.gate = Gate(d, sal.gate_hidden, sal.capacity, dtype=jnp.float32, param_dtype=pdt,
                      rngs=rngs)
-    self.q_proj = dense(d, d, **kw)
-    self.k_proj = dense(d, d, **kw)
-    self.v_proj = dense(d, d, **kw)
-    self.o_proj = dense(d, d, scale=residual_scale, **kw)
+    self.q_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.k_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.v_proj = dense(d, d, axes=("embed", "heads"), **kw)
+    self.o_proj = dense(d, d, axes=("heads", "embed"), scale=residual_scale, **kw)
     self.norm_b = RMSNorm(d, eps=m.norm_eps, dtype=self.dtype, param_dtype=pdt)
     self.mlp = SwiGLU(d, mlp_hidden_size(cfg), residual_scale=residual_scale, **kw)
     self.rngs = rngs["gumbel"].fork()
+
+  @property
+  def kernels(self) -> dict:
+    """The ops' implementation and interpret arguments (plain attributes: a graphdef is
+    hashed, a dict is not)."""
+    return dict(implementation=self.kernel, interpret=self.interpret)
 
   def _inference_mask(self, scores, positions, segment_ids=None, prev_margin=None,
                       prev_ok=None, token_ids=None):
@@ -212,7 +223,8 @@ class SelectiveAttentionLayer(nnx.Module):
                     pos=pos.astype(jnp.int32))
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               cache: SALCache | None = None, return_cache: bool = False, token_ids=None):
+               cache: SALCache | None = None, return_cache: bool = False,
+               token_ids=None) -> LayerOutput:
     """h: [batch, seq, d_model]; token_mask: [batch, seq] bool real tokens (for the fraction).
     token_ids: [batch, seq] the model's input tokens, which key the inference draw's noise
       (LanguageModel passes them; None keys it by position alone).
@@ -222,7 +234,7 @@ class SelectiveAttentionLayer(nnx.Module):
       document gets the same scores.
     cache: continue a sequence from this cache (evaluation mode): the rows attend to its
       keys too, and positions start at cache.pos.
-    Returns (h, aux) or, with return_cache, (h, aux, cache).
+    Returns LayerOutput(h, aux, cache or None) (models/layer.py).
     """
     if segment_ids is not None and (return_cache or cache is not None):
       raise ValueError("a decode cache continues one document: segment_ids cannot be combined "
@@ -242,9 +254,10 @@ class SelectiveAttentionLayer(nnx.Module):
       attn = ops.selective_window_attention(
           q, k, v, selected, window=self.window,
           kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
-          implementation=self.kernel)
+          **self.kernels)
       out = self._mix_and_mlp(h, mask, scores, attn)
-      return out, {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
+      return LayerOutput(out, {"mask": mask,
+                               "fraction": ops.selected_fraction(mask, token_mask)}, None)
     if not self.deterministic:
       raise ValueError("cache / return_cache is for evaluation and decoding: call model.eval() "
                        "first (training selection is random)")
@@ -279,22 +292,34 @@ class SelectiveAttentionLayer(nnx.Module):
     attn = ops.attention_with_prefix(
         q, k, v, selected, k_prefix=k_prev, v_prefix=v_prev, prefix_ok=prefix_ok,
         window=w, kv_select=selected if self.kv_selected_only else None,
-        implementation=self.kernel)
+        **self.kernels)
     out = self._mix_and_mlp(h, mask, scores, attn)
     aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:
-      return out, aux
+      return LayerOutput(out, aux, None)
     new = self._ring(jnp.concatenate([k_prev, k.astype(self.dtype)], axis=1),
                      jnp.concatenate([v_prev, v.astype(self.dtype)], axis=1),
                      jnp.concatenate([filled_prev, jnp.ones((b, l), bool)], axis=1),
                      jnp.concatenate([kept_prev, selected], axis=1),
                      jnp.concatenate([margin_prev, margin], axis=1),
                      cache.pos + ops.rows_length(l))
-    return out, aux, jax.tree.map(ops.from_last_device, new)
+    return LayerOutput(out, aux, jax.tree.map(ops.from_last_device, new))
 
-  def step(self, h, cache: SALCache, token_ids=None):
-    """One token per row, deterministic selection.  h: [batch, d_model] -> (h, aux, cache).
-    token_ids: [batch] the input tokens (the inference draw's noise key, as in __call__).
+  selects = True
+
+  def split_refusal(self) -> str | None:
+    if not self.deterministic:
+      return ("context-parallel forward needs deterministic selection; fix: call "
+              "model.eval() first")
+    if self.inference_capacity is not None:
+      return ("sal.inference_capacity counts selections over each window, which context "
+              "parallelism does not carry across devices; fix: leave it unset")
+    return None
+
+  def step(self, h, cache: SALCache, token_ids=None) -> LayerOutput:
+    """One token per row, deterministic selection.  h: [batch, d_model] -> LayerOutput(h,
+    {'mask'}, cache). token_ids: [batch] the input tokens (the inference draw's noise key,
+    as in __call__).
 
     Four launches on the kernel path besides the SwiGLU's: norm_a, q, k, v and (a one-layer
     gate) the gate's scores in one call (ops.norm_matvec); the ring buffer's append with the
@@ -308,12 +333,12 @@ class SelectiveAttentionLayer(nnx.Module):
           h, self.norm_a.weight[...], projections + (self.gate.out.kernel[...],),
           eps=self.norm_a.eps, dtype=self.dtype,
           product_dtypes=(self.dtype,) * 3 + (jnp.dtype(self.gate.out.dtype),),
-          implementation=self.kernel)
+          **self.kernels)
       scores = (scores + self.gate.out.bias[...]).astype(jnp.float32)        # [b, 2]
     else:
       scores = self.gate(self.norm_a(h))
       qkv = ops.norm_matvec(h, self.norm_a.weight[...], projections, eps=self.norm_a.eps,
-                            dtype=self.dtype, implementation=self.kernel)
+                            dtype=self.dtype, **self.kernels)
     margin = scores[:, 1] - scores[:, 0]
     slot = cache.pos % self.window                 # holds token pos - window, which leaves
     if self.select_all:
@@ -334,11 +359,11 @@ class SelectiveAttentionLayer(nnx.Module):
     attn, (ck, cv, filled, kept, pos) = ops.ring_decode_attention(
         q[:, 0], k[:, 0].astype(self.dtype), v[:, 0].astype(self.dtype), cache.k, cache.v,
         cache.filled, cache.kept, cache.pos, mask, kv_selected_only=self.kv_selected_only,
-        implementation=self.kernel)
+        **self.kernels)
     mixed = ops.norm_matvec(attn.reshape(b, -1), None, self.o_proj.kernel[...],
                             dtype=self.dtype, residual=h, mix=self._mix_weight(mask, scores),
-                            implementation=self.kernel)          # _mix(h, mask, scores, o)
-    out = self.mlp.step(mixed, self.norm_b, implementation=self.kernel)
+                            **self.kernels)          # _mix(h, mask, scores, o)
+    out = self.mlp.step(mixed, self.norm_b, **self.kernels)
     margins = cache.margin.at[jnp.arange(b), slot].set(margin)
-    return out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept,
-                                         margin=margins, pos=pos)
+    return LayerOutput(out, {"mask": mask}, SALCache(k=ck, v=cv, filled=filled, kept=kept,
+                                                     margin=margins, pos=pos))

@@ -1,4 +1,4 @@
-"""Selective sliding-window softmax attention (the SAL's attention, SPEC section 3).
+"""Selective sliding-window softmax attention (the SAL's attention, docs/spec.md section 3).
 
 `selective_window_attention` is the parallel form used for training and prefill; it computes
 the window blockwise so memory grows with seq * window, not seq^2. `window_decode_attention`
@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode.reference import ring_attention_reference, window_attention_reference
 from taipan_jax.ops.context_parallel import left_halo, sequence_axis, sequence_parallel
-from taipan_jax.ops.decode import resolve_decode_implementation
+from taipan_jax.ops.dispatch import Kernels, Route, choose, power_of_two
 from taipan_jax.ops.kernel_sharding import per_shard
-from taipan_jax.ops.platform import target_platform
-from taipan_jax.ops.ssd import IMPLEMENTATIONS
+from taipan_jax.ops.dispatch import target_platform
 
 _MIN_BLOCK = 64
 
@@ -48,46 +46,33 @@ def _masked_softmax_attend(q, k, v, mask):
   return out
 
 
-def resolve_attention_implementation(implementation: str = "auto",
-                                     head_dim: int | None = None, seq_len: int | None = None,
-                                     dtype=None) -> str:
-  """'auto' defers to $TAIPAN_KERNELS, then picks by the target platform (ops.platform): the
-  Pallas GPU kernels on a GPU where they tile the shape (head_dim a power of two >= 16); the
-  Mosaic kernels on a TPU where a head's whole sequence fits their VMEM blocks (seq_len and
-  dtype given; chosen on compiled cost, not a timing: docs/tpu_pod.md); XLA elsewhere.
-  'pallas' forces the platform's kernels (GPU or TPU), 'interpret' runs the TPU kernels in
-  Pallas interpret mode on any backend.
-  Returns 'reference', 'pallas_gpu', 'pallas_tpu' or 'interpret'."""
-  if implementation == "auto":
-    implementation = os.environ.get("TAIPAN_KERNELS", "auto")
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} is unknown; use one of "
-                     f"{IMPLEMENTATIONS} (argument or $TAIPAN_KERNELS)")
-  tiles = head_dim is None or (head_dim >= 16 and not head_dim & (head_dim - 1))
-  backend = target_platform()
-  if implementation == "auto":
-    if backend == "gpu" and tiles:
-      return "pallas_gpu"
-    if backend == "tpu":
-      from pallas_kernels.selective_attention.tpu import fits_vmem
-      if seq_len is None or fits_vmem(seq_len, head_dim or 128, dtype or jnp.float32):
-        return "pallas_tpu"
-    return "reference"
-  if implementation in ("reference", "interpret"):
-    return implementation
-  if backend == "tpu":
-    return "pallas_tpu"
-  if backend != "gpu":
-    raise ValueError(f"no Pallas selective attention kernel for backend {backend!r}; use "
-                     "'reference', or 'interpret' to run the TPU kernels in interpret mode")
-  if not tiles:
-    raise ValueError(f"the GPU selective attention kernels need head_dim a power of two "
-                     f">= 16, got {head_dim}; use 'reference' or 'auto'")
-  return "pallas_gpu"
+# 'auto' takes the GPU kernels where they tile the shape (measured faster than XLA on an H100,
+# benchmarks/selective_attention.py) and the Mosaic kernels on a TPU where a head's whole
+# sequence fits their VMEM blocks (chosen on compiled cost, not a timing: docs/tpu_pod.md);
+# XLA elsewhere. Interpret mode off a TPU or GPU runs the TPU kernels.
+KERNELS = Kernels("selective attention", {"tpu": {}, "gpu": {"head_dim": power_of_two(16)}})
+# The decode attention has Triton kernels only.
+DECODE_KERNELS = Kernels("decode attention", {"gpu": {"head_dim": power_of_two()}})
+
+
+def _auto_takes_kernel(head_dim: int, seq_len: int, dtype) -> bool:
+  """Whether 'auto' takes the kernel at this shape: on a TPU only where the VMEM blocks fit."""
+  if target_platform() != "tpu":
+    return True
+  from pallas_kernels.selective_attention.tpu import fits_vmem
+  return fits_vmem(seq_len, head_dim, dtype)
+
+
+def attention_route(implementation: str = "auto", interpret: bool = False, *, head_dim: int,
+                    seq_len: int, dtype) -> Route:
+  """What `selective_window_attention` runs at this shape on the target platform."""
+  return choose(KERNELS, implementation, interpret, head_dim=head_dim,
+                kernel_by_default=_auto_takes_kernel(head_dim, seq_len, dtype))
 
 
 def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
-                               segment_ids=None, implementation: str = "auto"):
+                               segment_ids=None, implementation: str = "auto",
+                               interpret: bool = False):
   """Causal sliding-window attention computed for the selected query rows.
 
   Query i sees keys j with i - window < j <= i (and kv_select[j], when given); no
@@ -100,8 +85,8 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
     kv_select: optional [batch, seq] bool restricting the keys.
     segment_ids: optional [batch, seq] int (packed documents): a query sees only keys of
       its own segment.
-    implementation: 'auto', 'reference', 'pallas' or 'interpret'
-      (resolve_attention_implementation); the kernels compute only the selected rows.
+    implementation, interpret: 'auto', 'xla' or 'pallas', and interpret mode
+      (ops/dispatch.py); the kernels compute only the selected rows.
 
   Returns:
     [batch, seq, heads, head_dim] in q.dtype.
@@ -111,16 +96,18 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
     raise ValueError(f"window must be >= 1, got {window}")
   if sequence_axis() is not None and window > 1:
     return _attention_context_parallel(q, k, v, select, window=window, kv_select=kv_select,
-                                       segment_ids=segment_ids, implementation=implementation)
-  impl = resolve_attention_implementation(implementation, head_dim=d, seq_len=l, dtype=q.dtype)
-  if impl != "reference":
+                                       segment_ids=segment_ids, implementation=implementation,
+                                       interpret=interpret)
+  route = attention_route(implementation, interpret, head_dim=d, seq_len=l, dtype=q.dtype)
+  if route.implementation == "pallas":
     from pallas_kernels.selective_attention import (selective_attention_gpu,
                                                     selective_attention_tpu)
-    if impl == "pallas_gpu":
-      kernel = functools.partial(selective_attention_gpu, window=window)
+    if route.platform == "gpu":
+      kernel = functools.partial(selective_attention_gpu, window=window,
+                                 interpret=route.interpret)
     else:
       kernel = functools.partial(selective_attention_tpu, window=window,
-                                 interpret=impl == "interpret")
+                                 interpret=route.interpret)
     # Masks that are absent stay absent: the kernels then skip masking inside the window.
     extra = {name: t for name, t in (("kv_select", kv_select), ("segment_ids", segment_ids))
              if t is not None}
@@ -166,7 +153,7 @@ def selective_window_attention(q, k, v, select, *, window: int, kv_select=None,
 
 def attention_with_prefix(q, k, v, select, *, k_prefix, v_prefix, prefix_ok, window: int,
                           kv_select=None, segment_ids=None, prefix_segment_ids=None,
-                          implementation: str = "auto"):
+                          implementation: str = "auto", interpret: bool = False):
   """selective_window_attention over a sequence whose keys continue `prefix` keys before it.
 
   q, k, v: [batch, seq, heads, head_dim]; select, kv_select: [batch, seq] bool as in
@@ -193,12 +180,12 @@ def attention_with_prefix(q, k, v, select, *, k_prefix, v_prefix, prefix_ok, win
   with sequence_parallel(None):
     out = selective_window_attention(q_ext, k_ext, v_ext, select_ext, window=window,
                                      kv_select=ok_ext, segment_ids=seg_ext,
-                                     implementation=implementation)
+                                     implementation=implementation, interpret=interpret)
   return out[:, size:]
 
 
 def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_ids,
-                                implementation):
+                                implementation, interpret):
   """This device's shard of a sequence split over the sequence axis: its rows attend to the
   previous device's last window - 1 keys as well (a halo; none before the first device),
   those of its own document where segment_ids are given."""
@@ -210,7 +197,7 @@ def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_i
                                window=window, kv_select=kv_select, segment_ids=segment_ids,
                                prefix_segment_ids=(None if segment_ids is None
                                                    else left_halo(segment_ids, size)),
-                               implementation=implementation)
+                               implementation=implementation, interpret=interpret)
 
 
 # 'auto' takes the decode attention kernel on a GPU at every cache length. At a 190M SAL's
@@ -223,7 +210,7 @@ def _attention_context_parallel(q, k, v, select, *, window, kv_select, segment_i
 
 
 def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
-                            implementation: str = "auto"):
+                            implementation: str = "auto", interpret: bool = False):
   """One query per row against a cache of keys.
 
   Args:
@@ -231,24 +218,22 @@ def window_decode_attention(q, k_cache, v_cache, valid, *, active=None,
     valid: [batch, slots] bool, the slots this query may read.
     active: optional [batch] bool, the rows whose output is needed (a SAL's selected tokens);
       the others return zeros, and the Triton kernel reads no cache for them.
-    implementation: as ops.resolve_decode_implementation; 'auto' (with $TAIPAN_KERNELS
-      unset) takes the Triton kernel on a GPU.
+    implementation, interpret: as ops/dispatch.py; 'auto' (with $TAIPAN_KERNELS unset) takes
+      the Triton kernel on a GPU.
 
   Returns:
     [batch, heads, head_dim] in q.dtype (zeros where no slot is valid).
   """
-  impl = resolve_decode_implementation(
-      implementation, head_dim=q.shape[-1],
-      kernel_by_default=True)
-  if impl == "reference":
+  route = choose(DECODE_KERNELS, implementation, interpret, head_dim=q.shape[-1])
+  if route.implementation == "xla":
     return window_attention_reference(q, k_cache, v_cache, valid, active)
   from pallas_kernels.decode.window_attention import window_attention_gpu
-  return window_attention_gpu(q, k_cache, v_cache, valid, active,
-                              interpret=impl == "interpret")
+  return window_attention_gpu(q, k_cache, v_cache, valid, active, interpret=route.interpret)
 
 
 def ring_decode_attention(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select, *,
-                          kv_selected_only: bool = False, implementation: str = "auto"):
+                          kv_selected_only: bool = False, implementation: str = "auto",
+                          interpret: bool = False):
   """A SAL's decode step on its ring buffer of the last `slots` tokens: appends this token's
   key and value at slot pos % slots, then attends.
 
@@ -259,18 +244,16 @@ def ring_decode_attention(q, k_new, v_new, k_cache, v_cache, filled, kept, pos, 
     select: [batch] float, the token's selection mask: its row attends if > 0.5 (and is kept),
       the others return zeros and read no cache on the kernel path.
     kv_selected_only: attend to the kept slots only (the kv_select variant), not all filled.
-    implementation: as window_decode_attention's.
+    implementation, interpret: as window_decode_attention's.
 
   Returns:
     (out [batch, heads, head_dim] in q.dtype, (k_cache, v_cache, filled, kept, pos + 1)).
     The Triton kernel updates the cache in place: it does not copy the buffers.
   """
-  impl = resolve_decode_implementation(
-      implementation, head_dim=q.shape[-1],
-      kernel_by_default=True)
+  route = choose(DECODE_KERNELS, implementation, interpret, head_dim=q.shape[-1])
   args = (q, k_new, v_new, k_cache, v_cache, filled, kept, pos, select)
-  if impl == "reference":
+  if route.implementation == "xla":
     return ring_attention_reference(*args, kv_selected_only=kv_selected_only)
   from pallas_kernels.decode.window_attention import ring_attention_gpu
   return ring_attention_gpu(*args, kv_selected_only=kv_selected_only,
-                            interpret=impl == "interpret")
+                            interpret=route.interpret)

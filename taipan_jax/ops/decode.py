@@ -20,13 +20,10 @@ the plain jnp forms (the same operations as the model's layers).
 """
 from __future__ import annotations
 
-import os
-
 from pallas_kernels.decode.reference import (mamba2_in_proj_reference, mamba2_ssm_out_reference,
                                              norm_matvec_reference)
-from taipan_jax.ops.platform import target_platform
+from taipan_jax.ops.dispatch import Kernels, choose, power_of_two
 
-IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 # 'auto' takes the Mamba-2 block kernels on a GPU up to this many rows. Measured on an H100
 # (the two projections, weights in L2): 7.3 us against XLA's 15.1 at 1 row, a tie at 2
 # (10.6 against 10.7), slower at 3 and 4 (14.4 and 17.7 against 10.4 and 10.7).
@@ -37,31 +34,15 @@ _BLOCK_KERNEL_MAX_BATCH = 1
 _MATVEC_KERNEL_MAX_K = 2048
 
 
-def resolve_decode_implementation(implementation: str = "auto", *, head_dim: int | None = None,
-                                  d_state: int | None = None,
-                                  kernel_by_default: bool = False) -> str:
-  """'auto' defers to $TAIPAN_KERNELS, then to kernel_by_default: whether the op has measured
-  its Triton kernel faster ('pallas') at this call's shape or not (the jnp path);
-  docs/kernels/decode.md has the measurements behind each op's rule. 'pallas' takes the
-  Triton kernels on a GPU (head_dim and d_state powers of two); there is no TPU decode
-  kernel, so elsewhere 'pallas' runs the jnp path. 'interpret' runs the Triton kernels in
-  Pallas interpret mode on any backend. Returns 'reference', 'pallas_gpu' or 'interpret'."""
-  if implementation == "auto":
-    implementation = os.environ.get("TAIPAN_KERNELS", "auto")
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"decode implementation {implementation!r} is unknown; use one of "
-                     f"{IMPLEMENTATIONS} (argument, mamba.kernel or $TAIPAN_KERNELS)")
-  if implementation == "auto":
-    implementation = "pallas" if kernel_by_default else "reference"
-  if implementation in ("reference", "interpret"):
-    return implementation
-  tiles = all(v is None or not v & (v - 1) for v in (head_dim, d_state))
-  return "pallas_gpu" if target_platform() == "gpu" and tiles else "reference"
+# The decode kernels are Triton kernels; there is no TPU decode kernel. The jnp forms the
+# 'xla' route runs are the same functions the kernels are tested against.
+KERNELS = Kernels("decode", {"gpu": {"head_dim": power_of_two(), "d_state": power_of_two()}})
 
 
 def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None,
                 group_size: int | None = None, residual=None, mix=None,
-                product_dtypes: tuple | None = None, implementation: str = "auto"):
+                product_dtypes: tuple | None = None, implementation: str = "auto",
+                interpret: bool = False):
   """(residual +) RMSNorm(x [* silu(gate)]) @ w for one token per row.
 
   x: [batch, k]; gate: [batch, >= k] (its first k columns); norm_weight: [k], or None for a
@@ -78,17 +59,17 @@ def norm_matvec(x, norm_weight, w, *, eps: float | None = None, dtype, gate=None
   """
   kw = dict(eps=eps, dtype=dtype, gate=gate, group_size=group_size, residual=residual,
             mix=mix, product_dtypes=product_dtypes)
-  impl = resolve_decode_implementation(
-      implementation, kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
-                                         and x.shape[1] <= _MATVEC_KERNEL_MAX_K))
-  if impl == "reference":
+  route = choose(KERNELS, implementation, interpret,
+                 kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
+                                    and x.shape[1] <= _MATVEC_KERNEL_MAX_K))
+  if route.implementation == "xla":
     return norm_matvec_reference(x, norm_weight, w, **kw)
   from pallas_kernels.decode.norm_matvec import norm_matvec_gpu
-  return norm_matvec_gpu(x, norm_weight, w, interpret=impl == "interpret", **kw)
+  return norm_matvec_gpu(x, norm_weight, w, interpret=route.interpret, **kw)
 
 
 def mamba2_in_proj(x, norm_weight, w_t, conv_state, conv_weight, conv_bias, *, eps: float,
-                   dtype, d_inner: int, implementation: str = "auto"):
+                   dtype, d_inner: int, implementation: str = "auto", interpret: bool = False):
   """RMSNorm(x) @ in_proj, its x B C columns through the causal convolution over the cached
   inputs (SiLU after it).
 
@@ -101,18 +82,18 @@ def mamba2_in_proj(x, norm_weight, w_t, conv_state, conv_weight, conv_bias, *, e
   """
   args = (x, norm_weight, w_t, conv_state, conv_weight, conv_bias)
   kw = dict(eps=eps, dtype=dtype, d_inner=d_inner)
-  impl = resolve_decode_implementation(
-      implementation, kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
-                                         and x.shape[1] <= _MATVEC_KERNEL_MAX_K))
-  if impl == "reference":
+  route = choose(KERNELS, implementation, interpret,
+                 kernel_by_default=(x.shape[0] <= _BLOCK_KERNEL_MAX_BATCH
+                                    and x.shape[1] <= _MATVEC_KERNEL_MAX_K))
+  if route.implementation == "xla":
     return mamba2_in_proj_reference(*args, **kw)
   from pallas_kernels.decode.mamba2_in_proj import mamba2_in_proj_gpu
-  return mamba2_in_proj_gpu(*args, interpret=impl == "interpret", **kw)
+  return mamba2_in_proj_gpu(*args, interpret=route.interpret, **kw)
 
 
 def mamba2_ssm_out(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residual, *,
                    eps: float, dtype, group_size: int, heads: int, head_dim: int, n_groups: int,
-                   d_state: int, implementation: str = "auto"):
+                   d_state: int, implementation: str = "auto", interpret: bool = False):
   """The rest of a Mamba-2 block's token: softplus dt, SSD state update, y = S C + D x, the
   gated RMSNorm (groups of group_size channels), the out-projection and the residual.
 
@@ -124,10 +105,9 @@ def mamba2_ssm_out(zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residua
   args = (zxbcdt, ssm_state, dt_bias, A_log, D, norm_weight, w, residual)
   kw = dict(eps=eps, dtype=dtype, group_size=group_size, heads=heads, head_dim=head_dim,
             n_groups=n_groups, d_state=d_state)
-  impl = resolve_decode_implementation(
-      implementation, head_dim=head_dim, d_state=d_state,
-      kernel_by_default=zxbcdt.shape[0] <= _BLOCK_KERNEL_MAX_BATCH)
-  if impl == "reference":
+  route = choose(KERNELS, implementation, interpret, head_dim=head_dim, d_state=d_state,
+                 kernel_by_default=zxbcdt.shape[0] <= _BLOCK_KERNEL_MAX_BATCH)
+  if route.implementation == "xla":
     return mamba2_ssm_out_reference(*args, **kw)
   from pallas_kernels.decode.mamba2_ssm_out import mamba2_ssm_out_gpu
-  return mamba2_ssm_out_gpu(*args, interpret=impl == "interpret", **kw)
+  return mamba2_ssm_out_gpu(*args, interpret=route.interpret, **kw)

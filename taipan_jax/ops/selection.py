@@ -1,4 +1,4 @@
-"""Token selection for the SAL and its budget loss (SPEC sections 3 and 4).
+"""Token selection for the SAL and its budget loss (docs/spec.md sections 3 and 4).
 
 Scores have two classes per token; index 1 means "select".
 """

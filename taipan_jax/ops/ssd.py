@@ -1,7 +1,7 @@
 """Mamba-2's structured state-space duality (SSD) scan in its chunked parallel form (the decode
 step is ops.decode.mamba2_in_proj and mamba2_ssm_out).
 
-Per head h the recurrence (SPEC section 2) is
+Per head h the recurrence (docs/spec.md section 2) is
     S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t (outer) B_t        S: [head_dim, d_state]
     y_t = S_t C_t
 The chunked form (Mamba-2 paper, Listing 1) computes it in four steps: a quadratic
@@ -13,15 +13,14 @@ so it runs in log depth over the chunk axis.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
 from taipan_jax.ops.context_parallel import (first_in_sequence, left_halo, sequence_axis,
                                              sequence_parallel, ssd_incoming_state)
+from taipan_jax.ops.dispatch import Kernels, Route, choose, multiple_of, power_of_two
 from taipan_jax.ops.kernel_sharding import per_shard
-from taipan_jax.ops.platform import target_platform
 
 
 def _matmul_precision(dtype):
@@ -52,53 +51,30 @@ def _combine_chunks(left, right):
   return g1 * g2, g2 * s1 + s2
 
 
-IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
+# GPU: the Triton kernels where they tile the shape, measured faster than XLA on an H100
+# (benchmarks/ssd.py). TPU: the Mosaic kernels where the chunk is a multiple of 128, chosen on
+# compiled cost, not on a timing (no TPU has run them): they compile for v5e, v5p and v6e, and
+# the train step with them needs less memory and moves fewer bytes than with XLA
+# (docs/tpu_pod.md). Interpret mode off a TPU or GPU runs the TPU kernels.
+KERNELS = Kernels("SSD", {"tpu": {"chunk_size": multiple_of(128, interpreted=False)},
+                          "gpu": {"head_dim": power_of_two(16), "d_state": power_of_two(16)}})
 
 
-def resolve_implementation(implementation: str = "auto", head_dim: int | None = None,
-                           d_state: int | None = None, chunk_size: int | None = None) -> str:
-  """'auto' defers to $TAIPAN_KERNELS, then picks by the target platform (ops.platform).
-
-  GPU: the Pallas Triton kernels where they tile the shape (head_dim and d_state powers of
-  two >= 16), measured faster than XLA on an H100 (benchmarks/ssd.py). TPU: the Mosaic
-  kernels where the chunk is a multiple of 128, chosen on compiled cost, not on a timing (no
-  TPU has run them): they compile for v5e, v5p and v6e, and the train step with them needs
-  less memory and moves fewer bytes than with the XLA path (docs/tpu_pod.md). CPU: XLA.
-  Returns 'reference', 'pallas_gpu', 'pallas_tpu' or 'interpret'.
-  """
-  if implementation == "auto":
-    implementation = os.environ.get("TAIPAN_KERNELS", "auto")
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"SSD implementation {implementation!r} is unknown; use one of "
-                     f"{IMPLEMENTATIONS} (argument, mamba.kernel or $TAIPAN_KERNELS)")
-  backend = target_platform()
-  tiles = all(v is None or (v >= 16 and not v & (v - 1)) for v in (head_dim, d_state))
-  if implementation == "auto":
-    if backend == "gpu" and tiles:
-      return "pallas_gpu"
-    if backend == "tpu" and (chunk_size is None or chunk_size % 128 == 0):
-      return "pallas_tpu"
-    return "reference"
-  if implementation == "pallas":
-    if backend == "gpu":
-      if not tiles:
-        raise ValueError(f"the GPU SSD kernel needs head_dim and d_state powers of two >= 16, "
-                         f"got {head_dim} and {d_state}; use 'reference' or 'auto'")
-      return "pallas_gpu"
-    if backend == "tpu":
-      return "pallas_tpu"
-    raise ValueError(f"no Pallas SSD kernel for backend {backend!r}; use 'reference', or "
-                     "'interpret' to run the TPU kernel in interpret mode")
-  return implementation
+def ssd_route(implementation: str = "auto", interpret: bool = False, *, head_dim=None,
+              d_state=None, chunk_size=None) -> Route:
+  """What `ssd` runs for these dimensions on the target platform (ops.dispatch.choose)."""
+  return choose(KERNELS, implementation, interpret, head_dim=head_dim, d_state=d_state,
+                chunk_size=chunk_size)
 
 
 def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
-        return_final_state: bool = False, segment_ids=None, implementation: str = "auto"):
+        return_final_state: bool = False, segment_ids=None, implementation: str = "auto",
+        interpret: bool = False):
   """Chunked SSD scan, without the D skip connection.
 
-  `implementation` ('auto', 'reference', 'pallas', 'interpret'; see resolve_implementation)
-  picks the XLA path below, the Pallas GPU (Triton) kernels or the Pallas TPU (Mosaic)
-  kernels, each with its own backward kernels.
+  `implementation` ('auto', 'xla', 'pallas') and `interpret` (ops/dispatch.py) pick the XLA
+  path below, the Pallas GPU (Triton) kernels or the Pallas TPU (Mosaic) kernels, each with
+  its own backward kernels.
 
   Args:
     x: [batch, seq, heads, head_dim] inputs (fp32 or bf16).
@@ -120,7 +96,8 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
     return _ssd_context_parallel(x, dt, A, B, C, chunk_size=chunk_size,
                                  initial_state=initial_state,
                                  return_final_state=return_final_state,
-                                 segment_ids=segment_ids, implementation=implementation)
+                                 segment_ids=segment_ids, implementation=implementation,
+                                 interpret=interpret)
   b, l, h, p = x.shape
   g, n = B.shape[-2:]
   if h % g:
@@ -128,21 +105,18 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
   if dt.shape != (b, l, h) or A.shape != (h,) or B.shape != C.shape or B.shape[:2] != (b, l):
     raise ValueError(f"ssd shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
                      f"B {B.shape}, C {C.shape}")
-  impl = resolve_implementation(implementation, head_dim=p, d_state=n, chunk_size=chunk_size)
-  if impl == "reference":
+  route = ssd_route(implementation, interpret, head_dim=p, d_state=n, chunk_size=chunk_size)
+  if route.implementation == "xla":
     return _ssd_xla(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state,
                     return_final_state=return_final_state, segment_ids=segment_ids)
   from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_tpu
-  if impl == "pallas_gpu":
+  if route.platform == "gpu":
     # The kernels tile by their own tuned chunk; the result does not depend on chunk_size.
-    kernel = functools.partial(ssd_gpu, block_sizes=BlockSizes.for_backend("gpu"))
+    kernel = functools.partial(ssd_gpu, block_sizes=BlockSizes.for_backend("gpu"),
+                               interpret=route.interpret)
   else:
-    if impl == "pallas_tpu" and chunk_size % 128:
-      raise ValueError(f"mamba.chunk_size={chunk_size}: the TPU SSD kernel needs a multiple "
-                       "of 128; fix: --config.mamba.chunk_size=128 (or 256), or the 'reference'"
-                       " kernel")
     kernel = functools.partial(ssd_tpu, block_sizes=BlockSizes(chunk=chunk_size),
-                               interpret=impl == "interpret")
+                               interpret=route.interpret)
   init = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
   call = lambda A, x, dt, B, C, init, seg: kernel(x, dt, A, B, C, init, seg)
@@ -151,7 +125,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
 
 
 def _ssd_context_parallel(x, dt, A, B, C, *, chunk_size, initial_state, return_final_state,
-                          segment_ids, implementation):
+                          segment_ids, implementation, interpret):
   """This device's shard of a sequence split over the sequence axis: the local SSD from a
   zero state, then the state that enters the shard (ops.context_parallel) carried through it:
   y_t += exp(sum_{r<=t} dt_r A) C_t . S_in, for the positions of the shard's first document.
@@ -161,7 +135,8 @@ def _ssd_context_parallel(x, dt, A, B, C, *, chunk_size, initial_state, return_f
   a document start inside passes on its own final state alone."""
   with sequence_parallel(None):
     y, local_final = ssd(x, dt, A, B, C, chunk_size=chunk_size, return_final_state=True,
-                         segment_ids=segment_ids, implementation=implementation)
+                         segment_ids=segment_ids, implementation=implementation,
+                         interpret=interpret)
   b, l, h = dt.shape
   g = B.shape[2]
   log_decay = jnp.cumsum(dt.astype(jnp.float32) * A.astype(jnp.float32), axis=1)  # [b, l, h]
@@ -184,7 +159,7 @@ def _ssd_context_parallel(x, dt, A, B, C, *, chunk_size, initial_state, return_f
 
 def _ssd_xla(x, dt, A, B, C, *, chunk_size: int = 256, initial_state=None,
              return_final_state: bool = False, segment_ids=None):
-  """The XLA chunked SSD (the `reference` implementation of `ssd`)."""
+  """The XLA chunked SSD (the 'xla' implementation of `ssd`)."""
   b, l, h, p = x.shape
   g, n = B.shape[-2:]
   cdt = x.dtype

@@ -6,7 +6,9 @@ names logical axes only; changing parallelism means editing rules, never model c
 """
 from taipan_jax.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
 from taipan_jax.sharding.rules import (Rules, constrain, logical_spec, param_logical_axes,
-                                       parse_rules, shard_count, tree_shardings, use_rules)
+                                       parse_rules, shard_count, tree_shardings, use_rules,
+                                       with_axes)
 
 __all__ = ["MESH_AXES", "Rules", "constrain", "logical_spec", "make_mesh", "mesh_shape",
-           "param_logical_axes", "parse_rules", "shard_count", "tree_shardings", "use_rules"]
+           "param_logical_axes", "parse_rules", "shard_count", "tree_shardings", "use_rules",
+           "with_axes"]

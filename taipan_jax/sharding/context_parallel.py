@@ -21,20 +21,9 @@ from taipan_jax.ops.context_parallel import sequence_parallel
 
 
 def split_refusal(model) -> str | None:
-  """Why `model`'s length cannot be split over devices as it stands (None: it can)."""
-  if "a" in getattr(model, "kinds", ()):
-    return ("context-parallel forward covers Mamba-2 and SAL layers; full attention "
-            "('a' in model.pattern) is not split; fix: evaluate it on one device")
-  for layer in getattr(model, "layers", ()):
-    if not hasattr(layer, "gate"):
-      continue
-    if not layer.deterministic:
-      return ("context-parallel forward needs deterministic selection; fix: call "
-              "model.eval() first")
-    if layer.inference_capacity is not None:
-      return ("sal.inference_capacity counts selections over each window, which context "
-              "parallelism does not carry across devices; fix: leave it unset")
-  return None
+  """Why `model`'s length cannot be split over devices as it stands (None: it can): the
+  first layer that refuses (models/layer.py)."""
+  return next(filter(None, (layer.split_refusal() for layer in model.layers)), None)
 
 
 def _check_model(model):

@@ -8,9 +8,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-# Batch rows split over data and fsdp (fsdp also splits parameters), tensor splits heads and
-# hidden widths, sequence splits the length (context parallelism).
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+from taipan_jax.config.axes import MESH_AXES
 
 
 class MeshError(ValueError):

@@ -1,5 +1,8 @@
-"""Logical axis names for every parameter and key activation, and the rules that map them
-onto mesh axes.
+"""The rules that map logical axis names onto mesh axes, and their use: the shardings of a
+state pytree and the constraints on activations.
+
+Parameters carry their logical axes from where models/ creates them (`with_axes`, nnx
+metadata, as MaxText and the Flax Gemma models do); activations name theirs at `constrain`.
 
 Rules are data: `sharding.rules` in the config, e.g.
   "batch=data+fsdp, vocab=tensor, embed=fsdp, heads=tensor, mlp=tensor, mamba_inner=tensor,
@@ -15,40 +18,15 @@ import math
 from typing import Mapping
 
 import jax
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from taipan_jax.sharding.mesh import MESH_AXES
+from taipan_jax.config.axes import LOGICAL_AXES, RulesError, parse_rules
 
 Rules = Mapping[str, tuple[str, ...]]
-
-LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "mlp", "mamba_in",
-                "mamba_inner", "mamba_conv", "mamba_heads", "conv_width", "norm", "gate_in",
-                "gate_out")
-
-
-class RulesError(ValueError):
-  """A rule that names an unknown logical or mesh axis (the message says which)."""
-
-
-def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
-  """'batch=data+fsdp, embed=fsdp, norm=' -> {'batch': ('data', 'fsdp'), 'embed': ('fsdp',),
-  'norm': ()}."""
-  rules = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    name, sep, axes = item.partition("=")
-    name = name.strip()
-    if not sep or name not in LOGICAL_AXES:
-      raise RulesError(f"config key sharding.rules: {item!r} is not 'logical=mesh[+mesh]' "
-                       f"with a logical axis of {LOGICAL_AXES}; fix: e.g. 'embed=fsdp'")
-    mesh_axes = tuple(a.strip() for a in axes.split("+") if a.strip())
-    bad = [a for a in mesh_axes if a not in MESH_AXES]
-    if bad:
-      raise RulesError(f"config key sharding.rules: {item!r} names mesh axes {bad}; fix: use "
-                       f"{MESH_AXES}")
-    if name in rules:
-      raise RulesError(f"config key sharding.rules: {name!r} has two rules; fix: keep one")
-    rules[name] = mesh_axes
-  return rules
+__all__ = ["AXES_METADATA", "LOGICAL_AXES", "Rules", "RulesError", "constrain", "logical_spec",
+           "param_logical_axes", "parse_rules", "shard_count", "tree_shardings", "use_rules",
+           "with_axes"]
 
 
 def shard_count(sharding: NamedSharding, dim: int | None = None) -> int:
@@ -76,68 +54,44 @@ def logical_spec(names, rules: Rules, mesh, shape=None) -> P:
   return P(*spec)
 
 
-# (module name, parameter name) -> logical axes; module None matches any module.
-_PARAM_AXES = {
-    ("embed", "embedding"): ("vocab", "embed"),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-    ("q_proj", "kernel"): ("embed", "heads"),
-    ("k_proj", "kernel"): ("embed", "heads"),
-    ("v_proj", "kernel"): ("embed", "heads"),
-    ("o_proj", "kernel"): ("heads", "embed"),
-    ("w1", "kernel"): ("embed", "mlp"),
-    ("w3", "kernel"): ("embed", "mlp"),
-    ("w2", "kernel"): ("mlp", "embed"),
-    # in_proj packs [z, x, B, C, dt] in one matrix: splitting its columns would cut across
-    # the parts, so it has an axis of its own (replicated by the default rules).
-    ("in_proj", "kernel"): ("embed", "mamba_in"),
-    ("out_proj", "kernel"): ("mamba_inner", "embed"),
-    (None, "conv_weight"): ("conv_width", "mamba_conv"),
-    (None, "conv_bias"): ("mamba_conv",),
-    (None, "A_log"): ("mamba_heads",),
-    (None, "D"): ("mamba_heads",),
-    (None, "dt_bias"): ("mamba_heads",),
-    ("hidden", "kernel"): ("gate_in", "gate_out"),
-    ("hidden", "bias"): ("gate_out",),
-    ("out", "kernel"): ("gate_in", "gate_out"),
-    ("out", "bias"): ("gate_out",),
-}
+# The nnx metadata key under which a parameter carries its logical axes (models/ sets it
+# where it creates the parameter: `with_axes`).
+AXES_METADATA = "logical_axes"
 
 
-def _keys(path) -> list[str]:
-  out = []
-  for p in path:
-    k = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-    if isinstance(k, str) and not k.startswith(".") and k != "value":
-      out.append(k)
-  return out
+def with_axes(*names: str | None) -> dict:
+  """The metadata of a parameter whose dimensions have these logical axes, for nnx.Param(...,
+  **with_axes(...)) or nnx.Linear's kernel_metadata / bias_metadata."""
+  return {AXES_METADATA: tuple(names)}
 
 
-def param_logical_axes(path, ndim: int) -> tuple[str | None, ...]:
-  """Logical axes of the parameter at `path` (a pytree key path of the model's nnx.State,
-  or of an optimizer state that mirrors it). Raises for a parameter no rule names."""
-  keys = _keys(path)
-  if len(keys) >= 2:
-    module, name = keys[-2], keys[-1]
-    if name == "weight":                 # RMSNorm scales: the Mamba gated norm is d_inner
-      axes = ("mamba_inner",) if module == "norm" and len(keys) >= 3 and \
-          keys[-3] == "mixer" else ("norm",)
-    else:
-      axes = _PARAM_AXES.get((module, name)) or _PARAM_AXES.get((None, name))
-    if axes is not None and len(axes) == ndim:
-      return axes
-  raise RulesError(f"parameter {'/'.join(keys)} (rank {ndim}) has no logical axes; fix: add "
-                   "it to taipan_jax/sharding/rules.py _PARAM_AXES")
+def param_logical_axes(variable, where: str = "") -> tuple[str | None, ...]:
+  """The logical axes a parameter (an nnx.Variable, or the same node of an optimizer state
+  that mirrors the parameters) was created with. Raises for one created without."""
+  axes = variable.get_metadata().get(AXES_METADATA)
+  ndim = len(jax.tree.leaves(variable)[0].shape)
+  if axes is None or len(axes) != ndim:
+    raise RulesError(f"parameter {where or type(variable).__name__} (rank {ndim}) has logical "
+                     f"axes {axes}; fix: pass with_axes(...) with {ndim} names where "
+                     "taipan_jax/models creates it")
+  return axes
 
 
 def tree_shardings(tree, mesh, rules: Rules):
-  """NamedShardings for a state pytree (params, optimizer state, step counters): scalars
-  replicated, every array by its parameter's logical axes."""
+  """NamedShardings for a state pytree (params, optimizer state, step counters): every
+  parameter by the logical axes it carries, scalars replicated."""
   def one(path, leaf):
-    if not getattr(leaf, "shape", ()):
-      return NamedSharding(mesh, P())
-    axes = param_logical_axes(path, len(leaf.shape))
-    return NamedSharding(mesh, logical_spec(axes, rules, mesh, leaf.shape))
-  return jax.tree_util.tree_map_with_path(one, tree)
+    if isinstance(leaf, nnx.Variable):
+      where = jax.tree_util.keystr(path)
+      axes = param_logical_axes(leaf, where)
+      return jax.tree.map(lambda a: NamedSharding(mesh, logical_spec(axes, rules, mesh, a.shape)),
+                          leaf)
+    if getattr(leaf, "shape", ()):
+      raise RulesError(f"array at {jax.tree_util.keystr(path)} {leaf.shape} is no parameter "
+                       "and has no logical axes; fix: keep arrays of the state in nnx.Params")
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(one, tree,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 _ACTIVE_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar(

@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import taipan_jax
-from taipan_jax.ops.attention import resolve_attention_implementation
-from taipan_jax.ops.ssd import resolve_implementation
+from taipan_jax.models.build import build_model
+from taipan_jax.ops.attention import attention_route
+from taipan_jax.ops.ssd import ssd_route
 from taipan_jax.sharding.topology import CHIPS, TopologyError, parse_topology, topology_devices
 from taipan_jax.training import flops, partition
 from taipan_jax.training.step import make_steps
@@ -46,7 +46,7 @@ def _batch(b: int, l: int) -> dict:
 
 
 def _build(cfg):
-  return lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=cfg.train.seed,
+  return lambda: build_model(cfg, rngs=nnx.Rngs(params=cfg.train.seed,
                                                            gumbel=cfg.train.seed + 1))
 
 
@@ -118,12 +118,11 @@ def _kernel_flops(cfg, mesh, step: str, tokens: int, seq_len: int) -> float:
   them): the SSD and the SAL's attention, x3 for a training step."""
   parts = flops.forward_flops_breakdown(cfg, seq_len)
   with jax.set_mesh(mesh):
-    ssd = resolve_implementation(cfg.mamba.kernel, head_dim=cfg.mamba.head_dim,
-                                 d_state=cfg.mamba.d_state,
-                                 chunk_size=cfg.mamba.chunk_size) == "pallas_tpu"
-    attention = resolve_attention_implementation(
+    ssd = ssd_route(cfg.mamba.kernel, head_dim=cfg.mamba.head_dim, d_state=cfg.mamba.d_state,
+                    chunk_size=cfg.mamba.chunk_size).platform == "tpu"
+    attention = attention_route(
         cfg.sal.kernel, head_dim=cfg.sal.head_dim, dtype=cfg.model.dtype,
-        seq_len=seq_len // mesh.shape.get("sequence", 1)) == "pallas_tpu"
+        seq_len=seq_len // mesh.shape.get("sequence", 1)).platform == "tpu"
   per_token = parts["ssd"] * ssd + parts["sal_attention"] * attention
   return per_token * tokens * (3.0 if step == "train" else 1.0) / mesh.size
 

@@ -1,6 +1,6 @@
 """Analytic FLOP counts of the LanguageModel and the peak rates to turn them into MFU.
 
-Conventions (SPEC section 9):
+Conventions (docs/spec.md section 9):
 - 2 FLOPs per multiply-add; only matrix products are counted (projections, the Mamba-2
   convolution taps, the SSD contractions, attention scores and values, the LM head).
   Norms, activations, softmax, RoPE, the gate's Gumbel noise and the residual adds are
@@ -10,17 +10,17 @@ Conventions (SPEC section 9):
 - Attention is counted over the keys each query is allowed to see under its causal mask:
   query i of a full attention layer sees i + 1 keys (mean (L + 1) / 2 over a sequence of
   L tokens, the MaxText causal convention), and query i of a SAL sees min(i + 1, window)
-  keys (mean w - w (w - 1) / (2 L) for L >= w, tending to SPEC section 9's 4 w d FLOPs per
+  keys (mean w - w (w - 1) / (2 L) for L >= w, tending to docs/spec.md section 9's 4 w d FLOPs per
   token as L grows). A SAL with window >= L therefore costs exactly what a full attention
   layer does. The SAL's attention is counted DENSE: every query, selected or not, because
   the current XLA path (`ops.selective_window_attention`) computes all query rows and zeroes
   the unselected ones afterwards. A kernel that computes only the selected rows would do
-  about capacity * that (SPEC section 9), so MFU from this count overstates such a kernel's
+  about capacity * that (docs/spec.md section 9), so MFU from this count overstates such a kernel's
   useful work.
 - What the XLA path executes is more than this count: it computes the masked-out half of
   the causal score block too (an L x L block for full attention and short SAL inputs,
   2 * max(window, 64) keys per query beyond that), and the SSD's intra-chunk block is a full
-  Q x Q square (counted here in full, as SPEC section 9 does and as Mamba-2 kernels compute
+  Q x Q square (counted here in full, as docs/spec.md section 9 does and as Mamba-2 kernels compute
   it). tests/test_training_flops.py compares these counts with XLA's own.
 - Training = 3 x forward: the backward pass costs twice the forward (one product for the
   input gradient and one for the weight gradient per forward product), the convention of

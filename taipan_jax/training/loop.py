@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import taipan_jax
+from taipan_jax.config import load_config
 from taipan_jax.data import pipeline
+from taipan_jax.models import build_model
 from taipan_jax.training import flops, partition, workdir as workdirs
 from taipan_jax.training.checkpoint import Checkpointer, restore_target
 from taipan_jax.training.metrics import MetricsWriter, format_eta
@@ -145,7 +146,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | None, *,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())
 
-  steps = make_steps(cfg, lambda: taipan_jax.build_model(
+  steps = make_steps(cfg, lambda: build_model(
       cfg, rngs=nnx.Rngs(params=t.seed, gumbel=t.seed + 1)))
   plan = _plan(cfg, steps)
   state = partition.init_state(steps, plan)
@@ -354,7 +355,7 @@ def evaluate_workdir(workdir: str, *, data_path: str | None = None,
   variant = "".join(f"_{k}={v}" for k, v in sorted(overrides.items()))
   if data_path:
     workdirs.check_readable(workdir)
-    task = taipan_jax.load_config(os.path.join(workdir, "config.json")).data.task
+    task = load_config(os.path.join(workdir, "config.json")).data.task
     if task != "text":
       raise TrainingError(
           f"eval --data={data_path!r}: {workdir!r} holds a model trained on the {task!r} task, "

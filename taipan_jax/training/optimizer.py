@@ -1,4 +1,4 @@
-"""The paper's optimizer recipe (SPEC section 7, decision j) as an optax chain."""
+"""The paper's optimizer recipe (docs/spec.md section 7, decision j) as an optax chain."""
 from __future__ import annotations
 
 import jax

@@ -112,7 +112,7 @@ def own(workdir: str) -> None:
   """Creates `workdir` if needed and marks it as a taipan workdir (after `check`)."""
   os.makedirs(workdir, exist_ok=True)
   if _marker(workdir) is None:
-    from taipan_jax import __version__
+    from taipan_jax.version import __version__
     _write_json(os.path.join(workdir, MARKER),
                 {"project": PROJECT, "format": FORMAT, "created": time.time(),
                  "taipan_jax": __version__})
@@ -246,15 +246,15 @@ def restore(workdir: str, overrides: dict | None = None,
   the model fields must match the checkpoint, which its restore checks). Nothing in the
   workdir is moved, deleted or written.
   """
-  import taipan_jax
   from flax import nnx
+  from taipan_jax.config import load_config
+  from taipan_jax.models import build_model
   from taipan_jax.training import partition
   from taipan_jax.training.checkpoint import Checkpointer, CheckpointError, restore_target
   from taipan_jax.training.step import make_steps
   check_readable(workdir)
-  cfg = taipan_jax.load_config(os.path.join(workdir, "config.json"), overrides)
-  steps = make_steps(cfg, lambda: taipan_jax.build_model(cfg, rngs=nnx.Rngs(params=0,
-                                                                            gumbel=1)))
+  cfg = load_config(os.path.join(workdir, "config.json"), overrides)
+  steps = make_steps(cfg, lambda: build_model(cfg, rngs=nnx.Rngs(params=0, gumbel=1)))
   try:
     plan = partition.make_plan(cfg, steps.abstract_state)
   except partition.PartitionError as e:
