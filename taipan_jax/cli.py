@@ -19,6 +19,9 @@ import sys
 
 from absl import flags, logging
 
+from taipan_jax.cli_usage import Command, UsageError, closest, command_help, overview, \
+    parse_command
+
 _CONFIG = flags.DEFINE_string(
     "config", "tiny", "Config file with get_config(), or a bundled config's name; override "
     "fields with --config.a.b=value (parsed by taipan_jax.config, typed by configs/base.py).")
@@ -76,10 +79,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' when the environment names a multi-process "
     "job (JAX_COORDINATOR_ADDRESS, SLURM, multi-host TPU).")
-
-
-class UsageError(ValueError):
-  pass
 
 
 def _fail(message: str) -> None:
@@ -312,14 +311,8 @@ def _compile(argv):
     sys.exit(1)
 
 
-class _Command:
-  def __init__(self, run, usage, summary, flag_names, examples, positional=()):
-    self.run, self.usage, self.summary = run, usage, summary
-    self.flags, self.examples, self.positional = flag_names, examples, positional
-
-
 _COMMANDS = {
-    "train": _Command(
+    "train": Command(
         _train, "taipan train --workdir=W [--config=C] [--config.a.b=v ...]",
         "train a model; resumes from W by itself",
         ("config", "workdir", "profile_steps", "distributed"),
@@ -329,35 +322,38 @@ _COMMANDS = {
          "--config.data.task=text --config.data.path='corpus/*.txt' "
          "--config.data.tokenizer=spm.model",
          "taipan train --workdir=/tmp/tiny --flagfile=overrides.flags"]),
-    "eval": _Command(
+    "eval": Command(
         _eval, "taipan eval --workdir=W [--data=PATH] [--long_context ...]",
         "evaluate the newest checkpoint (held-out data, a file, or one long document)",
         ("workdir", "data", "eval_batches", "long_context", "max_tokens", "segment_len",
          "first_bucket", "fresh_starts", "out", "distributed"),
         ["taipan eval --workdir=/tmp/tiny",
          "taipan eval --workdir=runs/190m --data='held_out/*.txt'",
-         "taipan eval --workdir=runs/190m --long_context --data=book.txt"]),
-    "generate": _Command(
+         "taipan eval --workdir=runs/190m --long_context --data=book.txt"],
+        config_fields=_EVAL_OVERRIDES),
+    "generate": Command(
         _generate, "taipan generate --workdir=W (--prompt=TEXT | --prompt_ids=1,2,3)",
         "stream generated text from the newest checkpoint",
         ("workdir", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k",
          "top_p", "seed"),
         ["taipan generate --workdir=runs/190m --prompt='Once upon a time'",
          "taipan generate --workdir=/tmp/tiny --prompt_ids=3,17,4 --max_new_tokens=8",
-         "taipan generate --workdir=runs/190m --prompt=hi --config.sal.kernel=xla"]),
-    "tokenizer": _Command(
+         "taipan generate --workdir=runs/190m --prompt=hi --config.sal.kernel=xla"],
+        config_fields=_READ_OVERRIDES),
+    "tokenizer": Command(
         _tokenizer, "taipan tokenizer train --input=PATH --output=PREFIX [--vocab_size=V]",
         "train a byte-fallback SentencePiece tokenizer",
         ("input", "output", "overwrite", "vocab_size", "model_type", "text_field"),
         ["taipan tokenizer train --input='corpus/**/*.txt' --vocab_size=8192 "
-         "--output=/tmp/spm"], positional=("train",)),
-    "convert": _Command(
+         "--output=/tmp/spm"], positional=("train",), config_fields=()),
+    "convert": Command(
         _convert, "taipan convert --hf_dir=D --workdir=W [--upcycle_sal_every=K]",
         "a Hugging Face / state-spaces Mamba-2 checkpoint as a workdir",
         ("hf_dir", "workdir", "upcycle_sal_every"),
         ["taipan convert --hf_dir=path/to/mamba2-130m --workdir=/tmp/m2",
-         "taipan convert --hf_dir=path/to/mamba2-130m --workdir=/tmp/t --upcycle_sal_every=6"]),
-    "compile": _Command(
+         "taipan convert --hf_dir=path/to/mamba2-130m --workdir=/tmp/t --upcycle_sal_every=6"],
+        config_fields=()),
+    "compile": Command(
         _compile, "taipan compile --topology=T [--config=C] [--step=train|eval|long_context]",
         "compile a step for a TPU slice on any machine; memory per chip, cost, fits or not",
         ("config", "topology", "chip_config", "num_slices", "step", "segment_len", "out"),
@@ -367,92 +363,10 @@ _COMMANDS = {
          "taipan compile --config=taipan_190m --topology=v5e:2x4 --step=long_context "
          "--segment_len=131072"]),
 }
-# absl's own flags every command takes.
-_COMMON = ("flagfile", "verbosity", "v")
-
-
-def _overview() -> str:
-  lines = ["usage: taipan <command> [--flags]   (also python -m taipan_jax.cli)", "",
-           "commands:"]
-  lines += [f"  {name:<10} {c.summary}" for name, c in _COMMANDS.items()]
-  lines += ["", "`taipan <command> --help` lists a command's flags with examples;",
-            "docs/cli.md has them all."]
-  return "\n".join(lines)
-
-
-def _command_help(name: str) -> str:
-  c = _COMMANDS[name]
-  lines = [f"usage: {c.usage}", "", c.summary + ".", "", "flags:"]
-  for flag in c.flags + ("verbosity",):
-    f = flags.FLAGS[flag]
-    default = "" if f.default in (None, "", []) else f" (default {f.default_as_str})"
-    lines.append(f"  --{flag}{default}" + (", -v" if flag == "verbosity" else ""))
-    lines.append(f"      {f.help}")
-  lines.append("  --flagfile=FILE")
-  lines.append("      read more flags (and --config. overrides) from FILE, one a line")
-  if name in ("train", "compile"):
-    lines.append("  --config.<section>.<field>=VALUE (or --config.<section>.<field> VALUE)")
-    lines.append("      override any field of configs/base.py")
-  elif name in ("eval", "generate"):
-    allowed = _EVAL_OVERRIDES if name == "eval" else _READ_OVERRIDES
-    lines.append(f"  --config.<field>=VALUE for {', '.join(allowed)}")
-  lines += ["", "examples:"] + [f"  {e}" for e in c.examples]
-  return "\n".join(lines)
-
-
-def _closest(word: str, choices) -> str | None:
-  import difflib
-  close = difflib.get_close_matches(word, list(choices), n=1)
-  return close[0] if close else None
-
-
-def _split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
-  """--config.a.b=v and --config.a.b v out of args; (overrides, the rest)."""
-  overrides, rest = [], []
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if arg.startswith("--config."):
-      if "=" not in arg and len(arg.split(None, 1)) == 2:    # a flagfile line "--config.k v"
-        arg = "=".join(arg.split(None, 1))
-      if "=" not in arg:
-        if i + 1 >= len(args) or args[i + 1].startswith("--"):
-          raise UsageError(f"{arg} has no value; fix: write {arg}=VALUE or {arg} VALUE")
-        arg = f"{arg}={args[i + 1]}"
-        i += 1
-      overrides.append(arg)
-    else:
-      rest.append(arg)
-    i += 1
-  return overrides, rest
-
-
 def _parse(name: str, prog: str, args: list[str]) -> list[str]:
-  """Parses a command's flags into absl's FLAGS; returns its positional arguments."""
-  command = _COMMANDS[name]
-  try:
-    args = flags.FLAGS.read_flags_from_files(args, force_gnu=False)   # --flagfile=F
-  except flags.Error as e:
-    raise UsageError(f"{' '.join(str(e).split())}; fix: check the --flagfile path") from None
-  _overrides[:], args = _split_overrides(args)
-  try:
-    positional = flags.FLAGS([prog] + args)[1:]
-  except flags.Error as e:
-    message = str(e).splitlines()[0].split(". Did you mean")[0]
-    unknown = message.split("'")[1] if message.startswith("Unknown command line flag") else ""
-    close = _closest(unknown, command.flags) if unknown else None
-    fix = f"did you mean --{close}?" if close else f"see `taipan {name} --help`"
-    raise UsageError(f"{message}; fix: {fix}") from None
-  for flag in flags.FLAGS:
-    if flags.FLAGS[flag].present and flag not in command.flags + _COMMON:
-      owners = [n for n, c in _COMMANDS.items() if flag in c.flags]
-      where = f"a flag of `taipan {' / '.join(owners)}`" if owners else "not a taipan flag"
-      raise UsageError(f"--{flag} is {where}, not of `taipan {name}`; fix: leave it out "
-                       f"(see `taipan {name} --help`)")
-  if positional != list(command.positional):
-    want = " ".join(command.positional) or "no words besides its flags"
-    raise UsageError(f"`taipan {name}` takes {want}, got {positional}; fix: usage: "
-                     f"{command.usage}")
+  """Parses a command's flags into absl's FLAGS and its overrides into _overrides; returns
+  its positional arguments."""
+  _overrides[:], positional = parse_command(_COMMANDS, name, prog, args)
   return positional
 
 
@@ -496,16 +410,16 @@ def main(argv=None):
   first = argv[1] if len(argv) > 1 else "help"
   if first in ("help", "-h", "--help", "-help", "--helpfull"):
     topic = argv[2] if len(argv) > 2 else None
-    print(_command_help(topic) if topic in _COMMANDS else _overview())
+    print(command_help(_COMMANDS, topic) if topic in _COMMANDS else overview(_COMMANDS))
     sys.exit(0)
   if first not in _COMMANDS:
-    close = _closest(first, _COMMANDS)
+    close = closest(first, _COMMANDS)
     _fail(f"unknown command {first!r}; fix: "
           + (f"did you mean `taipan {close}`? " if close else "")
           + f"(commands: {', '.join(_COMMANDS)}; `taipan --help`)")
   rest = argv[2:]
   if rest[:1] == ["help"] or any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
-    print(_command_help(first))
+    print(command_help(_COMMANDS, first))
     sys.exit(0)
   try:
     _parse(first, f"{argv[0]} {first}", rest)

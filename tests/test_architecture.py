@@ -31,7 +31,7 @@ LAYERS = (
     ("taipan_jax.sharding",),
     ("taipan_jax.models",),
     ("taipan_jax.training", "taipan_jax.inference", "taipan_jax.interop"),
-    ("taipan_jax", "taipan_jax.cli", "taipan_jax.train"),
+    ("taipan_jax", "taipan_jax.cli", "taipan_jax.cli_usage", "taipan_jax.train"),
 )
 
 
