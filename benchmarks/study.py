@@ -229,10 +229,13 @@ def main(argv=None) -> int:
   if args.child:
     return _child(args.child, args.root)
   groups = set(filter(None, args.only.split(",")))
-  # Seed by seed: a study stopped early still covers every cell once.
+  # Seed by seed, so a study stopped early still covers every cell once; within a seed the
+  # settings where something can be learned first, the far setting (nothing learned in
+  # seed 0) last.
+  order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3}
   todo = sorted((r for r in runs() if (not groups or r["group"] in groups)
                  and not os.path.exists(_result_path(args.root, r))),
-                key=lambda r: r["seed"])
+                key=lambda r: (r["seed"], r["setting"] == "L64_p8_far", order[r["group"]]))
   if not args.report:
     if any(r["group"] == "extrapolation" for r in todo):
       os.makedirs(args.root, exist_ok=True)

@@ -107,6 +107,15 @@ def tables(results: list[dict]) -> list[str]:
   return out
 
 
+def _save(fig, name: str) -> str:
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  path = os.path.join(IMAGES, name)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def plots(results: list[dict]) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -130,11 +139,44 @@ def plots(results: list[dict]) -> list[str]:
     ax.set_ylabel("held-out recall")
     ax.set_title("MQAR recall at matched parameters (small models, CPU)")
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    path = os.path.join(IMAGES, "study_recall.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, "study_recall.png"))
+  caps = sorted({float(r["arch"][len("taipan_c"):]) for r in results
+                  if r["group"] == "capacity"} | {study.BASE["sal.capacity"]})
+  ablation = [r for r in results if r["setting"] == study.ABLATION_SETTING
+              and r["group"] in ("recall", "capacity", "rope") and r["arch"].startswith("taipan")]
+  if any(r["group"] in ("capacity", "rope") for r in ablation):
+    def capacity_of(r):
+      return study.BASE["sal.capacity"] if r["arch"] in ("taipan", "taipan_rope") else \
+          float(r["arch"][len("taipan_c"):])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key, label, marker in (("recall", "recall", "o"), ("recall_sal_off", "recall, SAL off",
+                                                           "x")):
+      pts = [(capacity_of(r), r[key]) for r in ablation
+             if r["arch"] != "taipan_rope" and key in r]
+      if pts:
+        left.scatter(*zip(*pts), marker=marker, label=label)
+    sel = [(capacity_of(r), np.mean(r["eval_selected"])) for r in ablation
+           if r["arch"] != "taipan_rope" and r.get("eval_selected")]
+    if sel:
+      left.scatter(*zip(*sel), marker="s", label="selected at eval (cost)")
+    swa = [r["recall"] for r in results if r["group"] == "recall" and r["arch"] == "swa_hybrid"
+           and r["setting"] == study.ABLATION_SETTING]
+    if swa:       # every token selected, its mix weight starting at C = 0.15: the reference
+      left.axhline(np.mean(swa), color="gray", ls="--", label="SWA-only hybrid recall")
+    left.set_xscale("log")
+    left.set_xticks(caps, [str(c) for c in caps])
+    left.set_xlabel("budget C")
+    left.set_title(f"Capacity C ({study.ABLATION_SETTING})")
+    left.legend(fontsize=7)
+    for i, (arch, label) in enumerate((("taipan", "no PE"), ("taipan_rope", "RoPE"))):
+      vals = [r["recall"] for r in ablation if r["arch"] == arch]
+      if vals:
+        right.bar(i, np.mean(vals), yerr=np.ptp(vals) / 2, label=f"{label} ({len(vals)} seeds)")
+    right.set_xticks([0, 1], ["no PE", "RoPE"])
+    right.set_ylabel("held-out recall")
+    right.set_title("Positional encoding in the SAL (C = 0.15)")
+    right.legend(fontsize=7)
+    written.append(_save(fig, "study_ablations.png"))
   ext = [r for r in results if r["group"] == "extrapolation"]
   if ext:
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -152,11 +194,7 @@ def plots(results: list[dict]) -> list[str]:
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity by position, trained at 128 tokens")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(IMAGES, "study_extrapolation.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, "study_extrapolation.png"))
   return written
 
 
@@ -173,8 +211,13 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   doc = open(DOC).read() if os.path.exists(DOC) else f"# Study\n\n{BEGIN}\n{END}\n"
   head, rest = doc.split(BEGIN, 1)
   tail = rest.split(END, 1)[1]
-  done = f"{len(results)} of {len(runs)} runs finished."
-  doc = head + BEGIN + "\n\n" + done + "\n\n" + "\n".join(body) + "\n\n" + END + tail
+  seconds = sum(r["seconds"] for r in results)
+  done = (f"{len(results)} of {len(runs)} runs finished; their training and evaluation took "
+          f"{seconds / 3600:.1f} hours of run time together ({seconds / max(len(results), 1):.0f}"
+          f" s a run on average, two at a time on {os.cpu_count()} cores).")
+  figures = [f"![{os.path.basename(p)}](images/{os.path.basename(p)})" for p in images]
+  doc = (head + BEGIN + "\n\n" + done + "\n\n" + "\n".join(body) + "\n\n"
+         + "\n\n".join(figures) + "\n\n" + END + tail)
   with open(DOC, "w") as f:
     f.write(doc)
   print(f"{done} Wrote {results_path}, {DOC}" + "".join(f", {p}" for p in images))

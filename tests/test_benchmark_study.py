@@ -42,11 +42,12 @@ def test_every_run_is_named_once_and_its_config_loads():
 def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   runs = study.runs()
   rng = np.random.default_rng(0)
-  for r in runs[:20] + [r for r in runs if r["group"] == "extrapolation"][:2]:
+  ablations = [r for r in runs if r["group"] in ("capacity", "rope")][:2]
+  for r in runs[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations:
     path = tmp_path / r["id"]
     path.mkdir(parents=True)
     result = {**{k: r[k] for k in ("id", "group", "arch", "setting", "seed")},
-              "train_selected": [0.15, 0.14], "eval_selected": [0.15, 0.15]}
+              "train_selected": [0.15, 0.14], "eval_selected": [0.15, 0.15], "seconds": 450.0}
     if r["group"] == "extrapolation":
       result["by_position"] = [{"from": 0, "to": 128, "ppl": 9.0},
                                {"from": 128, "to": 256, "ppl": 8.5}]
@@ -57,6 +58,9 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   monkeypatch.setattr(study_report, "IMAGES", str(tmp_path / "images"))
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
-  assert "22 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "24 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "3.0 hours of run time together (450 s a run" in doc
+  for name in ("study_recall.png", "study_ablations.png", "study_extrapolation.png"):
+    assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
-  assert saved["runs_done"] == 22 and saved["runs_total"] == len(runs)
+  assert saved["runs_done"] == 24 and saved["runs_total"] == len(runs)
