@@ -9,8 +9,14 @@ class BlockSizes:
   """Tiling of the SSD kernels. The result does not depend on it beyond rounding.
 
   chunk: positions per step of the forward kernel (the SSD chunk Q).
-  chunk_bwd: positions per step of the backward kernels; the state entering every such
-    chunk is written to memory once, so it is kept >= d_state where registers allow.
+  chunk_bwd: positions per step of the backward's state passes; the state entering every
+    such chunk and its gradient are written to memory once, so it is kept >= d_state.
+  chunk_grad: positions per program of the GPU chunk-gradient kernel (None = chunk_bwd), a
+    divisor of chunk_bwd: [Q, Q] tiles live in registers there, so it reads the states at
+    chunk_bwd and carries them over the sub-chunks itself.
+  two_level: GPU forward and state passes chunk-parallel (per-chunk states, then a light
+    sequential pass over them) rather than one sequential program per (batch, head, head_dim
+    block); None = when batch * heads is too small to fill the GPU.
   block_p: head_dim rows of the state per program (GPU; None = all, split further only when
     batch * heads is too small to fill the GPU). Rows of the state never mix, so splitting
     head_dim only adds programs (and recomputes C B^T per split).
@@ -26,6 +32,8 @@ class BlockSizes:
   """
   chunk: int = 128
   chunk_bwd: int = 128
+  chunk_grad: int | None = None
+  two_level: bool | None = None
   block_p: int | None = None
   heads_per_program: int | None = None
   num_warps: int = 4
@@ -37,6 +45,10 @@ class BlockSizes:
       v = getattr(self, name)
       if v < 8 or v % 8:
         raise ValueError(f"BlockSizes.{name}={v} must be a positive multiple of 8")
+    if self.chunk_grad is not None and (self.chunk_grad < 8 or self.chunk_grad % 8
+                                        or self.chunk_bwd % self.chunk_grad):
+      raise ValueError(f"BlockSizes.chunk_grad={self.chunk_grad} must be a multiple of 8 "
+                       f"that divides chunk_bwd={self.chunk_bwd}")
 
   @classmethod
   def for_backend(cls, backend: str) -> "BlockSizes":
