@@ -23,8 +23,8 @@ class BlockSizes:
   heads_per_program: heads of a group per program of the backward's chunk kernel (GPU; None =
     all). It sums dB and dC over its heads in registers; fewer heads per program mean more
     programs and fp32 partial sums to add up after.
-  num_warps, num_stages, num_stages_bwd: Triton launch parameters (GPU; the last for the
-    three backward kernels).
+  num_warps, num_stages, num_warps_bwd, num_stages_bwd: Triton launch parameters (GPU; the
+    _bwd ones for the backward's kernels, num_warps_bwd None = num_warps).
 
   TPU: chunk 128 keeps the [Q, Q] decay matrix and the [Q, head_dim] / [Q, d_state] tiles in
   VMEM with double buffering at head_dim 64 and d_state 128, and fills the 128-wide MXU.
@@ -38,6 +38,7 @@ class BlockSizes:
   heads_per_program: int | None = None
   num_warps: int = 4
   num_stages: int = 2
+  num_warps_bwd: int | None = None
   num_stages_bwd: int = 2
 
   def __post_init__(self):

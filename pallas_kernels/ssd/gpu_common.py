@@ -118,8 +118,11 @@ def out_struct(shape, dtype):
 
 
 def compiler_params(block_sizes, backward=False):
-  stages = block_sizes.num_stages_bwd if backward else block_sizes.num_stages
-  return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=stages)
+  if backward:
+    return plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd or block_sizes.num_warps,
+                                num_stages=block_sizes.num_stages_bwd)
+  return plgpu.CompilerParams(num_warps=block_sizes.num_warps,
+                              num_stages=block_sizes.num_stages)
 
 
 def block_p(p, block_sizes, programs):

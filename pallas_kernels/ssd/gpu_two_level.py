@@ -94,7 +94,7 @@ def _chunk_output_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, states_ref
   plgpu.store(y_ref.at[bi, rows, hi, :], y.astype(y_ref.dtype), mask=valid[:, None])
 
 
-def _chunk_states(v, dt, A, k, segment_ids, *, chunk, block_sizes, interpret, grad):
+def _chunk_states(v, dt, A, k, segment_ids, *, chunk, block_sizes, interpret, grad, backward):
   """U_c (or V_c with grad) for every chunk: fp32 [b (widened), h, chunks, p, n]."""
   b, l, h, p = v.shape
   g, n = k.shape[2:]
@@ -103,12 +103,13 @@ def _chunk_states(v, dt, A, k, segment_ids, *, chunk, block_sizes, interpret, gr
                              grad=grad)
   return pl.pallas_call(
       kernel, grid=(b, h, nc), out_shape=out_struct((b, h, nc, p, n), F32),
-      compiler_params=compiler_params(block_sizes, True), interpret=interpret,
+      compiler_params=compiler_params(block_sizes, backward), interpret=interpret,
       name="ssd_chunk_state_grad" if grad else "ssd_chunk_state",
   )(A, *map(widen, (v, dt, k, segment_ids)))
 
 
-def _pass(dt, A, segment_ids, u, init, *, chunk, dtype, block_sizes, interpret, reverse):
+def _pass(dt, A, segment_ids, u, init, *, chunk, dtype, block_sizes, interpret, reverse,
+          backward):
   """(the state entering / gradient leaving every chunk [b, h, chunks, p, n] in dtype, the
   final state / initial state's gradient [b, h, p, n] fp32), batch widened."""
   b, l, h = dt.shape
@@ -117,7 +118,7 @@ def _pass(dt, A, segment_ids, u, init, *, chunk, dtype, block_sizes, interpret, 
   kernel = functools.partial(_passing_kernel, seq_len=l, chunk=chunk, block_p=bp,
                              reverse=reverse)
   return pl.pallas_call(
-      kernel, grid=(b, h, p // bp), compiler_params=compiler_params(block_sizes, True),
+      kernel, grid=(b, h, p // bp), compiler_params=compiler_params(block_sizes, backward),
       interpret=interpret,
       out_shape=[out_struct((b, h, pl.cdiv(l, chunk), p, n), dtype),
                  out_struct((b, h, p, n), F32)],
@@ -130,7 +131,7 @@ def forward(x, dt, A, B, C, initial_state, segment_ids, *, chunk, block_sizes, i
   """As gpu.ssd_forward_gpu: [y, final state], or [states] with emit_states."""
   b, l, h, p = x.shape
   g = B.shape[2]
-  common = dict(chunk=chunk, block_sizes=block_sizes, interpret=interpret)
+  common = dict(chunk=chunk, block_sizes=block_sizes, interpret=interpret, backward=emit_states)
   u = _chunk_states(x, dt, A, B, segment_ids, grad=False, **common)
   states, final = _pass(dt, A, segment_ids, u, initial_state, dtype=x.dtype, reverse=False,
                         **common)
@@ -148,7 +149,7 @@ def forward(x, dt, A, B, C, initial_state, segment_ids, *, chunk, block_sizes, i
 def state_grads(dt, A, C, segment_ids, dy, dfinal, *, chunk, block_sizes, interpret):
   """As gpu.ssd_state_grads_gpu: (G_c for every chunk, d initial_state)."""
   b = dt.shape[0]
-  common = dict(chunk=chunk, block_sizes=block_sizes, interpret=interpret)
+  common = dict(chunk=chunk, block_sizes=block_sizes, interpret=interpret, backward=True)
   v = _chunk_states(dy, dt, A, C, segment_ids, grad=True, **common)
   dstates, dinit = _pass(dt, A, segment_ids, v, dfinal, dtype=dy.dtype, reverse=True, **common)
   return dstates[:b], dinit[:b]
