@@ -5,6 +5,8 @@ On a CPU they run in Pallas interpret mode (small shapes, in CI); on a GPU
 GPU-only tests below run too. Gradients are compared for every input: x, dt, A, B, C and the
 initial state, through a loss that weights every output element and the final state.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,6 +153,29 @@ def test_two_level_state_passes_write_what_the_sequential_ones_write(rng, dtype)
     np.testing.assert_allclose(two, seq, rtol=tol, atol=tol * np.abs(seq).max(), err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("fields", [dict(), dict(chunk_bwd=128, chunk_grad=32, two_level=True,
+                                                 block_p=32, num_warps_bwd=8)],
+                         ids=["defaults", "sub_chunks_two_level"])
+def test_every_kernel_lowers_to_triton_for_cuda(dtype, fields):
+  """Forward and backward lowered for CUDA (on any host): each pallas_call becomes a Triton
+  module, so a construct Pallas Triton cannot lower fails here in CI, without a GPU."""
+  b, l, h, p, g, n = 2, 1000, 4, 64, 2, 128
+  S = jax.ShapeDtypeStruct
+  args = (S((b, l, h, p), dtype), S((b, l, h), jnp.float32), S((h,), jnp.float32),
+          S((b, l, g, n), dtype), S((b, l, g, n), dtype))
+  bs = dataclasses.replace(BlockSizes.for_backend("gpu"), **fields)
+
+  def loss(*a):
+    y, final = ssd_gpu(*a, block_sizes=bs)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
+
+  text = jax.jit(jax.value_and_grad(loss, argnums=range(5))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  kernels = 1 + 3 if not fields else 3 + 2 + 2 + 1    # forward + the backward's passes
+  assert text.count("__gpu$xla.gpu.triton") == kernels
+
+
 def test_rejects_a_chunk_grad_that_does_not_divide_chunk_bwd():
   with pytest.raises(ValueError, match="chunk_grad=48 must be a multiple of 8 that divides "
                      "chunk_bwd=128"):
@@ -158,9 +183,11 @@ def test_rejects_a_chunk_grad_that_does_not_divide_chunk_bwd():
 
 
 def test_two_level_is_taken_below_the_program_count():
-  assert gpu._two_level(BlockSizes(), gpu_two_level.TWO_LEVEL_BELOW - 1)
-  assert not gpu._two_level(BlockSizes(), gpu_two_level.TWO_LEVEL_BELOW)
-  assert not gpu._two_level(BlockSizes(two_level=False), 1)
+  auto = BlockSizes(two_level=None)
+  assert gpu._two_level(auto, gpu_two_level.TWO_LEVEL_BELOW - 1)
+  assert not gpu._two_level(auto, gpu_two_level.TWO_LEVEL_BELOW)
+  assert not gpu._two_level(BlockSizes(), 1)        # off unless asked for
+  assert gpu._two_level(BlockSizes(two_level=True), 10**6)
 
 
 def test_rejects_shapes_the_kernel_does_not_tile(rng):

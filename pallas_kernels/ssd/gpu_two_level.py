@@ -32,8 +32,9 @@ from pallas_kernels.ssd.gpu_common import (F32, block_p, chunk_rows, compiler_pa
                                            dot, grad_before, intra_mask, out_struct,
                                            state_after, widen)
 
-# batch * heads below which `BlockSizes.two_level=None` takes these kernels (one sequential
-# program per pair leaves most of the 132 SMs of an H100 idle below this).
+# batch * heads below which `BlockSizes.two_level=None` takes these kernels: one sequential
+# program per pair (head_dim split up to 4 ways) leaves SMs of a 132-SM H100 idle below about
+# this. Set from that count, not yet from a timing.
 TWO_LEVEL_BELOW = 96
 
 
