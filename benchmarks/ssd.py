@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_reference
+from pallas_kernels.ssd import ssd_gpu, ssd_reference
+from ssd_settings import parse_block_sizes
 from timing import median_ms
 from taipan_jax import ops
 
@@ -70,16 +71,6 @@ def make_inputs(shape, seed=0):
   C = jax.random.normal(k[4], (b, l, g, n), bf)
   dy = jax.random.normal(k[5], (b, l, h, p), bf)
   return x, dt, A, B, C, dy
-
-
-def parse_block_sizes(text: str) -> BlockSizes:
-  """BlockSizes.for_backend("gpu") with "field=value,..." over it (None, True, False, ints)."""
-  fields = {}
-  for item in filter(None, text.split(",")):
-    key, _, value = item.partition("=")
-    words = {"None": None, "True": True, "False": False}
-    fields[key] = words[value] if value in words else int(value)
-  return dataclasses.replace(BlockSizes.for_backend("gpu"), **fields)
 
 
 def jax_fns(impl, block_sizes):

@@ -15,7 +15,8 @@ S: [head_dim, d_state]. Rows of S never mix, so head_dim splits across programs 
                       before its own and the stored gradient back over those after it, and
                       then every gradient of its rows is local. The heads of a group run in a
                       loop inside the program so dB and dC sum over heads in registers, not
-                      through memory or atomics.
+                      through memory or atomics; the [Q, Q] gradient of C B^T is summed over
+                      the heads first and meets B and C once.
 With few (batch, head) pairs the sequential kernels leave SMs idle; gpu_two_level.py holds
 the chunk-parallel forward and state passes used then (BlockSizes.two_level).
 
@@ -121,7 +122,7 @@ def _chunk_grad_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, states_ref, 
   all_p = pl.ds(0, x_ref.shape[3])
 
   def head(k, acc):
-    db, dc = acc
+    db, dc, d_cb_sum = acc
     hi = gi * rep + si * heads + k
     a = a_ref[hi].astype(_F32)
     s_in = plgpu.load(states_ref.at[bi, hi, cs, :, :])                    # S before [p, n]
@@ -151,10 +152,9 @@ def _chunk_grad_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, states_ref, 
     d_cb = d_scores * lmat
     bg = dot(bm, g_out.astype(dtype), trans_b=True)                       # [Q, p]
     d_xdt = dot(scores, dy, trans_a=True) + to_end[:, None] * bg
-    d_cb_in = d_cb.astype(dtype)
     dy_s = dot(dy, s_in.astype(dtype))                                    # [Q, n]
-    dc += dot(d_cb_in, bm) + from_state[:, None] * dy_s
-    db += dot(d_cb_in, cm, trans_a=True) + to_end[:, None] * dot(xdt, g_out.astype(dtype))
+    dc += from_state[:, None] * dy_s
+    db += to_end[:, None] * dot(xdt, g_out.astype(dtype))
     # d/d cum: the intra-chunk decays, the incoming state's decay, the decays to the end.
     m = cb * d_cb
     v = to_end * jnp.sum(xdt32 * bg, axis=1)
@@ -168,11 +168,17 @@ def _chunk_grad_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, states_ref, 
                 mask=valid[:, None])
     plgpu.store(ddt_ref.at[bi, rows, hi], d_dt, mask=valid)
     plgpu.store(da_ref.at[bi, ci, hi], jnp.sum(d_logdecay * dt))
-    return db, dc
+    return db, dc, d_cb_sum + d_cb
 
   n = bm.shape[1]
   zeros = jnp.zeros((chunk, n), _F32)
-  db, dc = jax.lax.fori_loop(0, heads, head, (zeros, zeros))
+  db, dc, d_cb_sum = jax.lax.fori_loop(0, heads, head,
+                                       (zeros, zeros, jnp.zeros((chunk, chunk), _F32)))
+  # The heads of a group share B and C, so their [Q, Q] gradients of C B^T add up before
+  # the two products with B and C: two dots per program instead of two per head.
+  d_cb_sum = d_cb_sum.astype(dtype)
+  dc += dot(d_cb_sum, bm)
+  db += dot(d_cb_sum, cm, trans_a=True)
   plgpu.store(db_ref.at[si, bi, rows, gi, :], db, mask=valid[:, None])
   plgpu.store(dc_ref.at[si, bi, rows, gi, :], dc, mask=valid[:, None])
 
