@@ -157,6 +157,14 @@ def main():
                      ("chunk", "two_level", "num_warps", "num_stages"))
     print(f"best forward: {best['forward']['ms']:.3f} ms: {fields}")
     result["best_forward"] = {"ms": best["forward"]["ms"], "fields": fields}
+  if "best_forward" in result and "best_backward" in result:
+    # two_level is one field for the forward and the state passes: the backward's is kept.
+    fwd = _fields(BlockSizes(**{k: best["forward"][k] for k in ("chunk", "num_warps",
+                                                                "num_stages")}),
+                  ("chunk", "num_warps", "num_stages"))
+    print(f"ssd.py --block_sizes={fwd},{result['best_backward']['fields']}"
+          + ("" if best["forward"]["two_level"] == parts["states"]["two_level"] else
+             f"  (the forward alone was best with two_level={best['forward']['two_level']})"))
   name = jax.devices()[0].device_kind.lower().replace(" ", "_")
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"ssd_tune_{name}.json")
   with open(out, "w") as f:
