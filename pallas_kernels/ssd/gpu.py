@@ -133,13 +133,16 @@ def _chunk_grad_kernel(a_ref, x_ref, dt_ref, b_ref, c_ref, seg_ref, states_ref, 
       s_in = jax.lax.fori_loop(
           cs * ratio, ci, lambda j, s: state_after(
               s, j * chunk, x_ref, dt_ref, b_ref, seg_ref, bi, hi, gi, all_p, a, r, seq_len),
-          s_in.astype(_F32))
+          s_in.astype(_F32)).astype(s_in.dtype)
       end = jnp.minimum((cs + 1) * ratio, pl.cdiv(seq_len, chunk)) - 1    # last sub-chunk
       g_out = jax.lax.fori_loop(
           0, end - ci, lambda j, gr: grad_before(
               gr, (end - j) * chunk, dy_ref, dt_ref, c_ref, seg_ref, bi, hi, gi, all_p, a, r,
               seq_len),
-          g_out.astype(_F32))
+          g_out.astype(_F32)).astype(g_out.dtype)
+      # Back in the stored dtype, as the states read at ratio 1: two fp32 [p, n] tiles left
+      # live through the products below spill registers (ptxas, sm_90, bf16: 1352 bytes of
+      # stack at 4 warps before this cast).
     dt = plgpu.load(dt_ref.at[bi, rows, hi], mask=valid, other=0.0).astype(_F32)
     x = plgpu.load(x_ref.at[bi, rows, hi, :], mask=valid[:, None], other=0.0)
     dy = plgpu.load(dy_ref.at[bi, rows, hi, :], mask=valid[:, None], other=0.0)
