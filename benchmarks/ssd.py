@@ -13,6 +13,10 @@ sequential reference (pallas_kernels.ssd.ssd_reference) on the same inputs.
 
     python benchmarks/ssd.py                      # the three shapes below
     python benchmarks/ssd.py --shapes=first --reps=5
+    python benchmarks/ssd.py --baseline=chunk_bwd=32,chunk_grad=None   # and a second setting
+`--block_sizes` and `--baseline` are BlockSizes fields over the defaults
+(BlockSizes.for_backend("gpu")); with --baseline the kernels also run at that setting, as
+the row pallas_baseline, in the same process.
 Shapes (batch, seq, heads, head_dim, groups, d_state):
   first   8 x 4096,  24 x 64, 1 x 128  (Taipan 190M's layer at the issue's batch)
   long    2 x 16384, 24 x 64, 1 x 128
@@ -33,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_reference
+from pallas_kernels.ssd import ssd_gpu, ssd_reference
+from ssd_settings import parse_block_sizes
 from timing import median_ms
 from taipan_jax import ops
 
@@ -69,7 +74,7 @@ def make_inputs(shape, seed=0):
 
 
 def jax_fns(impl, block_sizes):
-  if impl == "pallas":
+  if impl.startswith("pallas"):
     forward = lambda x, dt, A, B, C: ssd_gpu(x, dt, A, B, C, block_sizes=block_sizes)[0]
   else:
     forward = lambda x, dt, A, B, C: ops.ssd(x, dt, A, B, C, chunk_size=256,
@@ -158,15 +163,23 @@ def main():
   parser.add_argument("--shapes", default="first,long,1.3b")
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--block_sizes", default="", help="BlockSizes fields over the defaults")
+  parser.add_argument("--baseline", default=None,
+                      help="BlockSizes fields of a second pallas row, pallas_baseline")
   args = parser.parse_args()
   device = jax.devices()[0]
   if device.platform != "gpu":
     raise SystemExit(f"benchmarks/ssd.py times GPU kernels; this backend is {device.platform!r}")
-  block_sizes = BlockSizes.for_backend("gpu")
+  block_sizes = parse_block_sizes(args.block_sizes)
+  settings = {"pallas": block_sizes, "xla": block_sizes}
+  if args.baseline is not None:
+    settings["pallas_baseline"] = parse_block_sizes(args.baseline)
   peers, torch = torch_peers()
   results = {"device": device.device_kind, "jax": jax.__version__,
              "python": platform.python_version(),
              "block_sizes": dataclasses.asdict(block_sizes),
+             "baseline_block_sizes": (dataclasses.asdict(settings["pallas_baseline"])
+                                      if args.baseline is not None else None),
              "versions": {name: v for name, (_, v) in peers.items()}, "rows": []}
   if torch is not None:
     import triton
@@ -177,8 +190,8 @@ def main():
     y_ref = reference(inputs)
     scale = float(jnp.sqrt(jnp.mean(y_ref ** 2)))
     rows = []
-    for impl in ("pallas", "xla"):
-      y, fwd_s, fb_s = bench_jax(impl, inputs, args.reps, block_sizes)
+    for impl, bs in settings.items():
+      y, fwd_s, fb_s = bench_jax(impl, inputs, args.reps, bs)
       rows.append((impl, fwd_s, fb_s, y))
       print(f"  {shape_name} {impl}: {fwd_s * 1e3:.3f} / {fb_s * 1e3:.3f} ms", flush=True)
     for name, (fn, _) in peers.items():

@@ -30,12 +30,17 @@ time of that mode is reported with it). Tokens/s and MFU are for the default mod
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python benchmarks/train_profile.py \
         --configs=taipan_190m,mamba2_190m:512,transformer_190m:512 --stem=train_profile_kernels
     python benchmarks/train_profile.py --configs=tiny --batch_size=2 --seq_len=64 --iters=2
+    python benchmarks/train_profile.py --configs=taipan_190m:512 \
+        --ssd_block_sizes=chunk_bwd=128,chunk_grad=32 --stem=train_profile_ssd_sub
+`--ssd_block_sizes` sets the GPU SSD kernels' BlockSizes fields over their defaults for the
+whole run (benchmarks/ssd_settings.py), so two runs on one machine compare two settings.
 Writes benchmarks/results/train_profile_<device>.json: the table, and per config the 60
 costliest HLO instructions with their metadata (re-categorise offline with `categorise`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import glob
 import os
@@ -53,6 +58,7 @@ import taipan_jax
 from taipan_jax.training.flops import peak_flops_per_second, train_flops_per_token
 from taipan_jax.training.step import make_steps
 from report import result_path, write_result
+from ssd_settings import parse_block_sizes, use_on_gpu
 
 PARTS = ("ssd", "attention", "head+loss", "matmuls", "optimizer", "other")
 _METADATA = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
@@ -207,12 +213,17 @@ def main():
   parser.add_argument("--trace_steps", type=int, default=3)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--stem", default="train_profile")
+  parser.add_argument("--ssd_block_sizes", default="",
+                      help="GPU SSD BlockSizes fields over the defaults, e.g. chunk_bwd=128")
   args = parser.parse_args()
   scoped_ops()
+  ssd_block_sizes = parse_block_sizes(args.ssd_block_sizes)
+  use_on_gpu(ssd_block_sizes)
   device = jax.devices()[0]
   record = {"benchmark": "train_profile", "device": device.device_kind, "jax": jax.__version__,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
-            "data": "random tokens", "runs": []}
+            "data": "random tokens", "ssd_block_sizes": dataclasses.asdict(ssd_block_sizes),
+            "runs": []}
   runs = []
   for entry in args.configs.split(","):      # "name" (every --ce_chunks) or "name:chunk"
     name, _, chunk = entry.partition(":")

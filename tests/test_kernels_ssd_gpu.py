@@ -5,13 +5,15 @@ On a CPU they run in Pallas interpret mode (small shapes, in CI); on a GPU
 GPU-only tests below run too. Gradients are compared for every input: x, dt, A, B, C and the
 initial state, through a loss that weights every output element and the final state.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kernel_inputs import ssd_inputs, ssd_segments
-from pallas_kernels.ssd import BlockSizes, ssd_gpu, ssd_reference
+from pallas_kernels.ssd import BlockSizes, gpu, gpu_two_level, ssd_gpu, ssd_reference
 
 ON_GPU = jax.default_backend() == "gpu"
 NEEDS_GPU = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a CUDA GPU: "
@@ -49,13 +51,16 @@ def _reference(x, dt, A, B, C, init, seg):
   return ssd_reference(f32(x), dt, A, f32(B), f32(C), initial_state=init, segment_ids=seg)
 
 
-def _compare(rng, shape, dtype, packed, rtol):
-  b, l, h, p, g, n, q, bp, hpp = shape
+def _compare(rng, shape, dtype, packed, rtol, block_sizes=None):
+  b, l, h, p, g, n = shape[:6]
+  if block_sizes is None:
+    q, bp, hpp = shape[6:]
+    block_sizes = BlockSizes(chunk=q, chunk_bwd=q, block_p=bp, heads_per_program=hpp)
   args = ssd_inputs(rng, b, l, h, p, g, n, dtype)
   seg = ssd_segments(rng, b, l, first_id=7) if packed else None
   wy = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
   ws = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
-  kernel = _kernel(BlockSizes(chunk=q, chunk_bwd=q, block_p=bp, heads_per_program=hpp))
+  kernel = _kernel(block_sizes)
   (y, final), (y_ref, final_ref) = kernel(*args, seg), _reference(*args, seg)
   errors = {"y": _rel(y, y_ref), "final": _rel(final, final_ref)}
   # Compiled: eager op-by-op dispatch is slow on the CPU.
@@ -89,6 +94,100 @@ def test_bf16_forward_and_gradients_within_bf16_error(rng, shape):
   # bf16 inputs (matmuls in bf16, fp32 accumulation) against the fp32 recurrence on the same
   # rounded inputs: a few bf16 ulps of the largest value.
   _compare(rng, shape, jnp.bfloat16, True, rtol=3e-2)
+
+
+# The chunk-gradient kernel in sub-chunks of the stored states' chunk, and the two-level
+# (chunk-parallel) forward and state passes: (batch, seq, heads, head_dim, groups, d_state)
+# and the BlockSizes fields that select them.
+SUB_CHUNK_AND_TWO_LEVEL = [
+    ((1, 40, 2, 16, 1, 16), dict(chunk=16, chunk_bwd=32, chunk_grad=16)),  # last chunk: 1 sub
+    ((2, 77, 4, 16, 2, 32), dict(chunk=16, chunk_bwd=64, chunk_grad=16, heads_per_program=1)),
+    ((1, 50, 3, 32, 3, 16), dict(chunk=16, chunk_bwd=32, chunk_grad=8, two_level=True,
+                                 block_p=16)),
+    ((2, 37, 4, 16, 2, 32), dict(chunk=16, chunk_bwd=16, two_level=True)),
+    ((1, 8, 2, 16, 1, 16), dict(chunk=16, chunk_bwd=32, chunk_grad=16, two_level=True)),  # 1 row
+]
+SUB_CHUNK_AND_TWO_LEVEL_GPU = SUB_CHUNK_AND_TWO_LEVEL + [
+    ((2, 1000, 8, 64, 2, 128), dict(chunk=64, chunk_bwd=128, chunk_grad=32, two_level=True)),
+    ((1, 1500, 24, 64, 1, 128), dict(chunk=128, chunk_bwd=128, chunk_grad=32)),
+]
+
+
+@pytest.mark.parametrize("case", SUB_CHUNK_AND_TWO_LEVEL_GPU if ON_GPU else SUB_CHUNK_AND_TWO_LEVEL,
+                         ids=lambda c: "x".join(map(str, c[0])) + "-" + "-".join(
+                             f"{k}{v}" for k, v in c[1].items()))
+def test_sub_chunks_and_two_level_match_reference(rng, case):
+  shape, fields = case
+  _compare(rng, shape, jnp.float32, packed=shape[1] > 8, rtol=2e-5,
+           block_sizes=BlockSizes(**fields))
+
+
+def test_sub_chunks_and_two_level_bf16_within_bf16_error(rng):
+  fields = dict(chunk=16, chunk_bwd=64, chunk_grad=16, two_level=True)
+  _compare(rng, (2, 150, 4, 32, 2, 32), jnp.bfloat16, True, 3e-2, BlockSizes(**fields))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_two_level_state_passes_write_what_the_sequential_ones_write(rng, dtype):
+  """Every element of the stored states and state gradients, two-level against sequential.
+
+  In interpret mode Pallas fills outputs with NaN before the kernel runs, so an element no
+  program writes shows as NaN here (and is not equal to anything)."""
+  b, l, h, p, g, n, q = 2, 45, 3, 16, 1, 16, 16
+  x, dt, A, B, C, init = ssd_inputs(rng, b, l, h, p, g, n, dtype)
+  seg = ssd_segments(rng, b, l)
+  dy = jnp.asarray(rng.standard_normal((b, l, h, p)), dtype)
+  passes = {}
+  for two_level in (False, True):
+    bs = BlockSizes(chunk=q, chunk_bwd=q, two_level=two_level, block_p=None)
+    (states,) = gpu.ssd_forward_gpu(x, dt, A, B, C, init, seg, block_sizes=bs,
+                                    interpret=not ON_GPU, emit_states=True)
+    y, final = gpu.ssd_forward_gpu(x, dt, A, B, C, init, seg, block_sizes=bs,
+                                   interpret=not ON_GPU)
+    dstates, dinit = gpu.ssd_state_grads_gpu(dt, A, C, seg, dy, init, head_dim=p,
+                                             block_sizes=bs, interpret=not ON_GPU)
+    passes[two_level] = [np.asarray(t, np.float32) for t in (states, y, final, dstates, dinit)]
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for name, seq, two in zip(("states", "y", "final", "dstates", "dinit"), *passes.values()):
+    assert np.isfinite(two).all(), f"{name}: elements left unwritten"
+    np.testing.assert_allclose(two, seq, rtol=tol, atol=tol * np.abs(seq).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("fields", [dict(), dict(chunk_bwd=128, chunk_grad=32, two_level=True,
+                                                 block_p=32, num_warps_bwd=8)],
+                         ids=["defaults", "sub_chunks_two_level"])
+def test_every_kernel_lowers_to_triton_for_cuda(dtype, fields):
+  """Forward and backward lowered for CUDA (on any host): each pallas_call becomes a Triton
+  module, so a construct Pallas Triton cannot lower fails here in CI, without a GPU."""
+  b, l, h, p, g, n = 2, 1000, 4, 64, 2, 128
+  S = jax.ShapeDtypeStruct
+  args = (S((b, l, h, p), dtype), S((b, l, h), jnp.float32), S((h,), jnp.float32),
+          S((b, l, g, n), dtype), S((b, l, g, n), dtype))
+  bs = dataclasses.replace(BlockSizes.for_backend("gpu"), **fields)
+
+  def loss(*a):
+    y, final = ssd_gpu(*a, block_sizes=bs)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
+
+  text = jax.jit(jax.value_and_grad(loss, argnums=range(5))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  kernels = 1 + 3 if not fields else 3 + 2 + 2 + 1    # forward + the backward's passes
+  assert text.count("__gpu$xla.gpu.triton") == kernels
+
+
+def test_rejects_a_chunk_grad_that_does_not_divide_chunk_bwd():
+  with pytest.raises(ValueError, match="chunk_grad=48 must be a multiple of 8 that divides "
+                     "chunk_bwd=128"):
+    BlockSizes(chunk_bwd=128, chunk_grad=48)
+
+
+def test_two_level_is_taken_below_the_program_count():
+  auto = BlockSizes(two_level=None)
+  assert gpu._two_level(auto, gpu_two_level.TWO_LEVEL_BELOW - 1)
+  assert not gpu._two_level(auto, gpu_two_level.TWO_LEVEL_BELOW)
+  assert not gpu._two_level(BlockSizes(), 1)        # off unless asked for
+  assert gpu._two_level(BlockSizes(two_level=True), 10**6)
 
 
 def test_rejects_shapes_the_kernel_does_not_tile(rng):
