@@ -75,6 +75,27 @@ def cache_after(model, context: int, room: int, key, batch: int = 1) -> tuple:
   return tuple(caches)
 
 
+def greedy_decoder(model, steps: int, donate_cache: bool = False):
+  """(state, decode): decode(state, cache, token [batch]) runs `steps` greedy decode steps in
+  one jitted scan and returns the last token, and with donate_cache=True also the updated
+  cache, which then takes the donated one's memory (the cache is held once). The weights are
+  prepared once, as Generator does: cast and laid out for decode."""
+  graphdef, state = split_for_decode(model)
+
+  def decode(state, cache, token):
+    m = nnx.merge(graphdef, state)
+
+    def step(carry, _):
+      cache, token = carry
+      logits, cache = m.step(token, cache)
+      return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), None
+
+    (cache, token), _ = jax.lax.scan(step, (cache, token), None, length=steps)
+    return (token, cache) if donate_cache else token
+
+  return state, jax.jit(decode, donate_argnums=(1,) if donate_cache else ())
+
+
 def decode_sweep(name, contexts, args, record, path):
   """Times every context for one model; stops at the first that runs out of memory."""
   # The model's own max_cache_len only sizes init_cache; the timed caches are made here.
@@ -85,20 +106,7 @@ def decode_sweep(name, contexts, args, record, path):
   cfg = taipan_jax.load_config(config, overrides)
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
   model.eval()
-  # Prepared once, as Generator does: the timed calls read weights cast and laid out for decode.
-  graphdef, state = split_for_decode(model)
-
-  @jax.jit
-  def decode(state, cache, token):
-    m = nnx.merge(graphdef, state)
-
-    def step(carry, _):
-      cache, token = carry
-      logits, cache = m.step(token, cache)
-      return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), None
-
-    (cache, token), _ = jax.lax.scan(step, (cache, token), None, length=args.steps)
-    return token
+  state, decode = greedy_decoder(model, args.steps)
 
   token = jnp.zeros((1,), jnp.int32)
   for context in contexts:

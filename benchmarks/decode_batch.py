@@ -22,7 +22,6 @@ each anchor.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 
@@ -32,8 +31,7 @@ import numpy as np
 from flax import nnx
 
 import taipan_jax
-from taipan_jax.inference.weights import split_for_decode
-from decode import cache_after
+from decode import cache_after, greedy_decoder
 from report import result_path, write_result
 from timing import median_ms
 
@@ -74,20 +72,8 @@ def sweep(name, batches, contexts, args, record):
   model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
   fractions = set_selection_rate(model, args.select_rate)
   model.eval()
-  graphdef, state = split_for_decode(model)
-
   # The cache is donated and the updated one passed back, so memory holds it once.
-  @functools.partial(jax.jit, donate_argnums=1)
-  def decode(state, cache, token):
-    m = nnx.merge(graphdef, state)
-
-    def step(carry, _):
-      cache, token = carry
-      logits, cache = m.step(token, cache)
-      return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), None
-
-    (cache, token), _ = jax.lax.scan(step, (cache, token), None, length=args.steps)
-    return token, cache
+  state, decode = greedy_decoder(model, args.steps, donate_cache=True)
 
   for batch in batches:
     token = jnp.zeros((batch,), jnp.int32)
