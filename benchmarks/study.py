@@ -7,6 +7,8 @@ writes what came out:
     python benchmarks/study.py                 # every run not yet done, then the report
     python benchmarks/study.py --jobs=2        # two runs at a time (a 2-core machine)
     python benchmarks/study.py --only=recall   # one group: recall, rope, capacity, extrapolation
+    python benchmarks/study.py --seeds=2       # one seed's runs of every default group
+    python benchmarks/study.py --only=budget   # the step-budget probe (not run by default)
     python benchmarks/study.py --report        # only rebuild the JSON, the plots and the tables
 
 Resumable: each run's workdir under --root holds `study_result.json` once it is finished, and
@@ -23,6 +25,8 @@ Groups (docs/study.md has the account):
                  selected fraction at evaluation as its measured cost.
   extrapolation  trained on 128-token rows of the Python standard library, perplexity by
                  position out to 64 x the training length on held-out files (paper Fig. 1a).
+  budget         (only when named) L64_p8 at 3000 steps instead of 1000 for the models with
+                 attention, one seed: whether the attention baselines learn given more steps.
 """
 from __future__ import annotations
 
@@ -69,6 +73,14 @@ RECALL = {
     "L64_p8_far": {"data.seq_len": 64, "data.num_kv_pairs": 8, "data.num_queries": 0,
                    "sal.window": 8, "train.steps": 1000},
 }
+# The step-budget probe (not in the default run: `--only=budget`): the L64_p8 setting at 3x
+# the steps, seed 1 (the seed in which the SWA-only hybrid did not learn at 1000 steps), for
+# the models with attention. Does a longer schedule make the attention baselines learn, and
+# does Taipan's SAL then carry recall?
+BUDGET = {"L64_p8_3k": {**RECALL["L64_p8"], "train.steps": 3000}}
+BUDGET_ARCHS = ("swa_hybrid", "taipan", "transformer", "jamba")
+BUDGET_SEEDS = (1,)
+DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
 ABLATION_SETTING = "L64_p8"
 TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
@@ -107,6 +119,11 @@ def runs() -> list[dict]:
       out.append({"group": "extrapolation", "arch": arch, "setting": "stdlib", "seed": seed,
                   "overrides": {**BASE, **model, **TEXT, "train.seed": seed,
                                 "data.path": os.path.join(stdlib(), "*.py")}})
+  for setting, data in BUDGET.items():
+    for arch in BUDGET_ARCHS:
+      for seed in BUDGET_SEEDS:
+        out.append({"group": "budget", "arch": arch, "setting": setting, "seed": seed,
+                    "overrides": {**BASE, **ARCHS[arch], **data, "train.seed": seed}})
   for r in out:
     r["id"] = f"{r['group']}/{r['setting']}/{r['arch']}/seed{r['seed']}"
   return out
@@ -222,18 +239,30 @@ def main(argv=None) -> int:
   parser.add_argument("--root", default=os.path.join(ROOT, "runs", "study"),
                       help="where the runs' workdirs go")
   parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-  parser.add_argument("--only", default="", help="comma-separated groups to run")
+  parser.add_argument("--only", default="",
+                      help="comma-separated groups to run (default: "
+                           + ", ".join(DEFAULT_GROUPS) + "; 'budget' runs only when named)")
+  parser.add_argument("--seeds", default="", help="comma-separated seeds to run (default: all)")
   parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     return _child(args.child, args.root)
-  groups = set(filter(None, args.only.split(",")))
+  groups = set(filter(None, args.only.split(","))) or set(DEFAULT_GROUPS)
+  known = set(DEFAULT_GROUPS) | {"budget"}
+  if groups - known:
+    parser.error(f"--only={args.only!r}: unknown group(s) {sorted(groups - known)}; "
+                 f"choose from {sorted(known)}")
+  try:
+    seeds = {int(x) for x in args.seeds.split(",") if x}
+  except ValueError:
+    parser.error(f"--seeds={args.seeds!r}: give comma-separated integers, e.g. --seeds=0,1")
   # Seed by seed, so a study stopped early still covers every cell once; within a seed the
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
-  order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3}
-  todo = sorted((r for r in runs() if (not groups or r["group"] in groups)
+  order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4}
+  todo = sorted((r for r in runs() if r["group"] in groups
+                 and (not seeds or r["seed"] in seeds)
                  and not os.path.exists(_result_path(args.root, r))),
                 key=lambda r: (r["seed"], r["setting"] == "L64_p8_far", order[r["group"]]))
   if not args.report:

@@ -95,6 +95,7 @@ def tables(results: list[dict]) -> list[str]:
   out += ["", f"### Capacity C on {study.ABLATION_SETTING}: recall and its cost", ""]
   out += _markdown_table({k: cap[k] for k in keys}, keys, ["recall", "selected at eval"],
                          "C")
+  out += _budget_table(results, recall, off)
   ext = defaultdict(lambda: defaultdict(list))
   for r in results:
     if r["group"] == "extrapolation":
@@ -105,6 +106,37 @@ def tables(results: list[dict]) -> list[str]:
           f"{study.TEXT['data.seq_len']}-token rows)", ""]
   out += _markdown_table(ext, buckets, archs, "model") if buckets else ["No run finished yet."]
   return out
+
+
+def _budget_table(results, recall, off) -> list[str]:
+  """The step-budget probe beside the same seeds' runs at the default budget."""
+  import study
+  budget = _grouped(results, "budget", "recall")
+  budget_off = _grouped(results, "budget", "recall_sal_off")
+  if not budget:
+    return []
+  base = study.ABLATION_SETTING
+  seeds = set(study.BUDGET_SEEDS)
+  steps = study.RECALL[base]["train.steps"]
+  table = defaultdict(lambda: defaultdict(list))
+  for r in results:
+    if r["group"] == "recall" and r["setting"] == base and r["seed"] in seeds:
+      table[f"{steps} steps"][r["arch"]].append(r["recall"])
+      if "recall_sal_off" in r:
+        table[f"{steps} steps"][r["arch"] + ", SAL off"].append(r["recall_sal_off"])
+  columns = [f"{steps} steps"]
+  for setting, data in study.BUDGET.items():
+    col = f"{data['train.steps']} steps"
+    columns.append(col)
+    for arch, v in budget[setting].items():
+      table[col][arch] = v
+    for arch, v in budget_off[setting].items():
+      table[col][arch + ", SAL off"] = v
+  archs = [a for arch in study.BUDGET_ARCHS for a in (arch, arch + ", SAL off")
+           if any(table[c][a] for c in columns)]
+  return (["", f"### Step budget probe: {base}, seed(s) "
+           f"{', '.join(map(str, sorted(seeds)))}, recall at {steps} and more steps", ""]
+          + _markdown_table(table, columns, archs, "model"))
 
 
 def _save(fig, name: str) -> str:

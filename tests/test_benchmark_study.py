@@ -34,7 +34,15 @@ def test_every_run_is_named_once_and_its_config_loads():
     cfg = taipan_jax.load_config("tiny", overrides)
     assert cfg.train.seed == r["seed"]
   groups = {r["group"] for r in runs}
-  assert groups == {"recall", "rope", "capacity", "extrapolation"}
+  assert groups == set(study.DEFAULT_GROUPS) | {"budget"}
+  budget = [r for r in runs if r["group"] == "budget"]
+  assert {r["arch"] for r in budget} == set(study.BUDGET_ARCHS)
+  for r in budget:   # the probe differs from its recall run only in the step count
+    same = next(x for x in runs if x["group"] == "recall" and x["arch"] == r["arch"]
+                and x["setting"] == study.ABLATION_SETTING and x["seed"] == r["seed"])
+    diff = {k for k in r["overrides"] if r["overrides"][k] != same["overrides"].get(k)}
+    assert diff == {"train.steps"} and r["overrides"]["train.steps"] > \
+        same["overrides"]["train.steps"]
   assert {r["arch"] for r in runs if r["group"] == "capacity"} == {
       f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
 
@@ -43,7 +51,9 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   runs = study.runs()
   rng = np.random.default_rng(0)
   ablations = [r for r in runs if r["group"] in ("capacity", "rope")][:2]
-  for r in runs[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations:
+  budget = [r for r in runs if r["group"] == "budget"][:2]
+  for r in (runs[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
+            + budget):
     path = tmp_path / r["id"]
     path.mkdir(parents=True)
     result = {**{k: r[k] for k in ("id", "group", "arch", "setting", "seed")},
@@ -58,9 +68,12 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   monkeypatch.setattr(study_report, "IMAGES", str(tmp_path / "images"))
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
-  assert "24 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
-  assert "3.0 hours of run time together (450 s a run" in doc
+  assert "26 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "3.2 hours of run time together (450 s a run" in doc
+  probe = doc.split("### Step budget probe")[1].split("###")[0]
+  assert "| 1000 steps | 3000 steps |" in probe
+  assert f"| {budget[0]['arch']} |" in probe
   for name in ("study_recall.png", "study_ablations.png", "study_extrapolation.png"):
     assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
-  assert saved["runs_done"] == 24 and saved["runs_total"] == len(runs)
+  assert saved["runs_done"] == 26 and saved["runs_total"] == len(runs)
