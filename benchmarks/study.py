@@ -156,6 +156,39 @@ def extrapolation_document(tokenizer) -> "np.ndarray":
   return read_document_tokens(os.path.join(stdlib(), "asyncio", "*.py"), tokenizer, n)
 
 
+def query_selection(workdir: str) -> dict:
+  """Where a trained Taipan's SALs select at evaluation, on the held-out MQAR rows: the
+  fraction of scored tokens (the queries, whose next token is the recalled value) selected
+  against the fraction of all tokens. A SAL can only help a query it selects.
+  -> {"eval_selected_queries": [per SAL], "eval_selected_all": [per SAL]}"""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from taipan_jax.data import pipeline
+  from taipan_jax.inference.load import load_workdir
+
+  loaded = load_workdir(workdir, log=lambda *_: None)
+  cfg = loaded.cfg
+  graphdef, state = nnx.split(loaded.model)
+
+  @jax.jit
+  def masks(state, tokens):
+    _, aux = nnx.merge(graphdef, state)(tokens, return_masks=True)
+    return aux["select_masks"]                       # [num_sal, batch, seq]
+
+  on_queries, on_all, weight, count = 0.0, 0.0, 0.0, 0
+  for batch in pipeline.make_eval_batches(cfg, cfg.train.eval_batches):
+    m = np.asarray(masks(state, jnp.asarray(batch["tokens"])))
+    w = np.asarray(batch["loss_mask"])
+    on_queries = on_queries + (m * w).sum(axis=(1, 2))
+    on_all = on_all + m.sum(axis=(1, 2))
+    weight += w.sum()
+    count += w.size
+  return {"eval_selected_queries": [float(x) for x in np.atleast_1d(on_queries) / weight],
+          "eval_selected_all": [float(x) for x in np.atleast_1d(on_all) / count]}
+
+
 def run_one(run: dict, root: str) -> dict:
   """Trains (resuming if interrupted) and evaluates one run; returns its result."""
   import numpy as np
@@ -192,6 +225,7 @@ def run_one(run: dict, root: str) -> dict:
       off = evaluate_workdir(workdir, overrides={"sal.inference_selection": "none"},
                              log=quiet)
       result.update(recall_sal_off=off["eval/accuracy"], loss_sal_off=off["eval/loss"])
+      result.update(query_selection(workdir))
   else:
     n = TEXT["data.seq_len"] * EXTRAPOLATION_FACTOR
     loaded = load_workdir(workdir, {"attention.max_cache_len": n}, log=quiet)
@@ -244,6 +278,9 @@ def main(argv=None) -> int:
                            + ", ".join(DEFAULT_GROUPS) + "; 'budget' runs only when named)")
   parser.add_argument("--seeds", default="", help="comma-separated seeds to run (default: all)")
   parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
+  parser.add_argument("--diagnose", action="store_true",
+                      help="add the query selection (which tokens the SALs select) to "
+                           "finished Taipan runs that lack it, then rebuild the outputs")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
@@ -265,7 +302,9 @@ def main(argv=None) -> int:
                  and (not seeds or r["seed"] in seeds)
                  and not os.path.exists(_result_path(args.root, r))),
                 key=lambda r: (r["seed"], r["setting"] == "L64_p8_far", order[r["group"]]))
-  if not args.report:
+  if args.diagnose:
+    _diagnose(args.root)
+  elif not args.report:
     if any(r["group"] == "extrapolation" for r in todo):
       os.makedirs(args.root, exist_ok=True)
       tokenizer_path(args.root)           # once, before the runs that share it
@@ -273,6 +312,22 @@ def main(argv=None) -> int:
   import study_report
   study_report.write(args.root, runs(), RESULTS)
   return 0
+
+
+def _diagnose(root: str) -> None:
+  """Backfills query_selection into finished Taipan recall results written before it."""
+  for run in runs():
+    path = _result_path(root, run)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      result = json.load(f)
+    if "recall_sal_off" in result and "eval_selected_queries" not in result:
+      result.update(query_selection(os.path.join(root, run["id"])))
+      _write_json(path, result)
+      print(f"{run['id']}: queries selected "
+            + "/".join(f"{x:.3f}" for x in result["eval_selected_queries"]) + " of all "
+            + "/".join(f"{x:.3f}" for x in result["eval_selected_all"]), flush=True)
 
 
 def _run_all(todo: list[dict], root: str, jobs: int) -> None:

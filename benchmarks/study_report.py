@@ -74,8 +74,13 @@ def tables(results: list[dict]) -> list[str]:
        r["arch"] not in ("swa_hybrid",) and r["train_selected"]:
       sel[r["setting"]][r["arch"] + " train"].append(np.mean(r["train_selected"]))
       sel[r["setting"]][r["arch"] + " eval"].append(np.mean(r["eval_selected"]))
+      if "eval_selected_queries" in r:
+        sel[r["setting"]][r["arch"] + " eval, of queries"].append(
+            np.mean(r["eval_selected_queries"]))
   out += ["", "### Selected fraction, training draw vs the inference rule (mean over SALs)",
-          ""]
+          "", "`eval, of queries`: the fraction of the query tokens (those whose next token is "
+          "the recalled value) that the inference rule selects; a SAL can help only a query it "
+          "selects.", ""]
   names = sorted({a for s in sel.values() for a in s})
   out += _markdown_table(sel, settings, names, "model")
   rope = _grouped(results, "rope", "recall")

@@ -62,12 +62,14 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
       result["by_position"] = [{"from": 0, "to": 128, "ppl": 9.0},
                                {"from": 128, "to": 256, "ppl": 8.5}]
     else:
-      result.update(recall=float(rng.random()), recall_sal_off=0.1, loss=1.0)
+      result.update(recall=float(rng.random()), recall_sal_off=0.1, loss=1.0,
+                    eval_selected_queries=[0.03, 0.02])
     (path / "study_result.json").write_text(json.dumps(result))
   monkeypatch.setattr(study_report, "DOC", str(tmp_path / "study.md"))
   monkeypatch.setattr(study_report, "IMAGES", str(tmp_path / "images"))
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
+  assert "| taipan eval, of queries | 0.025" in doc
   assert "26 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
   assert "3.2 hours of run time together (450 s a run" in doc
   probe = doc.split("### Step budget probe")[1].split("###")[0]
@@ -77,3 +79,23 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
     assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
   assert saved["runs_done"] == 26 and saved["runs_total"] == len(runs)
+
+
+def test_query_selection_counts_the_eval_rules_selection(tmp_path):
+  """The diagnostic's fraction over all tokens is the trainer's eval/selected_sal*, and its
+  fraction over the queries counts the same masks on the scored tokens only."""
+  from taipan_jax.training.loop import evaluate_workdir, train
+  cfg = taipan_jax.load_config("tiny", {**study.BASE, **study.ARCHS["taipan"],
+                                        **study.RECALL["L64_p8"], "train.steps": 3,
+                                        "train.batch_size": 8, "train.eval_batches": 2,
+                                        "train.checkpoint_every": 0, "train.log_every": 1})
+  workdir = str(tmp_path / "run")
+  train(cfg, workdir, log=lambda *_: None)
+  got = study.query_selection(workdir)
+  ev = evaluate_workdir(workdir, log=lambda *_: None)
+  expect = [ev[f"eval/selected_sal{i}"] for i in range(2)]
+  np.testing.assert_allclose(got["eval_selected_all"], expect, atol=1e-6)
+  assert len(got["eval_selected_queries"]) == 2
+  assert all(0.0 <= x <= 1.0 for x in got["eval_selected_queries"])
+  # At initialisation the gate knows nothing of queries: about C of them are selected too.
+  assert all(abs(x - study.BASE["sal.capacity"]) < 0.08 for x in got["eval_selected_queries"])
