@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -338,6 +339,10 @@ def _run_all(todo: list[dict], root: str, jobs: int) -> None:
              JAX_COMPILATION_CACHE_DIR=os.path.join(root, ".jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   pending = list(todo)
+
+  def stop(signum, frame):          # `kill` stops the runs as Ctrl-C does, none left behind
+    raise KeyboardInterrupt
+  previous = signal.signal(signal.SIGTERM, stop)
   try:
     while pending or running:
       while pending and len(running) < jobs:
@@ -374,6 +379,8 @@ def _run_all(todo: list[dict], root: str, jobs: int) -> None:
     print("interrupted: finished runs are kept; rerun the same command to resume",
           flush=True)
     raise SystemExit(130)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
