@@ -100,7 +100,7 @@ def tables(results: list[dict]) -> list[str]:
   out += ["", f"### Capacity C on {study.ABLATION_SETTING}: recall and its cost", ""]
   out += _markdown_table({k: cap[k] for k in keys}, keys, ["recall", "selected at eval"],
                          "C")
-  out += _budget_table(results, recall, off)
+  out += _budget_table(results)
   ext = defaultdict(lambda: defaultdict(list))
   for r in results:
     if r["group"] == "extrapolation":
@@ -113,7 +113,7 @@ def tables(results: list[dict]) -> list[str]:
   return out
 
 
-def _budget_table(results, recall, off) -> list[str]:
+def _budget_table(results) -> list[str]:
   """The step-budget probe beside the same seeds' runs at the default budget."""
   import study
   budget = _grouped(results, "budget", "recall")
