@@ -303,6 +303,12 @@ def main(argv=None) -> int:
                  and (not seeds or r["seed"] in seeds)
                  and not os.path.exists(_result_path(args.root, r))),
                 key=lambda r: (r["seed"], r["setting"] == "L64_p8_far", order[r["group"]]))
+  if (args.report or args.diagnose) and not any(
+      os.path.exists(_result_path(args.root, r)) for r in runs()):
+    # Rebuilding from a wrong or empty root would replace the committed tables with none.
+    parser.error(f"--root={args.root!r} holds no finished study run, so there is nothing to "
+                 "report; give the directory the runs were written to (default "
+                 f"{os.path.join(ROOT, 'runs', 'study')!r})")
   if args.diagnose:
     _diagnose(args.root)
   elif not args.report:

@@ -99,3 +99,10 @@ def test_query_selection_counts_the_eval_rules_selection(tmp_path):
   assert all(0.0 <= x <= 1.0 for x in got["eval_selected_queries"])
   # At initialisation the gate knows nothing of queries: about C of them are selected too.
   assert all(abs(x - study.BASE["sal.capacity"]) < 0.08 for x in got["eval_selected_queries"])
+
+
+def test_report_from_a_root_without_runs_is_refused(tmp_path, capsys):
+  """A mistyped --root must not replace the committed tables with an empty study."""
+  with pytest.raises(SystemExit):
+    study.main(["--report", "--root", str(tmp_path / "missing")])
+  assert "holds no finished study run" in capsys.readouterr().err
