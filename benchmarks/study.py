@@ -9,6 +9,7 @@ writes what came out:
     python benchmarks/study.py --only=recall   # one group: recall, rope, capacity, extrapolation
     python benchmarks/study.py --seeds=2       # one seed's runs of every default group
     python benchmarks/study.py --only=budget   # the step-budget probe (not run by default)
+    python benchmarks/study.py --only=long --jobs=15   # 10x the steps, on a GPU
     python benchmarks/study.py --report        # only rebuild the JSON, the plots and the tables
 
 Resumable: each run's workdir under --root holds `study_result.json` once it is finished, and
@@ -27,6 +28,9 @@ Groups (docs/study.md has the account):
                  position out to 64 x the training length on held-out files (paper Fig. 1a).
   budget         (only when named) L64_p8 at 3000 steps instead of 1000 for the models with
                  attention, one seed: whether the attention baselines learn given more steps.
+  long           (only when named; meant for a GPU) the recall settings at 10x the steps,
+                 every architecture and seed: the same models, data and schedule shape, so
+                 the attention baselines get the steps their phase transition needs.
 """
 from __future__ import annotations
 
@@ -81,7 +85,16 @@ RECALL = {
 BUDGET = {"L64_p8_3k": {**RECALL["L64_p8"], "train.steps": 3000}}
 BUDGET_ARCHS = ("swa_hybrid", "taipan", "transformer", "jamba")
 BUDGET_SEEDS = (1,)
+# The long schedule (not in the default run: `--only=long`, meant for an accelerator, where a
+# 10000-step run of these models takes minutes): every recall setting at 10x the steps. The
+# runs differ from their recall runs only in the step count and in how often they log and
+# checkpoint, which changes nothing they learn.
+LONG_STEPS = 10_000
+LONG = {f"{name}_10k": {**data, "train.steps": LONG_STEPS, "train.log_every": 250,
+                        "train.checkpoint_every": 1000}
+        for name, data in RECALL.items()}
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
+ON_REQUEST_GROUPS = ("budget", "long")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
 ABLATION_SETTING = "L64_p8"
 TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
@@ -125,6 +138,11 @@ def runs() -> list[dict]:
       for seed in BUDGET_SEEDS:
         out.append({"group": "budget", "arch": arch, "setting": setting, "seed": seed,
                     "overrides": {**BASE, **ARCHS[arch], **data, "train.seed": seed}})
+  for setting, data in LONG.items():
+    for arch, model in ARCHS.items():
+      for seed in SEEDS:
+        out.append({"group": "long", "arch": arch, "setting": setting, "seed": seed,
+                    "overrides": {**BASE, **model, **data, "train.seed": seed}})
   for r in out:
     r["id"] = f"{r['group']}/{r['setting']}/{r['arch']}/seed{r['seed']}"
   return out
@@ -192,6 +210,7 @@ def query_selection(workdir: str) -> dict:
 
 def run_one(run: dict, root: str) -> dict:
   """Trains (resuming if interrupted) and evaluates one run; returns its result."""
+  import jax
   import numpy as np
   from taipan_jax import count_params, load_config
   from taipan_jax.inference import long_context
@@ -212,7 +231,8 @@ def run_one(run: dict, root: str) -> dict:
   last_train = [r for r in rows if "selected_sal0" in r][-1:] or [{}]
   result = {"id": run["id"], "group": run["group"], "arch": run["arch"],
             "setting": run["setting"], "seed": run["seed"], "steps": cfg.train.steps,
-            "train_seconds": train_seconds,
+            "train_seconds": train_seconds, "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
             "params": count_params(cfg),
             "train_selected": [v for k, v in sorted(last_train[0].items())
                                if k.startswith("selected_sal")]}
@@ -278,6 +298,8 @@ def main(argv=None) -> int:
                       help="comma-separated groups to run (default: "
                            + ", ".join(DEFAULT_GROUPS) + "; 'budget' runs only when named)")
   parser.add_argument("--seeds", default="", help="comma-separated seeds to run (default: all)")
+  parser.add_argument("--settings", default="",
+                      help="comma-separated settings to run, e.g. L64_p8 (default: all)")
   parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
   parser.add_argument("--diagnose", action="store_true",
                       help="add the query selection (which tokens the SALs select) to "
@@ -287,7 +309,7 @@ def main(argv=None) -> int:
   if args.child:
     return _child(args.child, args.root)
   groups = set(filter(None, args.only.split(","))) or set(DEFAULT_GROUPS)
-  known = set(DEFAULT_GROUPS) | {"budget"}
+  known = set(DEFAULT_GROUPS) | set(ON_REQUEST_GROUPS)
   if groups - known:
     parser.error(f"--only={args.only!r}: unknown group(s) {sorted(groups - known)}; "
                  f"choose from {sorted(known)}")
@@ -295,14 +317,21 @@ def main(argv=None) -> int:
     seeds = {int(x) for x in args.seeds.split(",") if x}
   except ValueError:
     parser.error(f"--seeds={args.seeds!r}: give comma-separated integers, e.g. --seeds=0,1")
+  settings = set(filter(None, args.settings.split(",")))
+  known_settings = {r["setting"] for r in runs() if r["group"] in groups}
+  if settings - known_settings:
+    parser.error(f"--settings={args.settings!r}: no run of group(s) {sorted(groups)} has "
+                 f"setting(s) {sorted(settings - known_settings)}; choose from "
+                 f"{sorted(known_settings)}")
   # Seed by seed, so a study stopped early still covers every cell once; within a seed the
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
-  order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4}
+  order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4, "long": 5}
   todo = sorted((r for r in runs() if r["group"] in groups
                  and (not seeds or r["seed"] in seeds)
+                 and (not settings or r["setting"] in settings)
                  and not os.path.exists(_result_path(args.root, r))),
-                key=lambda r: (r["seed"], r["setting"] == "L64_p8_far", order[r["group"]]))
+                key=lambda r: (r["seed"], "_far" in r["setting"], order[r["group"]]))
   if (args.report or args.diagnose) and not any(
       os.path.exists(_result_path(args.root, r)) for r in runs()):
     # Rebuilding from a wrong or empty root would replace the committed tables with none.

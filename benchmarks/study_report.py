@@ -101,6 +101,7 @@ def tables(results: list[dict]) -> list[str]:
   out += _markdown_table({k: cap[k] for k in keys}, keys, ["recall", "selected at eval"],
                          "C")
   out += _budget_table(results)
+  out += _long_table(results)
   ext = defaultdict(lambda: defaultdict(list))
   for r in results:
     if r["group"] == "extrapolation":
@@ -142,6 +143,27 @@ def _budget_table(results) -> list[str]:
   return (["", f"### Step budget probe: {base}, seed(s) "
            f"{', '.join(map(str, sorted(seeds)))}, recall at {steps} and more steps", ""]
           + _markdown_table(table, columns, archs, "model"))
+
+
+def _long_table(results) -> list[str]:
+  """The long schedule (10x the steps, on an accelerator): recall, Taipan with its SAL off,
+  and the fraction of queries its SALs select."""
+  import study
+  long = [r for r in results if r["group"] == "long"]
+  if not long:
+    return []
+  table = _grouped(long, "long", "recall")
+  for setting, by_arch in _grouped(long, "long", "recall_sal_off").items():
+    table[setting]["taipan, SAL off at eval"] = by_arch["taipan"]
+  for r in long:
+    if r.get("eval_selected_queries"):
+      table[r["setting"]]["taipan: queries selected"].append(np.mean(r["eval_selected_queries"]))
+      table[r["setting"]]["taipan: all tokens selected"].append(np.mean(r["eval_selected"]))
+  devices = sorted({r.get("device", "?") for r in long})
+  rows = list(study.ARCHS) + ["taipan, SAL off at eval", "taipan: queries selected",
+                              "taipan: all tokens selected"]
+  return (["", f"### Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall",
+           ""] + _markdown_table(table, [s for s in study.LONG if table[s]], rows, "model"))
 
 
 def _save(fig, name: str) -> str:
@@ -236,22 +258,37 @@ def plots(results: list[dict]) -> list[str]:
 
 
 def write(root: str, runs: list[dict], results_path: str) -> None:
+  """results_path: the CPU study's JSON; the long schedule's runs (run on an accelerator) go
+  to study_gpu.json beside it, naming the device each ran on."""
   import jax
   results = _load(root, runs)
   os.makedirs(os.path.dirname(results_path), exist_ok=True)
+  cpu = [r for r in results if r["group"] != "long"]
   with open(results_path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "cpu_count": os.cpu_count(), "runs_total": len(runs), "runs_done": len(results),
-               "results": results}, f, indent=1)
+               "cpu_count": os.cpu_count(),
+               "runs_total": sum(r["group"] != "long" for r in runs), "runs_done": len(cpu),
+               "results": cpu}, f, indent=1)
+  long = [r for r in results if r["group"] == "long"]
+  if long:
+    with open(os.path.join(os.path.dirname(results_path), "study_gpu.json"), "w") as f:
+      json.dump({"devices": sorted({r.get("device", "?") for r in long}),
+                 "jax": sorted({r.get("jax", "?") for r in long}),
+                 "runs_total": sum(r["group"] == "long" for r in runs),
+                 "runs_done": len(long), "results": long}, f, indent=1)
   body = tables(results)
   images = plots(results)
   doc = open(DOC).read() if os.path.exists(DOC) else f"# Study\n\n{BEGIN}\n{END}\n"
   head, rest = doc.split(BEGIN, 1)
   tail = rest.split(END, 1)[1]
-  seconds = sum(r["seconds"] for r in results)
-  done = (f"{len(results)} of {len(runs)} runs finished; their training and evaluation took "
-          f"{seconds / 3600:.1f} hours of run time together ({seconds / max(len(results), 1):.0f}"
+  seconds = sum(r["seconds"] for r in cpu)
+  cpu_runs = sum(r["group"] != "long" for r in runs)
+  done = (f"{len(cpu)} of {cpu_runs} CPU runs finished; their training and evaluation took "
+          f"{seconds / 3600:.1f} hours of run time together ({seconds / max(len(cpu), 1):.0f}"
           f" s a run on average, two at a time on {os.cpu_count()} cores).")
+  if long:
+    done += (f" Long schedule: {len(long)} of {len(runs) - cpu_runs} runs, on "
+             f"{', '.join(sorted({r.get('device', '?') for r in long}))}.")
   figures = [f"![{os.path.basename(p)}](images/{os.path.basename(p)})" for p in images]
   doc = (head + BEGIN + "\n\n" + done + "\n\n" + "\n".join(body) + "\n\n"
          + "\n\n".join(figures) + "\n\n" + END + tail)

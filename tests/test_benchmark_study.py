@@ -34,15 +34,20 @@ def test_every_run_is_named_once_and_its_config_loads():
     cfg = taipan_jax.load_config("tiny", overrides)
     assert cfg.train.seed == r["seed"]
   groups = {r["group"] for r in runs}
-  assert groups == set(study.DEFAULT_GROUPS) | {"budget"}
+  assert groups == set(study.DEFAULT_GROUPS) | set(study.ON_REQUEST_GROUPS)
   budget = [r for r in runs if r["group"] == "budget"]
   assert {r["arch"] for r in budget} == set(study.BUDGET_ARCHS)
-  for r in budget:   # the probe differs from its recall run only in the step count
+  long = [r for r in runs if r["group"] == "long"]
+  assert len(long) == len(study.RECALL) * len(study.ARCHS) * len(study.SEEDS)
+  # The probe and the long schedule differ from their recall runs only in the step count
+  # (and, for the long schedule, how often they log and checkpoint).
+  for r in budget + long:
+    setting = study.ABLATION_SETTING if r["group"] == "budget" else r["setting"][:-len("_10k")]
     same = next(x for x in runs if x["group"] == "recall" and x["arch"] == r["arch"]
-                and x["setting"] == study.ABLATION_SETTING and x["seed"] == r["seed"])
+                and x["setting"] == setting and x["seed"] == r["seed"])
     diff = {k for k in r["overrides"] if r["overrides"][k] != same["overrides"].get(k)}
-    assert diff == {"train.steps"} and r["overrides"]["train.steps"] > \
-        same["overrides"]["train.steps"]
+    assert diff - {"train.log_every", "train.checkpoint_every"} == {"train.steps"}
+    assert r["overrides"]["train.steps"] > same["overrides"]["train.steps"]
   assert {r["arch"] for r in runs if r["group"] == "capacity"} == {
       f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
 
@@ -52,8 +57,9 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   ablations = [r for r in runs if r["group"] in ("capacity", "rope")][:2]
   budget = [r for r in runs if r["group"] == "budget"][:2]
+  long = [r for r in runs if r["group"] == "long" and r["arch"] == "taipan"][:2]
   for r in (runs[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
-            + budget):
+            + budget + long):
     path = tmp_path / r["id"]
     path.mkdir(parents=True)
     result = {**{k: r[k] for k in ("id", "group", "arch", "setting", "seed")},
@@ -64,6 +70,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
     else:
       result.update(recall=float(rng.random()), recall_sal_off=0.1, loss=1.0,
                     eval_selected_queries=[0.03, 0.02])
+    if r["group"] == "long":
+      result["device"] = "NVIDIA H200"
     (path / "study_result.json").write_text(json.dumps(result))
   monkeypatch.setattr(study_report, "DOC", str(tmp_path / "study.md"))
   monkeypatch.setattr(study_report, "IMAGES", str(tmp_path / "images"))
@@ -78,7 +86,13 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   for name in ("study_recall.png", "study_ablations.png", "study_extrapolation.png"):
     assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
-  assert saved["runs_done"] == 26 and saved["runs_total"] == len(runs)
+  n_long = sum(r["group"] == "long" for r in runs)
+  assert saved["runs_done"] == 26 and saved["runs_total"] == len(runs) - n_long
+  gpu = json.loads((tmp_path / "study_gpu.json").read_text())
+  assert gpu["runs_done"] == 2 and gpu["devices"] == ["NVIDIA H200"]
+  assert all(r["group"] == "long" for r in gpu["results"])
+  long_table = doc.split("### Long schedule")[1].split("###")[0]
+  assert "NVIDIA H200" in long_table and "| taipan: queries selected | 0.025" in long_table
 
 
 def test_query_selection_counts_the_eval_rules_selection(tmp_path):
