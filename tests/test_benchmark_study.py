@@ -48,6 +48,13 @@ def test_every_run_is_named_once_and_its_config_loads():
     diff = {k for k in r["overrides"] if r["overrides"][k] != same["overrides"].get(k)}
     assert diff - {"train.log_every", "train.checkpoint_every"} == {"train.steps"}
     assert r["overrides"]["train.steps"] > same["overrides"]["train.steps"]
+  by_id = {r["id"]: r for r in runs}
+  for r in runs:    # a reused run differs from the one it reuses only in keys it never reads
+    if "same_as" in r:
+      same = by_id[r["same_as"]]
+      assert "same_as" not in same and "s" not in r["overrides"]["model.pattern"]
+      diff = {k for k in r["overrides"] if r["overrides"][k] != same["overrides"].get(k)}
+      assert diff and all(k.startswith("sal.") for k in diff), diff
   assert {r["arch"] for r in runs if r["group"] == "capacity"} == {
       f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
 
@@ -58,7 +65,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   ablations = [r for r in runs if r["group"] in ("capacity", "rope")][:2]
   budget = [r for r in runs if r["group"] == "budget"][:2]
   long = [r for r in runs if r["group"] == "long" and r["arch"] == "taipan"][:2]
-  for r in (runs[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
+  trained = [r for r in runs if "same_as" not in r]
+  for r in (trained[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
             + budget + long):
     path = tmp_path / r["id"]
     path.mkdir(parents=True)
@@ -87,7 +95,14 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
     assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
   n_long = sum(r["group"] == "long" for r in runs)
-  assert saved["runs_done"] == 26 and saved["runs_total"] == len(runs) - n_long
+  n_repeats = sum("same_as" in r for r in runs if r["group"] != "long")
+  assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L64_p8_far
+  assert saved["runs_done"] == 26 and saved["runs_total"] == len(runs) - n_long - n_repeats
+  # A repeated cell shows its identical run's result, marked as such.
+  by_id = {r["id"]: r for r in saved["results"]}
+  far = by_id["recall/L64_p8_far/mamba2/seed0"]
+  assert far["same_as"] == "recall/L64_p8/mamba2/seed0" and far["setting"] == "L64_p8_far"
+  assert far["recall"] == by_id["recall/L64_p8/mamba2/seed0"]["recall"]
   gpu = json.loads((tmp_path / "study_gpu.json").read_text())
   assert gpu["runs_done"] == 2 and gpu["devices"] == ["NVIDIA H200"]
   assert all(r["group"] == "long" for r in gpu["results"])
@@ -120,3 +135,19 @@ def test_report_from_a_root_without_runs_is_refused(tmp_path, capsys):
   with pytest.raises(SystemExit):
     study.main(["--report", "--root", str(tmp_path / "missing")])
   assert "holds no finished study run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "transformer", "jamba"])
+def test_models_without_sal_ignore_the_sal_settings(arch):
+  """The study reuses these models' L64_p8 runs for L64_p8_far, which differs only in sal.*
+  keys: the same seed must give the same parameters and the same logits under both."""
+  from flax import nnx
+  logits = []
+  for setting in ("L64_p8", "L64_p8_far"):
+    cfg = taipan_jax.load_config("tiny", {**study.BASE, **study.ARCHS[arch],
+                                          **study.RECALL[setting]})
+    model = taipan_jax.build_model(cfg, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, 32, (2, 64)).astype(np.int32)
+    out = model(tokens)
+    logits.append(np.asarray(out[0] if isinstance(out, tuple) else out))
+  np.testing.assert_array_equal(logits[0], logits[1])
