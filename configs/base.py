@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.sal.gate_hidden = 0                # 0: Dense(d -> 2); >0: 2-layer MLP gate
   cfg.sal.kv_selected_only = False       # decision (a): keys are all tokens of the window
   cfg.sal.selection = "gumbel"           # "gumbel" (Taipan) or "all" (SWA-only hybrid)
+  # What the straight-through gradient of an unselected token's mask sees as the attention
+  # output in training (docs/decisions.md, added decision 2): "zero" (attention runs for the
+  # selected rows only) or "attention" (it runs for every row; an ablation, at dense cost).
+  cfg.sal.straight_through = "zero"
   cfg.sal.rope = False                   # decision (g): no positional encoding
   cfg.sal.inference_capacity = config_dict.placeholder(int)  # cap on selected per window
   # Selection in eval mode and decoding (docs/decisions.md, "Inference selection"):

@@ -133,6 +133,9 @@ def _check_sal(cfg):
     _fail("sal.gate_hidden", sal.gate_hidden, "must be >= 0", "0 is a single Dense gate")
   if sal.selection not in ("gumbel", "all"):
     _fail("sal.selection", sal.selection, "unknown selection", "use 'gumbel' or 'all'")
+  if sal.straight_through not in ("zero", "attention"):
+    _fail("sal.straight_through", sal.straight_through, "unknown estimator",
+          "use 'zero' (attention for the selected rows only) or 'attention' (every row)")
   if sal.inference_selection not in INFERENCE_SELECTIONS:
     _fail("sal.inference_selection", sal.inference_selection, "unknown rule",
           f"use one of {INFERENCE_SELECTIONS}")

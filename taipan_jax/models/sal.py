@@ -91,6 +91,7 @@ class SelectiveAttentionLayer(nnx.Module):
     self.capacity = sal.capacity
     self.tau = sal.tau
     self.select_all = sal.selection == "all"
+    self.straight_through = sal.straight_through
     self.kv_selected_only = sal.kv_selected_only
     self.rope = sal.rope
     self.rope_theta = cfg.attention.rope_theta
@@ -251,8 +252,14 @@ class SelectiveAttentionLayer(nnx.Module):
       q, k, v = self._qkv(x, positions)
       # Only selected rows are attended: unselected rows come back as zeros, and their h is
       # left as it was by the mix below (the straight-through gradient there sees o = 0).
+      # With straight_through='attention' every row is attended in training: the forward is
+      # the same (the mix weight of an unselected row is 0), but the gradient of its mask
+      # sees the attention output it would have got.
+      rows = selected
+      if self.straight_through == "attention" and not self.deterministic:
+        rows = jnp.ones_like(selected)
       attn = ops.selective_window_attention(
-          q, k, v, selected, window=self.window,
+          q, k, v, rows, window=self.window,
           kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
           **self.kernels)
       out = self._mix_and_mlp(h, mask, scores, attn)
