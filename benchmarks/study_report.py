@@ -75,7 +75,7 @@ def tables(results: list[dict]) -> list[str]:
   out += _markdown_table(recall, settings, archs + ["taipan, SAL off at eval"], "model")
   sel = defaultdict(lambda: defaultdict(list))
   for r in results:
-    if r["group"] in ("recall", "rope", "capacity") and r.get("eval_selected") and \
+    if r["group"] in ("recall", "rope", "capacity", "estimator") and r.get("eval_selected") and \
        r["arch"] not in ("swa_hybrid",) and r["train_selected"]:
       sel[r["setting"]][r["arch"] + " train"].append(np.mean(r["train_selected"]))
       sel[r["setting"]][r["arch"] + " eval"].append(np.mean(r["eval_selected"]))
@@ -106,6 +106,7 @@ def tables(results: list[dict]) -> list[str]:
   out += _markdown_table({k: cap[k] for k in keys}, keys, ["recall", "selected at eval"],
                          "C")
   out += _budget_table(results)
+  out += _estimator_table(results)
   out += _long_table(results)
   ext = defaultdict(lambda: defaultdict(list))
   for r in results:
@@ -148,6 +149,32 @@ def _budget_table(results) -> list[str]:
   return (["", f"### Step budget probe: {base}, seed(s) "
            f"{', '.join(map(str, sorted(seeds)))}, recall at {steps} and more steps", ""]
           + _markdown_table(table, columns, archs, "model"))
+
+
+def _estimator_table(results) -> list[str]:
+  """Taipan with the default straight-through estimator (o = 0 for unselected tokens) beside
+  the same model whose training attention runs for every row."""
+  import study
+  base = study.ABLATION_SETTING
+  rows = {"taipan": "taipan (o = 0, default)",
+          "taipan_st_attention": "taipan (o = attention, dense in training)"}
+  table = defaultdict(lambda: defaultdict(list))
+  for r in results:
+    if r["setting"] != base or r["arch"] not in rows or r["group"] not in ("recall",
+                                                                           "estimator"):
+      continue
+    name = rows[r["arch"]]
+    for column, value in (("recall", r.get("recall")), ("SAL off", r.get("recall_sal_off")),
+                          ("queries selected", np.mean(r.get("eval_selected_queries") or
+                                                       [np.nan])),
+                          ("all tokens selected", np.mean(r.get("eval_selected") or [np.nan]))):
+      if value is not None and not np.isnan(value):
+        table[column][name].append(value)
+  if not table["recall"][rows["taipan_st_attention"]]:
+    return []
+  columns = ["recall", "SAL off", "queries selected", "all tokens selected"]
+  return (["", f"### Straight-through estimator ablation ({base}; selections at eval, mean "
+           "over SALs)", ""] + _markdown_table(table, columns, list(rows.values()), "model"))
 
 
 def _long_table(results) -> list[str]:

@@ -65,6 +65,7 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   ablations = [r for r in runs if r["group"] in ("capacity", "rope")][:2]
   budget = [r for r in runs if r["group"] == "budget"][:2]
   long = [r for r in runs if r["group"] == "long" and r["arch"] == "taipan"][:2]
+  budget += [r for r in runs if r["group"] == "estimator"][:2]
   trained = [r for r in runs if "same_as" not in r]
   for r in (trained[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
             + budget + long):
@@ -86,8 +87,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
   assert "| taipan eval, of queries | 0.025" in doc
-  assert "26 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
-  assert "3.2 hours of run time together (450 s a run" in doc
+  assert "28 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "3.5 hours of run time together (450 s a run" in doc   # 28 x 450 s
   probe = doc.split("### Step budget probe")[1].split("###")[0]
   assert "| 1000 steps | 3000 steps |" in probe
   assert f"| {budget[0]['arch']} |" in probe
@@ -97,7 +98,7 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   n_long = sum(r["group"] == "long" for r in runs)
   n_repeats = sum("same_as" in r for r in runs if r["group"] != "long")
   assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L64_p8_far
-  assert saved["runs_done"] == 26 and saved["runs_total"] == len(runs) - n_long - n_repeats
+  assert saved["runs_done"] == 28 and saved["runs_total"] == len(runs) - n_long - n_repeats
   # A repeated cell shows its identical run's result, marked as such.
   by_id = {r["id"]: r for r in saved["results"]}
   far = by_id["recall/L64_p8_far/mamba2/seed0"]
@@ -106,6 +107,9 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   gpu = json.loads((tmp_path / "study_gpu.json").read_text())
   assert gpu["runs_done"] == 2 and gpu["devices"] == ["NVIDIA H200"]
   assert all(r["group"] == "long" for r in gpu["results"])
+  estimator = doc.split("### Straight-through estimator")[1].split("###")[0]
+  assert "| taipan (o = attention, dense in training) |" in estimator
+  assert "| taipan (o = 0, default) |" in estimator and "0.025" in estimator
   long_table = doc.split("### Long schedule")[1].split("###")[0]
   assert "NVIDIA H200" in long_table and "| taipan: queries selected | 0.025" in long_table
 
