@@ -192,8 +192,17 @@ def _long_table(results) -> list[str]:
       table[r["setting"]]["taipan: queries selected"].append(np.mean(r["eval_selected_queries"]))
       table[r["setting"]]["taipan: all tokens selected"].append(np.mean(r["eval_selected"]))
   devices = sorted({r.get("device", "?") for r in long})
+  for r in long:
+    if r["arch"] == "taipan_st_attention":
+      if "recall_sal_off" in r:
+        table[r["setting"]]["taipan_st_attention, SAL off"].append(r["recall_sal_off"])
+      if r.get("eval_selected_queries"):
+        table[r["setting"]]["taipan_st_attention: queries selected"].append(
+            np.mean(r["eval_selected_queries"]))
   rows = list(study.ARCHS) + ["taipan, SAL off at eval", "taipan: queries selected",
-                              "taipan: all tokens selected"]
+                              "taipan: all tokens selected", "taipan_st_attention",
+                              "taipan_st_attention, SAL off",
+                              "taipan_st_attention: queries selected"]
   return (["", f"### Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall",
            ""] + _markdown_table(table, [s for s in study.LONG if table[s]], rows, "model"))
 
