@@ -304,12 +304,17 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   import jax
   results = _load(root, runs)
   os.makedirs(os.path.dirname(results_path), exist_ok=True)
+  import study
   cpu = [r for r in results if r["group"] != "long"]
   trained = [r for r in cpu if "same_as" not in r]
-  cpu_runs = sum(r["group"] != "long" and "same_as" not in r for r in runs)
+  default = [r for r in trained if r["group"] in study.DEFAULT_GROUPS]
+  cpu_runs = sum(r["group"] in study.DEFAULT_GROUPS and "same_as" not in r for r in runs)
+  extra_runs = sum(r["group"] not in study.DEFAULT_GROUPS + ("long",) for r in runs)
   with open(results_path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "cpu_count": os.cpu_count(), "runs_total": cpu_runs, "runs_done": len(trained),
+               "cpu_count": os.cpu_count(), "runs_total": cpu_runs, "runs_done": len(default),
+               "on_request_runs_total": extra_runs,
+               "on_request_runs_done": len(trained) - len(default),
                "results": cpu}, f, indent=1)
   long = [r for r in results if r["group"] == "long"]
   if long:
@@ -325,13 +330,14 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   doc = open(DOC).read() if os.path.exists(DOC) else f"# Study\n\n{BEGIN}\n{END}\n"
   head, rest = doc.split(BEGIN, 1)
   tail = rest.split(END, 1)[1]
-  seconds = sum(r["seconds"] for r in trained)
-  repeats = sum("same_as" in r for r in runs if r["group"] != "long")
-  done = (f"{len(trained)} of {cpu_runs} CPU runs finished; their training and evaluation took "
-          f"{seconds / 3600:.1f} hours of run time together "
-          f"({seconds / max(len(trained), 1):.0f} s a run on average). {repeats} cells of the "
+  seconds = sum(r["seconds"] for r in default)
+  repeats = sum("same_as" in r for r in runs if r["group"] in study.DEFAULT_GROUPS)
+  done = (f"{len(default)} of the {cpu_runs} runs of the default study finished; their "
+          f"training and evaluation took {seconds / 3600:.1f} hours of run time together "
+          f"({seconds / max(len(default), 1):.0f} s a run on average). {repeats} cells of the "
           "grid are models without a SAL in a setting that differs only in the SAL window: "
-          "they show the result of the identical run.")
+          "they show the result of the identical run. On request (budget, estimator): "
+          f"{len(trained) - len(default)} of {extra_runs} runs.")
   if long:
     long_runs = sum(r["group"] == "long" and "same_as" not in r for r in runs)
     long = [r for r in long if "same_as" not in r]

@@ -88,8 +88,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
   assert "| taipan eval, of queries | 0.025" in doc
-  assert "28 of" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
-  assert "3.5 hours of run time together (450 s a run" in doc   # 28 x 450 s
+  assert "24 of the 48 runs of the default study" in doc and "4 of 7 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "3.0 hours of run time together (450 s a run" in doc   # 24 x 450 s
   probe = doc.split("### Step budget probe")[1].split("###")[0]
   assert "| 1000 steps | 3000 steps |" in probe
   assert f"| {budget[0]['arch']} |" in probe
@@ -99,7 +99,9 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   n_long = sum(r["group"] == "long" for r in runs)
   n_repeats = sum("same_as" in r for r in runs if r["group"] != "long")
   assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L64_p8_far
-  assert saved["runs_done"] == 28 and saved["runs_total"] == len(runs) - n_long - n_repeats
+  n_extra = sum(r["group"] in ("budget", "estimator") for r in runs)
+  assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 4
+  assert saved["runs_total"] == len(runs) - n_long - n_repeats - n_extra
   # A repeated cell shows its identical run's result, marked as such.
   by_id = {r["id"]: r for r in saved["results"]}
   far = by_id["recall/L64_p8_far/mamba2/seed0"]
