@@ -277,6 +277,33 @@ def plots(results: list[dict]) -> list[str]:
     right.set_title("Positional encoding in the SAL (C = 0.15)")
     right.legend(fontsize=7)
     written.append(_save(fig, "study_ablations.png"))
+  long = [r for r in results if r["group"] == "long"]
+  if long:
+    settings = [s for s in study.LONG if any(r["setting"] == s for r in long)]
+    archs = [a for a in list(study.ARCHS) + ["taipan_st_attention"]
+             if any(r["arch"] == a for r in long)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(archs)
+    for i, arch in enumerate(archs):
+      for j, setting in enumerate(settings):
+        vals = [r["recall"] for r in long if r["arch"] == arch and r["setting"] == setting]
+        off = [r["recall_sal_off"] for r in long if r["arch"] == arch
+               and r["setting"] == setting and "recall_sal_off" in r]
+        x = j + i * width
+        if vals:      # every seed a dot, so a 1-in-3 transition shows as what it is
+          ax.bar(x, np.mean(vals), width, color=f"C{i}", alpha=0.5,
+                 label=arch if j == 0 else None)
+          ax.scatter([x] * len(vals), vals, color=f"C{i}", s=12, zorder=3)
+        if off:
+          ax.scatter([x] * len(off), off, color="k", marker="x", s=18, zorder=4,
+                     label="SAL off at eval" if (i, j) == (0, 0) else None)
+    ax.set_xticks(np.arange(len(settings)) + width * (len(archs) - 1) / 2, settings)
+    ax.set_ylabel("held-out recall")
+    devices = ", ".join(sorted({r.get("device", "?") for r in long}))
+    ax.set_title(f"MQAR recall after {study.LONG_STEPS} steps ({devices}); dots: seeds")
+    ax.set_ylim(0, 1.3)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
+    written.append(_save(fig, "study_long.png"))
   ext = [r for r in results if r["group"] == "extrapolation"]
   if ext:
     fig, ax = plt.subplots(figsize=(7, 4))
