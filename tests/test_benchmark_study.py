@@ -159,3 +159,13 @@ def test_models_without_sal_ignore_the_sal_settings(arch):
     out = model(tokens)
     logits.append(np.asarray(out[0] if isinstance(out, tuple) else out))
   np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_fast_cpu_flags_are_probed_before_use(monkeypatch):
+  """An unknown XLA flag aborts every run, so the study sets its CPU flags only where a child
+  process accepts them."""
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setattr(study, "FAST_CPU_FLAGS", "--xla_cpu_no_such_flag_for_the_test=1")
+  assert study._fast_cpu_flags() == ""
+  monkeypatch.setattr(study, "FAST_CPU_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+  assert study._fast_cpu_flags() == "--xla_cpu_multi_thread_eigen=false"
