@@ -329,7 +329,8 @@ def main(argv=None) -> int:
   parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
   parser.add_argument("--only", default="",
                       help="comma-separated groups to run (default: "
-                           + ", ".join(DEFAULT_GROUPS) + "; 'budget' runs only when named)")
+                           + ", ".join(DEFAULT_GROUPS) + "; " + ", ".join(ON_REQUEST_GROUPS)
+                           + " run only when named)")
   parser.add_argument("--seeds", default="", help="comma-separated seeds to run (default: all)")
   parser.add_argument("--settings", default="",
                       help="comma-separated settings to run, e.g. L64_p8 (default: all)")
@@ -341,6 +342,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.child:
     return _child(args.child, args.root)
+  all_runs = runs()
   groups = set(filter(None, args.only.split(","))) or set(DEFAULT_GROUPS)
   known = set(DEFAULT_GROUPS) | set(ON_REQUEST_GROUPS)
   if groups - known:
@@ -351,7 +353,7 @@ def main(argv=None) -> int:
   except ValueError:
     parser.error(f"--seeds={args.seeds!r}: give comma-separated integers, e.g. --seeds=0,1")
   settings = set(filter(None, args.settings.split(",")))
-  known_settings = {r["setting"] for r in runs() if r["group"] in groups}
+  known_settings = {r["setting"] for r in all_runs if r["group"] in groups}
   if settings - known_settings:
     parser.error(f"--settings={args.settings!r}: no run of group(s) {sorted(groups)} has "
                  f"setting(s) {sorted(settings - known_settings)}; choose from "
@@ -361,13 +363,13 @@ def main(argv=None) -> int:
   # seed 0) last.
   order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4,
            "estimator": 5, "long": 6}
-  todo = sorted((r for r in runs() if r["group"] in groups and "same_as" not in r
+  todo = sorted((r for r in all_runs if r["group"] in groups and "same_as" not in r
                  and (not seeds or r["seed"] in seeds)
                  and (not settings or r["setting"] in settings)
                  and not os.path.exists(_result_path(args.root, r))),
                 key=lambda r: (r["seed"], "_far" in r["setting"], order[r["group"]]))
   if (args.report or args.diagnose) and not any(
-      os.path.exists(_result_path(args.root, r)) for r in runs()):
+      os.path.exists(_result_path(args.root, r)) for r in all_runs):
     # Rebuilding from a wrong or empty root would replace the committed tables with none.
     parser.error(f"--root={args.root!r} holds no finished study run, so there is nothing to "
                  "report; give the directory the runs were written to (default "
@@ -380,7 +382,7 @@ def main(argv=None) -> int:
       tokenizer_path(args.root)           # once, before the runs that share it
     _run_all(todo, args.root, args.jobs)
   import study_report
-  study_report.write(args.root, runs(), RESULTS)
+  study_report.write(args.root, all_runs, RESULTS)
   return 0
 
 

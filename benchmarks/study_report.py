@@ -163,13 +163,14 @@ def _estimator_table(results) -> list[str]:
     if r["setting"] != base or r["arch"] not in rows or r["group"] not in ("recall",
                                                                            "estimator"):
       continue
-    name = rows[r["arch"]]
-    for column, value in (("recall", r.get("recall")), ("SAL off", r.get("recall_sal_off")),
-                          ("queries selected", np.mean(r.get("eval_selected_queries") or
-                                                       [np.nan])),
-                          ("all tokens selected", np.mean(r.get("eval_selected") or [np.nan]))):
-      if value is not None and not np.isnan(value):
-        table[column][name].append(value)
+    values = {"recall": r.get("recall"), "SAL off": r.get("recall_sal_off")}
+    if r.get("eval_selected_queries"):
+      values["queries selected"] = np.mean(r["eval_selected_queries"])
+    if r.get("eval_selected"):
+      values["all tokens selected"] = np.mean(r["eval_selected"])
+    for column, value in values.items():
+      if value is not None:
+        table[column][rows[r["arch"]]].append(value)
   if not table["recall"][rows["taipan_st_attention"]]:
     return []
   columns = ["recall", "SAL off", "queries selected", "all tokens selected"]
@@ -177,28 +178,34 @@ def _estimator_table(results) -> list[str]:
            "over SALs)", ""] + _markdown_table(table, columns, list(rows.values()), "model"))
 
 
+# The long-schedule table's rows beside the recall of each model with a SAL that selects:
+# (recall with the SAL off, fraction of queries selected, fraction of all tokens selected).
+_LONG_SAL_ROWS = {
+    "taipan": ("taipan, SAL off at eval", "taipan: queries selected",
+               "taipan: all tokens selected"),
+    "taipan_st_attention": ("taipan_st_attention, SAL off",
+                            "taipan_st_attention: queries selected", None)}
+
+
 def _long_table(results) -> list[str]:
-  """The long schedule (10x the steps, on an accelerator): recall, Taipan with its SAL off,
-  and the fraction of queries its SALs select."""
+  """The long schedule (10x the steps, on an accelerator): recall, the Taipans with their SAL
+  off, and the fraction of queries their SALs select."""
   import study
   long = [r for r in results if r["group"] == "long"]
   if not long:
     return []
   table = _grouped(long, "long", "recall")
-  for setting, by_arch in _grouped(long, "long", "recall_sal_off").items():
-    table[setting]["taipan, SAL off at eval"] = by_arch["taipan"]
   for r in long:
+    if r["arch"] not in _LONG_SAL_ROWS:
+      continue
+    off, queries, every = _LONG_SAL_ROWS[r["arch"]]
+    if "recall_sal_off" in r:
+      table[r["setting"]][off].append(r["recall_sal_off"])
     if r.get("eval_selected_queries"):
-      table[r["setting"]]["taipan: queries selected"].append(np.mean(r["eval_selected_queries"]))
-      table[r["setting"]]["taipan: all tokens selected"].append(np.mean(r["eval_selected"]))
+      table[r["setting"]][queries].append(np.mean(r["eval_selected_queries"]))
+      if every:
+        table[r["setting"]][every].append(np.mean(r["eval_selected"]))
   devices = sorted({r.get("device", "?") for r in long})
-  for r in long:
-    if r["arch"] == "taipan_st_attention":
-      if "recall_sal_off" in r:
-        table[r["setting"]]["taipan_st_attention, SAL off"].append(r["recall_sal_off"])
-      if r.get("eval_selected_queries"):
-        table[r["setting"]]["taipan_st_attention: queries selected"].append(
-            np.mean(r["eval_selected_queries"]))
   rows = list(study.ARCHS) + ["taipan, SAL off at eval", "taipan: queries selected",
                               "taipan: all tokens selected", "taipan_st_attention",
                               "taipan_st_attention, SAL off",
@@ -329,29 +336,29 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   """results_path: the CPU study's JSON; the long schedule's runs (run on an accelerator) go
   to study_gpu.json beside it, naming the device each ran on."""
   import jax
+  import study
   results = _load(root, runs)
   os.makedirs(os.path.dirname(results_path), exist_ok=True)
-  import study
-  cpu = [r for r in results if r["group"] != "long"]
-  trained = [r for r in cpu if "same_as" not in r]
+  trained = [r for r in results if "same_as" not in r]      # each trained run once
   default = [r for r in trained if r["group"] in study.DEFAULT_GROUPS]
-  cpu_runs = sum(r["group"] in study.DEFAULT_GROUPS and "same_as" not in r for r in runs)
-  extra_runs = sum(r["group"] not in study.DEFAULT_GROUPS + ("long",) for r in runs)
+  extra = [r for r in trained if r["group"] not in study.DEFAULT_GROUPS + ("long",)]
+  long = [r for r in trained if r["group"] == "long"]
+  distinct = [r for r in runs if "same_as" not in r]
+  default_total = sum(r["group"] in study.DEFAULT_GROUPS for r in distinct)
+  extra_total = sum(r["group"] not in study.DEFAULT_GROUPS + ("long",) for r in distinct)
+  long_total = sum(r["group"] == "long" for r in distinct)
   with open(results_path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "cpu_count": os.cpu_count(), "runs_total": cpu_runs, "runs_done": len(default),
-               "on_request_runs_total": extra_runs,
-               "on_request_runs_done": len(trained) - len(default),
-               "results": cpu}, f, indent=1)
-  long = [r for r in results if r["group"] == "long"]
+               "cpu_count": os.cpu_count(), "runs_total": default_total,
+               "runs_done": len(default), "on_request_runs_total": extra_total,
+               "on_request_runs_done": len(extra),
+               "results": [r for r in results if r["group"] != "long"]}, f, indent=1)
   if long:
     with open(os.path.join(os.path.dirname(results_path), "study_gpu.json"), "w") as f:
       json.dump({"devices": sorted({r.get("device", "?") for r in long}),
                  "jax": sorted({r.get("jax", "?") for r in long}),
-                 "runs_total": sum(r["group"] == "long" and "same_as" not in r
-                                   for r in runs),
-                 "runs_done": sum("same_as" not in r for r in long), "results": long},
-                f, indent=1)
+                 "runs_total": long_total, "runs_done": len(long),
+                 "results": [r for r in results if r["group"] == "long"]}, f, indent=1)
   body = tables(results)
   images = plots(results)
   doc = open(DOC).read() if os.path.exists(DOC) else f"# Study\n\n{BEGIN}\n{END}\n"
@@ -359,16 +366,14 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   tail = rest.split(END, 1)[1]
   seconds = sum(r["seconds"] for r in default)
   repeats = sum("same_as" in r for r in runs if r["group"] in study.DEFAULT_GROUPS)
-  done = (f"{len(default)} of the {cpu_runs} runs of the default study finished; their "
+  done = (f"{len(default)} of the {default_total} runs of the default study finished; their "
           f"training and evaluation took {seconds / 3600:.1f} hours of run time together "
           f"({seconds / max(len(default), 1):.0f} s a run on average). {repeats} cells of the "
           "grid are models without a SAL in a setting that differs only in the SAL window: "
           "they show the result of the identical run. On request (budget, estimator): "
-          f"{len(trained) - len(default)} of {extra_runs} runs.")
+          f"{len(extra)} of {extra_total} runs.")
   if long:
-    long_runs = sum(r["group"] == "long" and "same_as" not in r for r in runs)
-    long = [r for r in long if "same_as" not in r]
-    done += (f" Long schedule: {len(long)} of {long_runs} runs, on "
+    done += (f" Long schedule: {len(long)} of {long_total} runs, on "
              f"{', '.join(sorted({r.get('device', '?') for r in long}))}.")
   figures = [f"![{os.path.basename(p)}](images/{os.path.basename(p)})" for p in images]
   doc = (head + BEGIN + "\n\n" + done + "\n\n" + "\n".join(body) + "\n\n"

@@ -11,8 +11,8 @@ from taipan_jax.models import SelectiveAttentionLayer
 from helpers import tiny_config
 
 
-def _layer(estimator, seq_window=8):
-  cfg = tiny_config(model__pattern="s", sal__window=seq_window, sal__capacity=0.3,
+def _layer(estimator, window=8):
+  cfg = tiny_config(model__pattern="s", sal__window=window, sal__capacity=0.3,
                     sal__straight_through=estimator)
   return SelectiveAttentionLayer(cfg, residual_scale=0.5, rngs=nnx.Rngs(0))
 
@@ -31,7 +31,7 @@ def _dense_reference(layer, h, key):
   return layer._mix_and_mlp(h, mask, scores, attn), mask
 
 
-def _gate_grad(fn, layer, h, g):
+def _gate_grad(fn, layer, g):
   """The gradient of <fn(layer), g> with respect to the gate's parameters."""
   grads = nnx.grad(lambda m: jnp.sum(fn(m) * g))(layer)
   return grads["gate"]
@@ -51,12 +51,12 @@ def test_attention_estimator_keeps_the_forward_and_gives_the_dense_gradient(rng,
   # Same forward: an unselected row's mix weight is 0 whichever attention output it has.
   np.testing.assert_allclose(np.asarray(out_dense), np.asarray(out_zero), atol=1e-6)
 
-  got = _gate_grad(lambda m: m(h, gumbel_key=key)[0], dense, h, g)
-  want = _gate_grad(lambda m: _dense_reference(m, h, key)[0], _layer("attention"), h, g)
+  got = _gate_grad(lambda m: m(h, gumbel_key=key)[0], dense, g)
+  want = _gate_grad(lambda m: _dense_reference(m, h, key)[0], _layer("attention"), g)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   # The default estimator's gate gradient differs (it sees o = 0 for unselected tokens).
-  default = _gate_grad(lambda m: m(h, gumbel_key=key)[0], _layer("zero"), h, g)
+  default = _gate_grad(lambda m: m(h, gumbel_key=key)[0], _layer("zero"), g)
   diff = max(float(jnp.abs(a - b).max())
              for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(got)))
   assert diff > 1e-4
