@@ -78,6 +78,18 @@ def test_bf16_matmuls_stay_near_float64():
     assert err < 2e-2, err
 
 
+@pytest.mark.parametrize("seq,chunk,want", [(64, 512, 64), (128, 512, 128), (600, 512, 300),
+                                             (37, 8, 8), (1024, 512, 512), (1025, 512, 342),
+                                             (5, 16, 5), (1, 1, 1)])
+def test_the_chunk_is_split_evenly_and_never_padded_past_the_sequence(seq, chunk, want):
+  from taipan_jax.ops.cross_entropy import balanced_chunk
+  got = balanced_chunk(seq, chunk)
+  steps = -(-seq // chunk)
+  assert got == want
+  assert got <= chunk and -(-seq // got) == steps       # no more steps than asked for
+  assert steps * got - seq < steps                      # under one padded position a step
+
+
 def test_bad_chunk_is_one_clear_error():
   h, w, t, tw = _inputs(1, 4, 8, 10, seed=0)
   with pytest.raises(ValueError, match="chunk=0"):
