@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- loss ---------------------------------------------------------------------------------
   cfg.loss = ml_collections.ConfigDict()
   cfg.loss.budget_weight = 1.0           # lambda of docs/spec.md section 4
-  cfg.loss.ce_chunk = 512                # LM head + loss fused, positions a step; 0: unfused
+  cfg.loss.ce_chunk = 512                # LM head + loss fused, <= this many positions a step; 0: unfused
 
   # --- optimizer (docs/spec.md section 7, decision j) -----------------------------------------------
   cfg.optim = ml_collections.ConfigDict()
