@@ -292,6 +292,7 @@ def plots(results: list[dict]) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(archs)
     for i, arch in enumerate(archs):
+      labelled = False                # in the first setting the model has bars in
       for j, setting in enumerate(settings):
         vals = [r["recall"] for r in long if r["arch"] == arch and r["setting"] == setting]
         off = [r["recall_sal_off"] for r in long if r["arch"] == arch
@@ -299,7 +300,8 @@ def plots(results: list[dict]) -> list[str]:
         x = j + i * width
         if vals:      # every seed a dot, so a 1-in-3 transition shows as what it is
           ax.bar(x, np.mean(vals), width, color=f"C{i}", alpha=0.5,
-                 label=arch if j == 0 else None)
+                 label=None if labelled else arch)
+          labelled = True
           ax.scatter([x] * len(vals), vals, color=f"C{i}", s=12, zorder=3)
         if off:
           ax.scatter([x] * len(off), off, color="k", marker="x", s=18, zorder=4,
