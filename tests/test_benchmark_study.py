@@ -14,10 +14,11 @@ import study  # noqa: E402
 import study_report  # noqa: E402
 
 
-@pytest.mark.parametrize("setting", list(study.RECALL))
+@pytest.mark.parametrize("setting", list(study.RECALL) + ["L64_p8_v256_10k"])
 def test_study_models_have_matched_parameter_counts(setting):
+  data = study.RECALL.get(setting) or study.LONG[setting]
   counts = {arch: taipan_jax.count_params(taipan_jax.load_config(
-      "tiny", {**study.BASE, **model, **study.RECALL[setting]}))
+      "tiny", {**study.BASE, **model, **data}))
       for arch, model in study.ARCHS.items()}
   taipan = counts["taipan"]
   for arch, n in counts.items():
@@ -38,16 +39,25 @@ def test_every_run_is_named_once_and_its_config_loads():
   budget = [r for r in runs if r["group"] == "budget"]
   assert {r["arch"] for r in budget} == set(study.BUDGET_ARCHS)
   long = [r for r in runs if r["group"] == "long"]
-  # every architecture in both settings, and the estimator ablation where recall is possible
-  assert len(long) == (len(study.RECALL) * len(study.ARCHS) + 1) * len(study.SEEDS)
+  # every architecture in both recall settings, the estimator ablation where recall is
+  # possible, and every architecture but Transformer++ at vocabulary 256
+  assert len(long) == (len(study.RECALL) * len(study.ARCHS) + 1
+                       + len(study.ARCHS) - 1) * len(study.SEEDS)
+  assert {r["arch"] for r in long if r["setting"] == "L64_p8_v256_10k"} == (
+      set(study.ARCHS) - {"transformer"})
   # The probe and the long schedule differ from their recall runs only in the step count
-  # (and, for the long schedule, how often they log and checkpoint).
+  # (and, for the long schedule, how often they log and checkpoint; the vocabulary in its
+  # v256 setting).
   for r in budget + [r for r in long if r["arch"] in study.ARCHS]:
-    setting = study.ABLATION_SETTING if r["group"] == "budget" else r["setting"][:-len("_10k")]
+    setting = (study.ABLATION_SETTING if r["group"] == "budget"
+               else r["setting"].replace("_v256", "")[:-len("_10k")])
     same = next(x for x in runs if x["group"] == "recall" and x["arch"] == r["arch"]
                 and x["setting"] == setting and x["seed"] == r["seed"])
     diff = {k for k in r["overrides"] if r["overrides"][k] != same["overrides"].get(k)}
-    assert diff - {"train.log_every", "train.checkpoint_every"} == {"train.steps"}
+    vocab = {"model.vocab_size"} if "_v256" in r["setting"] else set()
+    assert diff - {"train.log_every", "train.checkpoint_every"} == {"train.steps"} | vocab
+    if vocab:
+      assert r["overrides"]["model.vocab_size"] == 256
     assert r["overrides"]["train.steps"] > same["overrides"]["train.steps"]
   by_id = {r["id"]: r for r in runs}
   for r in runs:    # a reused run differs from the one it reuses only in keys it never reads
