@@ -66,6 +66,10 @@ def test_every_run_is_named_once_and_its_config_loads():
       assert "same_as" not in same and "s" not in r["overrides"]["model.pattern"]
       diff = {k for k in r["overrides"] if r["overrides"][k] != same["overrides"].get(k)}
       assert diff and all(k.startswith("sal.") for k in diff), diff
+  for group, seeds in (("rope", study.ABLATION_SEEDS), ("capacity", study.ABLATION_SEEDS),
+                       ("extrapolation", study.EXTRAPOLATION_SEEDS), ("recall", study.SEEDS)):
+    assert {r["seed"] for r in runs if r["group"] == group} == set(seeds), group
+  assert len(study.SEEDS) >= 3           # the three seeds for every architecture
   assert {r["arch"] for r in runs if r["group"] == "capacity"} == {
       f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
 
@@ -98,7 +102,7 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
   assert "| taipan eval, of queries | 0.025" in doc
-  assert "24 of the 48 runs of the default study" in doc and "4 of 7 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "24 of the 39 runs of the default study" in doc and "4 of 7 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
   assert "3.0 hours of run time together (450 s a run" in doc   # 24 x 450 s
   probe = doc.split("### Step budget probe")[1].split("###")[0]
   assert "| 1000 steps | 3000 steps |" in probe
