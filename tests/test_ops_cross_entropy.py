@@ -90,6 +90,11 @@ def test_the_chunk_is_split_evenly_and_never_padded_past_the_sequence(seq, chunk
   assert steps * got - seq < steps                      # under one padded position a step
 
 
+def test_an_empty_sequence_gets_a_valid_chunk():
+  from taipan_jax.ops.cross_entropy import balanced_chunk
+  assert balanced_chunk(0, 512) == 1
+
+
 def test_bad_chunk_is_one_clear_error():
   h, w, t, tw = _inputs(1, 4, 8, 10, seed=0)
   with pytest.raises(ValueError, match="chunk=0"):

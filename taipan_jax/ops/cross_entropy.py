@@ -42,8 +42,8 @@ def balanced_chunk(seq: int, chunk: int) -> int:
   split evenly, so the padded tail is under one position per step. Padding is computed as
   logits and thrown away: a 128-token row with a 512-position chunk would spend 4x the head's
   work (on a CPU, half a small model's step)."""
-  steps = -(-seq // chunk)
-  return -(-seq // steps)
+  steps = max(1, -(-seq // chunk))
+  return max(1, -(-seq // steps))      # an empty sequence still gets a valid chunk
 
 
 def _chunked(x, chunk):
