@@ -372,7 +372,8 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
           f"training and evaluation took {seconds / 3600:.1f} hours of run time together "
           f"({seconds / max(len(default), 1):.0f} s a run on average). {repeats} cells of the "
           "grid are models without a SAL in a setting that differs only in the SAL window: "
-          "they show the result of the identical run. On request (budget, estimator): "
+          "they show the result of the identical run. On request ("
+          + ", ".join(g for g in study.ON_REQUEST_GROUPS if g != "long") + "): "
           f"{len(extra)} of {extra_total} runs.")
   if long:
     done += (f" Long schedule: {len(long)} of {long_total} runs, on "
