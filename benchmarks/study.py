@@ -10,6 +10,7 @@ writes what came out:
     python benchmarks/study.py --seeds=0       # one seed's runs of every default group
     python benchmarks/study.py --only=budget   # the step-budget probe (not run by default)
     python benchmarks/study.py --only=long --jobs=15   # 10x the steps, on a GPU
+    python benchmarks/study.py --only=long --settings=L64_p8_v256_10k --models=taipan_dense4k
     python benchmarks/study.py --report        # only rebuild the JSON, the plots and the tables
 
 Resumable: each run's workdir under --root holds `study_result.json` once it is finished, and
@@ -36,7 +37,9 @@ Groups (docs/study.md has the account):
                  every architecture and seed (and the estimator ablation on L64_p8), and
                  L64_p8 at vocabulary 256, which Mamba-2 alone fails: the
                  same models, data and schedule shape, so the attention baselines get the
-                 steps their phase transition needs.
+                 steps their phase transition needs. At vocabulary 256 also Taipan's
+                 capacity and RoPE ablations and the dense-to-sparse warm-up
+                 (sal.dense_warmup_steps). --models picks some of them.
 """
 from __future__ import annotations
 
@@ -118,16 +121,25 @@ LONG["L64_p8_v256_10k"] = {**LONG["L64_p8_10k"], "model.vocab_size": 256}
 # token's mask sees the attention output it would get (sal.straight_through='attention')
 # instead of o = 0. Is the default estimator why the trained gate avoids the queries?
 ESTIMATOR = {"sal.straight_through": "attention"}
-# The models each long setting trains: every architecture; the estimator ablation where recall
-# is possible; at vocabulary 256 no Transformer++ (it learned nothing of L64_p8 in 10,000
-# steps at vocabulary 32).
-LONG_ARCHS = {"L64_p8_10k": [*ARCHS, "taipan_st_attention"],
-              "L64_p8_far_10k": list(ARCHS),
-              "L64_p8_v256_10k": [a for a in ARCHS if a != "transformer"]}
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
 ON_REQUEST_GROUPS = ("budget", "long", "estimator")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
 ABLATION_SETTING = "L64_p8"
+# The dense-to-sparse warm-up (sal.dense_warmup_steps, docs/decisions.md added decision 7):
+# in training, tokens the gate did not pick are also selected, at a rate falling linearly
+# from 1 to 0 over the first N steps, so that attention learns on the queries before the gate
+# decides whether to send them. Tried where the gate learned to avoid the queries.
+DENSE_WARMUPS = {"taipan_dense4k": 4000, "taipan_dense8k": 8000}
+# The models each long setting trains: every architecture; the estimator ablation where recall
+# is possible; at vocabulary 256 (the setting that needs attention) no Transformer++ (it
+# learned nothing of L64_p8 in 10,000 steps at vocabulary 32), but the capacity and RoPE
+# ablations and the warm-up.
+LONG_ARCHS = {"L64_p8_10k": [*ARCHS, "taipan_st_attention"],
+              "L64_p8_far_10k": list(ARCHS),
+              "L64_p8_v256_10k": [*(a for a in ARCHS if a != "transformer"),
+                                  *(f"taipan_c{c}" for c in CAPACITIES
+                                    if c != BASE["sal.capacity"]),
+                                  "taipan_rope", *DENSE_WARMUPS]}
 TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
         "train.batch_size": 16, "train.steps": 500, "sal.window": 128,
         "optim.peak_lr": 3e-3, "data.eval_fraction": 0.02}
@@ -174,7 +186,11 @@ def runs() -> list[dict]:
                 "setting": ABLATION_SETTING, "seed": seed,
                 "overrides": {**BASE, **ARCHS["taipan"], **RECALL[ABLATION_SETTING],
                               **ESTIMATOR, "train.seed": seed}})
-  long_archs = {**ARCHS, "taipan_st_attention": {**ARCHS["taipan"], **ESTIMATOR}}
+  long_archs = {**ARCHS, "taipan_st_attention": {**ARCHS["taipan"], **ESTIMATOR},
+                "taipan_rope": {**ARCHS["taipan"], "sal.rope": True},
+                **{f"taipan_c{c}": {**ARCHS["taipan"], "sal.capacity": c} for c in CAPACITIES},
+                **{name: {**ARCHS["taipan"], "sal.dense_warmup_steps": n}
+                   for name, n in DENSE_WARMUPS.items()}}
   for setting, data in LONG.items():
     for arch in LONG_ARCHS[setting]:
       for seed in SEEDS:
@@ -355,6 +371,8 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", default="", help="comma-separated seeds to run (default: all)")
   parser.add_argument("--settings", default="",
                       help="comma-separated settings to run, e.g. L64_p8 (default: all)")
+  parser.add_argument("--models", default="",
+                      help="comma-separated models to run, e.g. taipan,jamba (default: all)")
   parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
   parser.add_argument("--diagnose", action="store_true",
                       help="add the query selection (which tokens the SALs select) to "
@@ -379,6 +397,14 @@ def main(argv=None) -> int:
     parser.error(f"--settings={args.settings!r}: no run of group(s) {sorted(groups)} has "
                  f"setting(s) {sorted(settings - known_settings)}; choose from "
                  f"{sorted(known_settings)}")
+  models = set(filter(None, args.models.split(",")))
+  known_models = {r["arch"] for r in all_runs if r["group"] in groups
+                  and (not settings or r["setting"] in settings)}
+  if models - known_models:
+    parser.error(f"--models={args.models!r}: no run of group(s) {sorted(groups)}"
+                 + (f" in setting(s) {sorted(settings)}" if settings else "")
+                 + f" is model(s) {sorted(models - known_models)}; choose from "
+                 f"{sorted(known_models)}")
   # Seed by seed, so a study stopped early still covers every cell once; within a seed the
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
@@ -387,6 +413,7 @@ def main(argv=None) -> int:
   todo = sorted((r for r in all_runs if r["group"] in groups and "same_as" not in r
                  and (not seeds or r["seed"] in seeds)
                  and (not settings or r["setting"] in settings)
+                 and (not models or r["arch"] in models)
                  and not os.path.exists(_result_path(args.root, r))),
                 key=lambda r: (r["seed"], "_far" in r["setting"], order[r["group"]]))
   if (args.report or args.diagnose) and not any(

@@ -178,40 +178,36 @@ def _estimator_table(results) -> list[str]:
            "over SALs)", ""] + _markdown_table(table, columns, list(rows.values()), "model"))
 
 
-# The long-schedule table's rows beside the recall of each model with a SAL that selects:
-# (recall with the SAL off, fraction of queries selected, fraction of all tokens selected).
-_LONG_SAL_ROWS = {
-    "taipan": ("taipan, SAL off at eval", "taipan: queries selected",
-               "taipan: all tokens selected"),
-    "taipan_st_attention": ("taipan_st_attention, SAL off",
-                            "taipan_st_attention: queries selected", None)}
+def _long_models() -> list[str]:
+  """The long schedule's models in the order the study lists them."""
+  import study
+  return list(dict.fromkeys(a for s in study.LONG for a in study.LONG_ARCHS[s]))
 
 
 def _long_table(results) -> list[str]:
-  """The long schedule (10x the steps, on an accelerator): recall, the Taipans with their SAL
-  off, and the fraction of queries their SALs select."""
+  """The long schedule (10x the steps, on an accelerator): recall, and under each model whose
+  SAL selects, its recall with the SAL off and the fractions of the queries and of all tokens
+  its SALs select at evaluation (mean over SALs)."""
   import study
   long = [r for r in results if r["group"] == "long"]
   if not long:
     return []
   table = _grouped(long, "long", "recall")
+  extra = lambda arch: (f"{arch}, SAL off at eval", f"{arch}: queries selected",
+                        f"{arch}: all tokens selected")
   for r in long:
-    if r["arch"] not in _LONG_SAL_ROWS:
-      continue
-    off, queries, every = _LONG_SAL_ROWS[r["arch"]]
+    off, queries, every = extra(r["arch"])
     if "recall_sal_off" in r:
       table[r["setting"]][off].append(r["recall_sal_off"])
     if r.get("eval_selected_queries"):
       table[r["setting"]][queries].append(np.mean(r["eval_selected_queries"]))
-      if every:
-        table[r["setting"]][every].append(np.mean(r["eval_selected"]))
+      table[r["setting"]][every].append(np.mean(r["eval_selected"]))
   devices = sorted({r.get("device", "?") for r in long})
-  rows = list(study.ARCHS) + ["taipan, SAL off at eval", "taipan: queries selected",
-                              "taipan: all tokens selected", "taipan_st_attention",
-                              "taipan_st_attention, SAL off",
-                              "taipan_st_attention: queries selected"]
+  settings = [s for s in study.LONG if table[s]]
+  rows = [row for arch in _long_models() for row in (arch, *extra(arch))
+          if any(table[s][row] for s in settings)]
   return (["", f"### Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall",
-           ""] + _markdown_table(table, [s for s in study.LONG if table[s]], rows, "model"))
+           ""] + _markdown_table(table, settings, rows, "model"))
 
 
 def _save(fig, name: str) -> str:
@@ -287,9 +283,8 @@ def plots(results: list[dict]) -> list[str]:
   long = [r for r in results if r["group"] == "long"]
   if long:
     settings = [s for s in study.LONG if any(r["setting"] == s for r in long)]
-    archs = [a for a in list(study.ARCHS) + ["taipan_st_attention"]
-             if any(r["arch"] == a for r in long)]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    archs = [a for a in _long_models() if any(r["arch"] == a for r in long)]
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(archs)
     for i, arch in enumerate(archs):
       labelled = False                # in the first setting the model has bars in
@@ -299,10 +294,10 @@ def plots(results: list[dict]) -> list[str]:
                and r["setting"] == setting and "recall_sal_off" in r]
         x = j + i * width
         if vals:      # every seed a dot, so a 1-in-3 transition shows as what it is
-          ax.bar(x, np.mean(vals), width, color=f"C{i}", alpha=0.5,
+          ax.bar(x, np.mean(vals), width, color=plt.cm.tab20(i % 20), alpha=0.5,
                  label=None if labelled else arch)
           labelled = True
-          ax.scatter([x] * len(vals), vals, color=f"C{i}", s=12, zorder=3)
+          ax.scatter([x] * len(vals), vals, color=plt.cm.tab20(i % 20), s=12, zorder=3)
         if off:
           ax.scatter([x] * len(off), off, color="k", marker="x", s=18, zorder=4,
                      label="SAL off at eval" if (i, j) == (0, 0) else None)

@@ -57,6 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
   # output in training (docs/decisions.md, added decision 2): "zero" (attention runs for the
   # selected rows only) or "attention" (it runs for every row; an ablation, at dense cost).
   cfg.sal.straight_through = "zero"
+  # Dense-to-sparse warm-up (docs/decisions.md, added decision 7): > 0 also selects, in
+  # training, each token the gate did not pick with a probability falling linearly from 1 to 0
+  # over these steps, so attention learns on every kind of token before the gate must choose.
+  # 0: the paper's training.
+  cfg.sal.dense_warmup_steps = 0
   cfg.sal.rope = False                   # decision (g): no positional encoding
   cfg.sal.inference_capacity = config_dict.placeholder(int)  # cap on selected per window
   # Selection in eval mode and decoding (docs/decisions.md, "Inference selection"):

@@ -40,11 +40,24 @@ def test_every_run_is_named_once_and_its_config_loads():
   assert {r["arch"] for r in budget} == set(study.BUDGET_ARCHS)
   long = [r for r in runs if r["group"] == "long"]
   # every architecture in both recall settings, the estimator ablation where recall is
-  # possible, and every architecture but Transformer++ at vocabulary 256
+  # possible; at vocabulary 256 every architecture but Transformer++, and the Taipan
+  # ablations (capacity, RoPE) and warm-ups
+  variants = {f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
+  variants |= {"taipan_rope"} | set(study.DENSE_WARMUPS)
   assert len(long) == (len(study.RECALL) * len(study.ARCHS) + 1
-                       + len(study.ARCHS) - 1) * len(study.SEEDS)
-  assert {r["arch"] for r in long if r["setting"] == "L64_p8_v256_10k"} == (
-      set(study.ARCHS) - {"transformer"})
+                       + len(study.ARCHS) - 1 + len(variants)) * len(study.SEEDS)
+  v256 = [r for r in long if r["setting"] == "L64_p8_v256_10k"]
+  assert {r["arch"] for r in v256} == (set(study.ARCHS) - {"transformer"}) | variants
+  # Each v256 Taipan variant is the v256 Taipan with one setting changed.
+  for r in v256:
+    if r["arch"].startswith("taipan_"):
+      base = next(x for x in v256 if x["arch"] == "taipan" and x["seed"] == r["seed"])
+      diff = {k: v for k, v in r["overrides"].items() if base["overrides"].get(k) != v}
+      assert len(diff) == 1, (r["arch"], diff)
+      (key, value), = diff.items()
+      assert {"sal.capacity": r["arch"] == f"taipan_c{value}",
+              "sal.rope": r["arch"] == "taipan_rope" and value is True,
+              "sal.dense_warmup_steps": study.DENSE_WARMUPS.get(r["arch"]) == value}[key]
   # The probe and the long schedule differ from their recall runs only in the step count
   # (and, for the long schedule, how often they log and checkpoint; the vocabulary in its
   # v256 setting).
@@ -150,6 +163,21 @@ def test_query_selection_counts_the_eval_rules_selection(tmp_path):
   assert all(0.0 <= x <= 1.0 for x in got["eval_selected_queries"])
   # At initialisation the gate knows nothing of queries: about C of them are selected too.
   assert all(abs(x - study.BASE["sal.capacity"]) < 0.08 for x in got["eval_selected_queries"])
+
+
+def test_models_option_picks_runs_and_refuses_unknown_names(tmp_path, monkeypatch, capsys):
+  picked = []
+  monkeypatch.setattr(study, "_run_all", lambda todo, root, jobs: picked.extend(todo))
+  monkeypatch.setattr(study_report, "write", lambda *a: None)
+  study.main(["--root", str(tmp_path), "--only=long", "--settings=L64_p8_v256_10k",
+              "--models=taipan_dense4k,jamba", "--seeds=1"])
+  assert sorted(r["id"] for r in picked) == [
+      "long/L64_p8_v256_10k/jamba/seed1", "long/L64_p8_v256_10k/taipan_dense4k/seed1"]
+  with pytest.raises(SystemExit):
+    study.main(["--root", str(tmp_path), "--only=long", "--settings=L64_p8_10k",
+                "--models=taipan_dense4k"])
+  err = capsys.readouterr().err
+  assert "--models='taipan_dense4k'" in err and "choose from" in err and "'jamba'" in err
 
 
 def test_report_from_a_root_without_runs_is_refused(tmp_path, capsys):

@@ -129,6 +129,12 @@ def _check_sal(cfg):
   _positive("sal.tau", sal.tau)
   if sal.tau_final is not None:
     _positive("sal.tau_final", sal.tau_final)
+  if sal.dense_warmup_steps < 0:
+    _fail("sal.dense_warmup_steps", sal.dense_warmup_steps, "must be >= 0",
+          "0 trains as the paper does (no warm-up)")
+  if sal.dense_warmup_steps and sal.selection == "all":
+    _fail("sal.dense_warmup_steps", sal.dense_warmup_steps, "does nothing when "
+          "sal.selection='all' selects every token", "set it to 0")
   if sal.gate_hidden < 0:
     _fail("sal.gate_hidden", sal.gate_hidden, "must be >= 0", "0 is a single Dense gate")
   if sal.selection not in ("gumbel", "all"):

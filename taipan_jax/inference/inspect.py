@@ -26,7 +26,7 @@ def sal_attention_maps(model, tokens):
   for layer in model.layers:
     if layer.selects:
       x = layer.norm_a(h)
-      mask = layer._select(layer.gate(x), gumbel_key=None, tau=None, token_ids=tokens)
+      mask, _ = layer._select(layer.gate(x), gumbel_key=None, tau=None, token_ids=tokens)
       q, k, _ = layer._qkv(x, jnp.broadcast_to(jnp.arange(l), (b, l)))
       i, j = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
       allowed = (j <= i) & (j > i - layer.window)                    # [l, l]

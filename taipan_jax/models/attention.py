@@ -76,10 +76,11 @@ class AttentionBlock(nnx.Module):
   selects = False
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               cache: KVCache | None = None, return_cache: bool = False,
+               forced_rate=None, cache: KVCache | None = None, return_cache: bool = False,
                token_ids=None) -> LayerOutput:
     """h: [b, l, d_model] -> LayerOutput(h, {}, the KV cache after l or None): the layer
-    interface (models/layer.py); token_mask, gumbel_key, tau and token_ids are unused.
+    interface (models/layer.py); token_mask, gumbel_key, tau, forced_rate and token_ids are
+    unused.
 
     segment_ids: optional [b, l] int (packed documents): attention stays inside a segment.
     RoPE keeps absolute positions: it only sees differences, so an offset document gets the

@@ -73,7 +73,7 @@ class LanguageModel(nnx.Module):
                                     chunk=chunk, dtype=self.dtype)
 
   def __call__(self, tokens, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               return_masks: bool = False, cache: tuple | None = None,
+               forced_rate=None, return_masks: bool = False, cache: tuple | None = None,
                return_cache: bool = False, return_hidden: bool = False):
     """tokens: [batch, seq] int32 -> logits [batch, seq, vocab_size] fp32, aux.
 
@@ -82,7 +82,10 @@ class LanguageModel(nnx.Module):
       id: no layer mixes tokens of different segments. It does not imply token_mask (pass
       that separately, e.g. segment_ids > 0 where 0 marks padding). Not with return_cache.
       gumbel_key: PRNG key for the SALs' Gumbel noise in training mode (default: the model's
-      own 'gumbel' stream). tau: Gumbel temperature override (annealing).
+      own 'gumbel' stream). tau: Gumbel temperature override (annealing). forced_rate: in
+      training, also select each token with this probability (the dense-to-sparse warm-up,
+      sal.dense_warmup_steps; the selected fraction and the budget loss count the gates'
+      own draws).
     aux: selected_fraction [num_sal, batch], budget_loss scalar, and with return_masks
       select_masks [num_sal, batch, seq]. With return_cache, also the decode cache after
       the prompt: (logits, aux, cache).
@@ -106,6 +109,7 @@ class LanguageModel(nnx.Module):
     for index, layer in enumerate(self.layers):
       out = layer(h, token_mask=token_mask, segment_ids=segment_ids,
                   gumbel_key=next(keys) if layer.selects else None, tau=tau,
+                  forced_rate=forced_rate,
                   return_cache=return_cache, cache=None if cache is None else cache[index],
                   token_ids=tokens)
       h = stream(out.h)

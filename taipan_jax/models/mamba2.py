@@ -197,11 +197,11 @@ class Mamba2Block(nnx.Module):
   selects = False
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               cache: Mamba2Cache | None = None, return_cache: bool = False,
+               forced_rate=None, cache: Mamba2Cache | None = None, return_cache: bool = False,
                token_ids=None) -> LayerOutput:
     """h: [batch, seq, d_model]; segment_ids: optional [batch, seq] int (packed documents);
     cache: continue from it (Mamba2Mixer). The layer interface (models/layer.py); token_mask,
-    gumbel_key, tau and token_ids are unused."""
+    gumbel_key, tau, forced_rate and token_ids are unused."""
     out = self.mixer(self.norm(h), segment_ids=segment_ids, cache=cache,
                      return_cache=return_cache)
     out, cache = out if return_cache else (out, None)

@@ -153,9 +153,15 @@ class SelectiveAttentionLayer(nnx.Module):
       return jnp.ones(scores.shape[:-1], jnp.float32)
     raise ValueError(f"sal.inference_selection={rule!r} is not a rule")
 
-  def _select(self, scores, *, gumbel_key, tau, segment_ids=None, token_ids=None):
+  def _select(self, scores, *, gumbel_key, tau, forced_rate=None, segment_ids=None,
+              token_ids=None):
+    """-> (mask, drawn) [batch, seq] fp32: the mask that mixes, and the gate's own selection,
+    which the budget loss and the selected fraction count. They differ only in training
+    during the dense-to-sparse warm-up (forced_rate, sal.dense_warmup_steps), where tokens
+    the gate did not pick are also selected at that rate."""
     if self.select_all:
-      return jnp.ones(scores.shape[:-1], jnp.float32)
+      ones = jnp.ones(scores.shape[:-1], jnp.float32)
+      return ones, ones
     if self.deterministic:
       b, l = scores.shape[:2]
       # A packed document draws the noise it would draw alone: positions count from its start.
@@ -165,9 +171,12 @@ class SelectiveAttentionLayer(nnx.Module):
       if self.inference_capacity is not None:
         mask = ops.capped_selection(mask, window=self.window, capacity=self.inference_capacity,
                                     segment_ids=segment_ids)
-      return mask
+      return mask, mask
     key = self.rngs() if gumbel_key is None else gumbel_key
-    return ops.straight_through_gumbel(scores, key, tau=self.tau if tau is None else tau)
+    drawn = ops.straight_through_gumbel(scores, key, tau=self.tau if tau is None else tau)
+    if forced_rate is None:
+      return drawn, drawn
+    return ops.forced_selection(drawn, jax.random.fold_in(key, 1), forced_rate), drawn
 
   def _qkv(self, x, positions):
     return self._heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), positions)
@@ -224,9 +233,11 @@ class SelectiveAttentionLayer(nnx.Module):
                     pos=pos.astype(jnp.int32))
 
   def __call__(self, h, *, token_mask=None, segment_ids=None, gumbel_key=None, tau=None,
-               cache: SALCache | None = None, return_cache: bool = False,
+               forced_rate=None, cache: SALCache | None = None, return_cache: bool = False,
                token_ids=None) -> LayerOutput:
     """h: [batch, seq, d_model]; token_mask: [batch, seq] bool real tokens (for the fraction).
+    forced_rate: training only, scalar: also select each token with this probability (the
+      dense-to-sparse warm-up, sal.dense_warmup_steps); None: the gate alone.
     token_ids: [batch, seq] the model's input tokens, which key the inference draw's noise
       (LanguageModel passes them; None keys it by position alone).
 
@@ -244,8 +255,9 @@ class SelectiveAttentionLayer(nnx.Module):
     x = self.norm_a(h)
     scores = self.gate(x)                                   # [b, l, 2]
     if cache is None and not return_cache:
-      mask = self._select(scores, gumbel_key=gumbel_key, tau=tau, segment_ids=segment_ids,
-                          token_ids=token_ids)
+      mask, drawn = self._select(scores, gumbel_key=gumbel_key, tau=tau,
+                                 forced_rate=forced_rate, segment_ids=segment_ids,
+                                 token_ids=token_ids)
       selected = mask > 0.5
       # Under context parallelism, positions in the whole row (the halo keys carry theirs).
       positions = jnp.broadcast_to(ops.tokens_before(l) + jnp.arange(l), (b, l))
@@ -264,7 +276,7 @@ class SelectiveAttentionLayer(nnx.Module):
           **self.kernels)
       out = self._mix_and_mlp(h, mask, scores, attn)
       return LayerOutput(out, {"mask": mask,
-                               "fraction": ops.selected_fraction(mask, token_mask)}, None)
+                               "fraction": ops.selected_fraction(drawn, token_mask)}, None)
     if not self.deterministic:
       raise ValueError("cache / return_cache is for evaluation and decoding: call model.eval() "
                        "first (training selection is random)")

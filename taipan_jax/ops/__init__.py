@@ -6,7 +6,7 @@ from taipan_jax.ops.attention import (attention_with_prefix, ring_decode_attenti
                                       selective_window_attention, window_decode_attention)
 from taipan_jax.ops.cross_entropy import linear_cross_entropy
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
-                                      positional_gumbel_selection, selected_fraction,
+                                      forced_selection, positional_gumbel_selection, selected_fraction,
                                       straight_through_gumbel,
                                       window_rank_selection, window_rank_step)
 from taipan_jax.ops.decode import mamba2_in_proj, mamba2_ssm_out, norm_matvec
@@ -18,7 +18,8 @@ __all__ = [
     "IMPLEMENTATIONS", "Route", "choose", "target_platform",
     "selective_window_attention", "attention_with_prefix", "window_decode_attention",
     "ring_decode_attention", "linear_cross_entropy",
-    "straight_through_gumbel", "deterministic_selection", "capped_selection",
+    "straight_through_gumbel", "forced_selection", "deterministic_selection",
+    "capped_selection",
     "positional_gumbel_selection", "window_rank_selection",
     "window_rank_step",
     "selected_fraction", "budget_loss", "left_halo", "sequence_axis", "sequence_parallel",

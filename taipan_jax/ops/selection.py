@@ -34,15 +34,35 @@ def straight_through_gumbel(scores, key, *, tau: float = 1.0):
 
 
 def _gumbel_noise(key, shape):
-  """Gumbel noise [..., seq, 2]. Under context parallelism the noise of the whole sequence is
-  drawn and this device's stretch cut out, so a split run selects as the unsplit one does."""
+  """Gumbel noise [..., seq, 2] (see _row_noise)."""
+  return _row_noise(jax.random.gumbel, key, shape)
+
+
+def _row_noise(draw, key, shape):
+  """draw(key, shape, fp32) of shape [..., seq, n]. Under context parallelism the noise of
+  the whole sequence is drawn and this device's stretch cut out, so a split run selects as
+  the unsplit one does."""
   axis = sequence_axis()
   if axis is None:
-    return jax.random.gumbel(key, shape, jnp.float32)
+    return draw(key, shape, jnp.float32)
   l = shape[-2]
-  whole = jax.random.gumbel(key, shape[:-2] + (l * jax.lax.axis_size(axis), shape[-1]),
-                            jnp.float32)
+  whole = draw(key, shape[:-2] + (l * jax.lax.axis_size(axis), shape[-1]), jnp.float32)
   return jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(axis) * l, l, axis=-2)
+
+
+def forced_selection(mask, key, rate):
+  """The dense-to-sparse warm-up's selection (sal.dense_warmup_steps): the gate's
+  straight-through mask, plus every token a uniform draw picks with probability `rate`.
+
+  A forced token is selected with a constant mask of 1, so the gate gets no gradient through
+  its mask (the mix weight alpha of eq. 5 still trains the gate there); the other tokens keep
+  the gate's mask and its gradient. At rate 0 this is `mask` exactly.
+
+  mask: [..., seq] fp32 (ops.straight_through_gumbel); key: PRNG key; rate: scalar in [0, 1]
+  (may be traced). Returns [..., seq] fp32 with forward values in {0, 1}.
+  """
+  u = _row_noise(jax.random.uniform, key, mask.shape + (1,))[..., 0]
+  return jnp.where(u < rate, jnp.ones_like(mask), mask)
 
 
 def deterministic_selection(scores):

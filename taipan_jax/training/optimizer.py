@@ -31,6 +31,17 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
+def forced_selection_rate(cfg, step):
+  """The dense-to-sparse warm-up (sal.dense_warmup_steps = N > 0): the probability that a
+  training step also selects a token its gate did not pick, falling linearly from 1 at step 0
+  to 0 at step N. None when there is no warm-up (the paper's training), so that program is
+  unchanged."""
+  n = cfg.sal.dense_warmup_steps
+  if not n:
+    return None
+  return jnp.maximum(1.0 - step / n, 0.0)
+
+
 def gumbel_tau(cfg, step):
   """Constant tau, or a linear anneal to sal.tau_final over train.steps (decision c)."""
   if cfg.sal.tau_final is None:

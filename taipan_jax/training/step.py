@@ -14,7 +14,8 @@ import optax
 from flax import nnx
 
 from taipan_jax.sharding.context_parallel import over_sequence
-from taipan_jax.training.optimizer import gumbel_tau, learning_rate_schedule, make_optimizer
+from taipan_jax.training.optimizer import (forced_selection_rate, gumbel_tau,
+                                           learning_rate_schedule, make_optimizer)
 from taipan_jax.training.state import TrainState
 
 
@@ -72,8 +73,9 @@ def make_steps(cfg, build: Callable[[], nnx.Module]) -> Steps:
         out, batch["targets"], batch["loss_mask"], chunk=cfg.loss.ce_chunk)
     return (ce_sum, batch["loss_mask"].sum(), correct), aux
 
-  def micro_loss(params, micro, key, tau, total_weight):
-    (ce_sum, weight, correct), aux = forward(train_def, params, micro, gumbel_key=key, tau=tau)
+  def micro_loss(params, micro, key, tau, forced_rate, total_weight):
+    (ce_sum, weight, correct), aux = forward(train_def, params, micro, gumbel_key=key, tau=tau,
+                                             forced_rate=forced_rate)
     # Normalised by the whole batch's weight: the micro-batch gradients sum to the gradient
     # of the full batch's mean loss.
     loss = ce_sum / total_weight + cfg.loss.budget_weight * aux["budget_loss"] / accum
@@ -84,6 +86,7 @@ def make_steps(cfg, build: Callable[[], nnx.Module]) -> Steps:
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(base_key, state.step)
     tau = gumbel_tau(cfg, state.step)
+    forced_rate = forced_selection_rate(cfg, state.step)
     total_weight = jnp.maximum(batch["loss_mask"].sum(), 1.0)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -91,12 +94,13 @@ def make_steps(cfg, build: Callable[[], nnx.Module]) -> Steps:
     def body(carry, inputs):
       grads, sums = carry
       i, mb = inputs
-      g, m = grad_fn(state.params, mb, jax.random.fold_in(key, i), tau, total_weight)
+      g, m = grad_fn(state.params, mb, jax.random.fold_in(key, i), tau, forced_rate,
+                     total_weight)
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, m)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     _, sums0 = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), key,
-                              tau, total_weight)
+                              tau, forced_rate, total_weight)
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
     (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), (jnp.arange(accum), micro))
 
