@@ -129,13 +129,15 @@ ABLATION_SETTING = "L64_p8"
 # in training, tokens the gate did not pick are also selected, at a rate falling linearly
 # from 1 to 0 over the first N steps, so that attention learns on the queries before the gate
 # decides whether to send them. Tried where the gate learned to avoid the queries.
-DENSE_WARMUPS = {"taipan_dense4k": 4000, "taipan_dense8k": 8000}
+DENSE_WARMUPS = {"taipan_dense4k": 4000, "taipan_dense6k": 6000, "taipan_dense8k": 8000,
+                 "taipan_dense10k": 10000}
 # The models each long setting trains: every architecture; the estimator ablation where recall
 # is possible; at vocabulary 256 (the setting that needs attention) no Transformer++ (it
 # learned nothing of L64_p8 in 10,000 steps at vocabulary 32), but the capacity and RoPE
-# ablations and the warm-up.
-LONG_ARCHS = {"L64_p8_10k": [*ARCHS, "taipan_st_attention"],
-              "L64_p8_far_10k": list(ARCHS),
+# ablations and the warm-ups. The full-length warm-up also at vocabulary 32, and where every
+# query is farther from its key than the SAL window (there the SAL cannot help: a control).
+LONG_ARCHS = {"L64_p8_10k": [*ARCHS, "taipan_st_attention", "taipan_dense10k"],
+              "L64_p8_far_10k": [*ARCHS, "taipan_dense10k"],
               "L64_p8_v256_10k": [*(a for a in ARCHS if a != "transformer"),
                                   *(f"taipan_c{c}" for c in CAPACITIES
                                     if c != BASE["sal.capacity"]),

@@ -40,14 +40,17 @@ def test_every_run_is_named_once_and_its_config_loads():
   assert {r["arch"] for r in budget} == set(study.BUDGET_ARCHS)
   long = [r for r in runs if r["group"] == "long"]
   # every architecture in both recall settings, the estimator ablation where recall is
-  # possible; at vocabulary 256 every architecture but Transformer++, and the Taipan
-  # ablations (capacity, RoPE) and warm-ups
+  # possible, the full-length warm-up in both; at vocabulary 256 every architecture but
+  # Transformer++, and the Taipan ablations (capacity, RoPE) and warm-ups
   variants = {f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
   variants |= {"taipan_rope"} | set(study.DENSE_WARMUPS)
-  assert len(long) == (len(study.RECALL) * len(study.ARCHS) + 1
-                       + len(study.ARCHS) - 1 + len(variants)) * len(study.SEEDS)
+  expected = {"L64_p8_10k": set(study.ARCHS) | {"taipan_st_attention", "taipan_dense10k"},
+              "L64_p8_far_10k": set(study.ARCHS) | {"taipan_dense10k"},
+              "L64_p8_v256_10k": (set(study.ARCHS) - {"transformer"}) | variants}
+  assert len(long) == sum(map(len, expected.values())) * len(study.SEEDS)
+  for setting, archs in expected.items():
+    assert {r["arch"] for r in long if r["setting"] == setting} == archs, setting
   v256 = [r for r in long if r["setting"] == "L64_p8_v256_10k"]
-  assert {r["arch"] for r in v256} == (set(study.ARCHS) - {"transformer"}) | variants
   # Each v256 Taipan variant is the v256 Taipan with one setting changed.
   for r in v256:
     if r["arch"].startswith("taipan_"):
