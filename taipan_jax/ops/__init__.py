@@ -6,8 +6,8 @@ from taipan_jax.ops.attention import (attention_with_prefix, ring_decode_attenti
                                       selective_window_attention, window_decode_attention)
 from taipan_jax.ops.cross_entropy import linear_cross_entropy
 from taipan_jax.ops.selection import (budget_loss, capped_selection, deterministic_selection,
-                                      forced_selection, positional_gumbel_selection, selected_fraction,
-                                      straight_through_gumbel,
+                                      forced_selection, positional_gumbel_selection,
+                                      selected_fraction, straight_through_gumbel,
                                       window_rank_selection, window_rank_step)
 from taipan_jax.ops.decode import mamba2_in_proj, mamba2_ssm_out, norm_matvec
 from taipan_jax.ops.dispatch import IMPLEMENTATIONS, Route, choose, target_platform

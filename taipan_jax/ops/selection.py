@@ -26,16 +26,11 @@ def straight_through_gumbel(scores, key, *, tau: float = 1.0):
     m: [...] fp32 mask.
   """
   scores = scores.astype(jnp.float32)
-  noise = _gumbel_noise(key, scores.shape)
+  noise = _row_noise(jax.random.gumbel, key, scores.shape)
   y = jax.nn.softmax((scores + noise) / tau, axis=-1)[..., 1]
   hard = (scores[..., 1] + noise[..., 1] > scores[..., 0] + noise[..., 0]).astype(jnp.float32)
   # (y - y) is exactly 0, so the forward value is exactly 0 or 1; hard + y - y is not.
   return hard + (y - jax.lax.stop_gradient(y))
-
-
-def _gumbel_noise(key, shape):
-  """Gumbel noise [..., seq, 2] (see _row_noise)."""
-  return _row_noise(jax.random.gumbel, key, shape)
 
 
 def _row_noise(draw, key, shape):
