@@ -39,7 +39,8 @@ Groups (docs/study.md has the account):
                  same models, data and schedule shape, so the attention baselines get the
                  steps their phase transition needs. At vocabulary 256 also Taipan's
                  capacity and RoPE ablations and the dense-to-sparse warm-up
-                 (sal.dense_warmup_steps). --models picks some of them.
+                 (sal.dense_warmup_steps) at four lengths; the full-length warm-up also on
+                 both vocabulary-32 settings. --models picks some of them.
 """
 from __future__ import annotations
 
