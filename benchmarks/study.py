@@ -132,6 +132,16 @@ ABLATION_SETTING = "L64_p8"
 # decides whether to send them. Tried where the gate learned to avoid the queries.
 DENSE_WARMUPS = {"taipan_dense4k": 4000, "taipan_dense6k": 6000, "taipan_dense8k": 8000,
                  "taipan_dense10k": 10000}
+# The ablations' Taipans by name: the study's Taipan with these keys changed (C = 0.15 is the
+# Taipan itself).
+CAPACITY_ARCHS = {f"taipan_c{c}": c for c in CAPACITIES if c != BASE["sal.capacity"]}
+TAIPAN_VARIANTS = {"taipan_rope": {"sal.rope": True},
+                   **{name: {"sal.capacity": c} for name, c in CAPACITY_ARCHS.items()},
+                   "taipan_st_attention": ESTIMATOR,
+                   **{name: {"sal.dense_warmup_steps": n} for name, n in DENSE_WARMUPS.items()}}
+# Every model of the study: the architectures and the Taipan variants.
+MODELS = {**ARCHS,
+          **{name: {**ARCHS["taipan"], **keys} for name, keys in TAIPAN_VARIANTS.items()}}
 # The models each long setting trains: every architecture; the estimator ablation where recall
 # is possible; at vocabulary 256 (the setting that needs attention) no Transformer++ (it
 # learned nothing of L64_p8 in 10,000 steps at vocabulary 32), but the capacity and RoPE
@@ -140,9 +150,7 @@ DENSE_WARMUPS = {"taipan_dense4k": 4000, "taipan_dense6k": 6000, "taipan_dense8k
 LONG_ARCHS = {"L64_p8_10k": [*ARCHS, "taipan_st_attention", "taipan_dense10k"],
               "L64_p8_far_10k": [*ARCHS, "taipan_dense10k"],
               "L64_p8_v256_10k": [*(a for a in ARCHS if a != "transformer"),
-                                  *(f"taipan_c{c}" for c in CAPACITIES
-                                    if c != BASE["sal.capacity"]),
-                                  "taipan_rope", *DENSE_WARMUPS]}
+                                  *CAPACITY_ARCHS, "taipan_rope", *DENSE_WARMUPS]}
 TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
         "train.batch_size": 16, "train.steps": 500, "sal.window": 128,
         "optim.peak_lr": 3e-3, "data.eval_fraction": 0.02}
@@ -161,19 +169,13 @@ def runs() -> list[dict]:
       for seed in SEEDS:
         out.append({"group": "recall", "arch": arch, "setting": setting, "seed": seed,
                     "overrides": {**BASE, **model, **data, "train.seed": seed}})
-  for seed in ABLATION_SEEDS:
-    out.append({"group": "rope", "arch": "taipan_rope", "setting": ABLATION_SETTING,
-                "seed": seed, "overrides": {**BASE, **ARCHS["taipan"],
-                                            **RECALL[ABLATION_SETTING], "sal.rope": True,
-                                            "train.seed": seed}})
-  for c in CAPACITIES:
-    if c == BASE["sal.capacity"]:
-      continue                          # the recall group's Taipan runs
-    for seed in ABLATION_SEEDS:
-      out.append({"group": "capacity", "arch": f"taipan_c{c}", "setting": ABLATION_SETTING,
-                  "seed": seed, "overrides": {**BASE, **ARCHS["taipan"],
-                                              **RECALL[ABLATION_SETTING], "sal.capacity": c,
-                                              "train.seed": seed}})
+  ablations = [("rope", "taipan_rope", ABLATION_SEEDS),
+               *(("capacity", arch, ABLATION_SEEDS) for arch in CAPACITY_ARCHS)]
+  for group, arch, seeds in ablations:
+    for seed in seeds:
+      out.append({"group": group, "arch": arch, "setting": ABLATION_SETTING, "seed": seed,
+                  "overrides": {**BASE, **MODELS[arch], **RECALL[ABLATION_SETTING],
+                                "train.seed": seed}})
   for arch, model in ARCHS.items():
     for seed in EXTRAPOLATION_SEEDS:
       out.append({"group": "extrapolation", "arch": arch, "setting": "stdlib", "seed": seed,
@@ -187,18 +189,13 @@ def runs() -> list[dict]:
   for seed in SEEDS:
     out.append({"group": "estimator", "arch": "taipan_st_attention",
                 "setting": ABLATION_SETTING, "seed": seed,
-                "overrides": {**BASE, **ARCHS["taipan"], **RECALL[ABLATION_SETTING],
-                              **ESTIMATOR, "train.seed": seed}})
-  long_archs = {**ARCHS, "taipan_st_attention": {**ARCHS["taipan"], **ESTIMATOR},
-                "taipan_rope": {**ARCHS["taipan"], "sal.rope": True},
-                **{f"taipan_c{c}": {**ARCHS["taipan"], "sal.capacity": c} for c in CAPACITIES},
-                **{name: {**ARCHS["taipan"], "sal.dense_warmup_steps": n}
-                   for name, n in DENSE_WARMUPS.items()}}
+                "overrides": {**BASE, **MODELS["taipan_st_attention"],
+                              **RECALL[ABLATION_SETTING], "train.seed": seed}})
   for setting, data in LONG.items():
     for arch in LONG_ARCHS[setting]:
       for seed in SEEDS:
         out.append({"group": "long", "arch": arch, "setting": setting, "seed": seed,
-                    "overrides": {**BASE, **long_archs[arch], **data, "train.seed": seed}})
+                    "overrides": {**BASE, **MODELS[arch], **data, "train.seed": seed}})
   first = {}
   for r in out:
     r["id"] = f"{r['group']}/{r['setting']}/{r['arch']}/seed{r['seed']}"

@@ -97,8 +97,7 @@ def tables(results: list[dict]) -> list[str]:
   for r in results:
     if r["setting"] == study.ABLATION_SETTING and r["arch"].startswith("taipan") and \
        r["group"] in ("capacity", "recall") and r["arch"] != "taipan_rope":
-      c = float(r["arch"][len("taipan_c"):]) if r["arch"] != "taipan" else \
-          study.BASE["sal.capacity"]
+      c = _capacity(r["arch"])
       cap[f"C = {c}"]["recall"].append(r["recall"])
       cap[f"C = {c}"]["selected at eval"].append(np.mean(r["eval_selected"]))
   keys = sorted(cap, key=lambda k: float(k.split("= ")[1]))
@@ -178,6 +177,12 @@ def _estimator_table(results) -> list[str]:
            "over SALs)", ""] + _markdown_table(table, columns, list(rows.values()), "model"))
 
 
+def _capacity(arch: str) -> float:
+  """The budget C a Taipan of the study trains with."""
+  import study
+  return study.CAPACITY_ARCHS.get(arch, study.BASE["sal.capacity"])
+
+
 def _long_models() -> list[str]:
   """The long schedule's models in the order the study lists them."""
   import study
@@ -243,14 +248,12 @@ def plots(results: list[dict]) -> list[str]:
     ax.set_title("MQAR recall at matched parameters (small models, CPU)")
     ax.legend(fontsize=7, ncol=3)
     written.append(_save(fig, "study_recall.png"))
-  caps = sorted({float(r["arch"][len("taipan_c"):]) for r in results
+  caps = sorted({_capacity(r["arch"]) for r in results
                   if r["group"] == "capacity"} | {study.BASE["sal.capacity"]})
   ablation = [r for r in results if r["setting"] == study.ABLATION_SETTING
               and r["group"] in ("recall", "capacity", "rope") and r["arch"].startswith("taipan")]
   if any(r["group"] in ("capacity", "rope") for r in ablation):
-    def capacity_of(r):
-      return study.BASE["sal.capacity"] if r["arch"] in ("taipan", "taipan_rope") else \
-          float(r["arch"][len("taipan_c"):])
+    capacity_of = lambda r: _capacity(r["arch"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     for key, label, marker in (("recall", "recall", "o"), ("recall_sal_off", "recall, SAL off",
                                                            "x")):
@@ -288,16 +291,17 @@ def plots(results: list[dict]) -> list[str]:
     width = 0.8 / len(archs)
     for i, arch in enumerate(archs):
       labelled = False                # in the first setting the model has bars in
+      color = plt.cm.tab20(i % 20)
       for j, setting in enumerate(settings):
         vals = [r["recall"] for r in long if r["arch"] == arch and r["setting"] == setting]
         off = [r["recall_sal_off"] for r in long if r["arch"] == arch
                and r["setting"] == setting and "recall_sal_off" in r]
         x = j + i * width
         if vals:      # every seed a dot, so a 1-in-3 transition shows as what it is
-          ax.bar(x, np.mean(vals), width, color=plt.cm.tab20(i % 20), alpha=0.5,
+          ax.bar(x, np.mean(vals), width, color=color, alpha=0.5,
                  label=None if labelled else arch)
           labelled = True
-          ax.scatter([x] * len(vals), vals, color=plt.cm.tab20(i % 20), s=12, zorder=3)
+          ax.scatter([x] * len(vals), vals, color=color, s=12, zorder=3)
         if off:
           ax.scatter([x] * len(off), off, color="k", marker="x", s=18, zorder=4,
                      label="SAL off at eval" if (i, j) == (0, 0) else None)
