@@ -8,6 +8,7 @@ writes what came out:
     python benchmarks/study.py --jobs=2        # two runs at a time (a 2-core machine)
     python benchmarks/study.py --only=recall   # one group: recall, rope, capacity, extrapolation
     python benchmarks/study.py --seeds=0       # one seed's runs of every default group
+    python benchmarks/study.py --jobs=2 --seeds=0,1,2   # three seeds in every group too
     python benchmarks/study.py --only=budget   # the step-budget probe (not run by default)
     python benchmarks/study.py --only=long --jobs=15   # 10x the steps, on a GPU
     python benchmarks/study.py --only=long --settings=L64_p8_v256_10k --models=taipan_dense4k
@@ -23,7 +24,8 @@ Groups (docs/study.md has the account):
                  meant to exceed the small SSM state (given 10x the steps Mamba-2 alone
                  learns it: docs/study.md) and one where queries lie farther from their keys
                  than the SAL window; Taipan also evaluated with its SAL off.
-  rope           Taipan with RoPE in the SAL (paper Fig. 6 analogue), two seeds.
+  rope           Taipan with RoPE in the SAL (paper Fig. 6 analogue), two seeds (three with
+                 --seeds=0,1,2, as for capacity and extrapolation).
   capacity       Taipan at C in {0.05, 0.15, 0.3, 1.0} (paper Fig. 5 analogue), with the
                  selected fraction at evaluation as its measured cost, two seeds.
   extrapolation  trained on 128-token rows of the Python standard library, perplexity by
@@ -56,13 +58,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "study_cpu.json")
 SEEDS = (0, 1, 2)
-# The RoPE and capacity ablations and the extrapolation runs use two seeds, the recall
-# comparison of the architectures three: with three everywhere the default study needed
-# about 2.2 hours on 2 cores (per-run times measured in the fifth session), with two about
-# 1.9. In the three seeds run before, every ablated Taipan sat on the same recall plateau
-# (0.235-0.260 held out), and every seed's extrapolation showed the same picture (the four
-# models with Mamba-2 blocks within 2-10% of each other at 4K-8K tokens, Transformer++ 33-120%
-# worse), so the third seed bought little there.
+# The default run gives the RoPE and capacity ablations and the extrapolation runs two
+# seeds, the recall comparison of the architectures three: with three everywhere the study
+# needs about 2.2 hours on 2 cores, with two it ran in 1.9 (docs/study.md). Their third
+# seeds are runs of the study all the same: `--seeds=0,1,2` runs every group's three seeds,
+# and the tables show every finished seed.
 ABLATION_SEEDS = (0, 1)
 EXTRAPOLATION_SEEDS = (0, 1)
 
@@ -169,18 +169,20 @@ def runs() -> list[dict]:
       for seed in SEEDS:
         out.append({"group": "recall", "arch": arch, "setting": setting, "seed": seed,
                     "overrides": {**BASE, **model, **data, "train.seed": seed}})
-  ablations = [("rope", "taipan_rope", ABLATION_SEEDS),
-               *(("capacity", arch, ABLATION_SEEDS) for arch in CAPACITY_ARCHS)]
-  for group, arch, seeds in ablations:
-    for seed in seeds:
+  # A seed beyond its group's default seeds is marked `extra_seed`: run when --seeds names it.
+  ablations = [("rope", "taipan_rope"), *(("capacity", arch) for arch in CAPACITY_ARCHS)]
+  for group, arch in ablations:
+    for seed in SEEDS:
       out.append({"group": group, "arch": arch, "setting": ABLATION_SETTING, "seed": seed,
                   "overrides": {**BASE, **MODELS[arch], **RECALL[ABLATION_SETTING],
-                                "train.seed": seed}})
+                                "train.seed": seed},
+                  **({"extra_seed": True} if seed not in ABLATION_SEEDS else {})})
   for arch, model in ARCHS.items():
-    for seed in EXTRAPOLATION_SEEDS:
+    for seed in SEEDS:
       out.append({"group": "extrapolation", "arch": arch, "setting": "stdlib", "seed": seed,
                   "overrides": {**BASE, **model, **TEXT, "train.seed": seed,
-                                "data.path": os.path.join(stdlib(), "*.py")}})
+                                "data.path": os.path.join(stdlib(), "*.py")},
+                  **({"extra_seed": True} if seed not in EXTRAPOLATION_SEEDS else {})})
   for setting, data in BUDGET.items():
     for arch in BUDGET_ARCHS:
       for seed in BUDGET_SEEDS:
@@ -368,7 +370,11 @@ def main(argv=None) -> int:
                       help="comma-separated groups to run (default: "
                            + ", ".join(DEFAULT_GROUPS) + "; " + ", ".join(ON_REQUEST_GROUPS)
                            + " run only when named)")
-  parser.add_argument("--seeds", default="", help="comma-separated seeds to run (default: all)")
+  parser.add_argument("--seeds", default="",
+                      help="comma-separated seeds to run in every group named (default: "
+                           "each group's own: three for recall, "
+                           f"{len(ABLATION_SEEDS)} for the ablations and extrapolation; "
+                           "--seeds=0,1,2 runs three everywhere)")
   parser.add_argument("--settings", default="",
                       help="comma-separated settings to run, e.g. L64_p8 (default: all)")
   parser.add_argument("--models", default="",
@@ -411,7 +417,7 @@ def main(argv=None) -> int:
   order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4,
            "estimator": 5, "long": 6}
   todo = sorted((r for r in all_runs if r["group"] in groups and "same_as" not in r
-                 and (not seeds or r["seed"] in seeds)
+                 and (r["seed"] in seeds if seeds else not r.get("extra_seed"))
                  and (not settings or r["setting"] in settings)
                  and (not models or r["arch"] in models)
                  and not os.path.exists(_result_path(args.root, r))),

@@ -341,17 +341,23 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   results = _load(root, runs)
   os.makedirs(os.path.dirname(results_path), exist_ok=True)
   trained = [r for r in results if "same_as" not in r]      # each trained run once
-  default = [r for r in trained if r["group"] in study.DEFAULT_GROUPS]
+  extra_seeds = {r["id"] for r in runs if r.get("extra_seed")}
+  default = [r for r in trained if r["group"] in study.DEFAULT_GROUPS
+             and r["id"] not in extra_seeds]
+  third = [r for r in trained if r["id"] in extra_seeds]
   extra = [r for r in trained if r["group"] not in study.DEFAULT_GROUPS + ("long",)]
   long = [r for r in trained if r["group"] == "long"]
   distinct = [r for r in runs if "same_as" not in r]
-  default_total = sum(r["group"] in study.DEFAULT_GROUPS for r in distinct)
+  default_total = sum(r["group"] in study.DEFAULT_GROUPS and not r.get("extra_seed")
+                      for r in distinct)
+  third_total = sum(bool(r.get("extra_seed")) for r in distinct)
   extra_total = sum(r["group"] not in study.DEFAULT_GROUPS + ("long",) for r in distinct)
   long_total = sum(r["group"] == "long" for r in distinct)
   with open(results_path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "cpu_count": os.cpu_count(), "runs_total": default_total,
-               "runs_done": len(default), "on_request_runs_total": extra_total,
+               "runs_done": len(default), "third_seed_runs_total": third_total,
+               "third_seed_runs_done": len(third), "on_request_runs_total": extra_total,
                "on_request_runs_done": len(extra),
                "results": [r for r in results if r["group"] != "long"]}, f, indent=1)
   if long:
@@ -371,7 +377,9 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
           f"training and evaluation took {seconds / 3600:.1f} hours of run time together "
           f"({seconds / max(len(default), 1):.0f} s a run on average). {repeats} cells of the "
           "grid are models without a SAL in a setting that differs only in the SAL window: "
-          "they show the result of the identical run. On request ("
+          "they show the result of the identical run. The third seeds of the ablations and "
+          f"the extrapolation (`--seeds=0,1,2`): {len(third)} of {third_total} runs, "
+          f"{sum(r['seconds'] for r in third) / 3600:.1f} hours. On request ("
           + ", ".join(g for g in study.ON_REQUEST_GROUPS if g != "long") + "): "
           f"{len(extra)} of {extra_total} runs.")
   if long:
