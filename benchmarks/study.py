@@ -123,7 +123,7 @@ LONG["L64_p8_v256_10k"] = {**LONG["L64_p8_10k"], "model.vocab_size": 256}
 # instead of o = 0. Is the default estimator why the trained gate avoids the queries?
 ESTIMATOR = {"sal.straight_through": "attention"}
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
-ON_REQUEST_GROUPS = ("budget", "long", "estimator")
+ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
 ABLATION_SETTING = "L64_p8"
 # The dense-to-sparse warm-up (sal.dense_warmup_steps, docs/decisions.md added decision 7):
@@ -132,13 +132,22 @@ ABLATION_SETTING = "L64_p8"
 # decides whether to send them. Tried where the gate learned to avoid the queries.
 DENSE_WARMUPS = {"taipan_dense4k": 4000, "taipan_dense6k": 6000, "taipan_dense8k": 8000,
                  "taipan_dense10k": 10000}
+TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
+        "train.batch_size": 16, "train.steps": 500, "sal.window": 128,
+        "optim.peak_lr": 3e-3, "data.eval_fraction": 0.02}
+TEXT_SETTING = "stdlib"
+# The warm-up on language modelling (`--only=warmup`, not in the default run): does the
+# warm-up that made recall work cost anything where every token is in the loss? The
+# extrapolation group's Taipan against the same Taipan with the warm-up over all its steps.
+TEXT_WARMUP = "taipan_dense500"
 # The ablations' Taipans by name: the study's Taipan with these keys changed (C = 0.15 is the
 # Taipan itself).
 CAPACITY_ARCHS = {f"taipan_c{c}": c for c in CAPACITIES if c != BASE["sal.capacity"]}
 TAIPAN_VARIANTS = {"taipan_rope": {"sal.rope": True},
                    **{name: {"sal.capacity": c} for name, c in CAPACITY_ARCHS.items()},
                    "taipan_st_attention": ESTIMATOR,
-                   **{name: {"sal.dense_warmup_steps": n} for name, n in DENSE_WARMUPS.items()}}
+                   **{name: {"sal.dense_warmup_steps": n} for name, n in DENSE_WARMUPS.items()},
+                   TEXT_WARMUP: {"sal.dense_warmup_steps": TEXT["train.steps"]}}
 # Every model of the study: the architectures and the Taipan variants.
 MODELS = {**ARCHS,
           **{name: {**ARCHS["taipan"], **keys} for name, keys in TAIPAN_VARIANTS.items()}}
@@ -151,9 +160,6 @@ LONG_ARCHS = {"L64_p8_10k": [*ARCHS, "taipan_st_attention", "taipan_dense10k"],
               "L64_p8_far_10k": [*ARCHS, "taipan_dense10k"],
               "L64_p8_v256_10k": [*(a for a in ARCHS if a != "transformer"),
                                   *CAPACITY_ARCHS, "taipan_rope", *DENSE_WARMUPS]}
-TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
-        "train.batch_size": 16, "train.steps": 500, "sal.window": 128,
-        "optim.peak_lr": 3e-3, "data.eval_fraction": 0.02}
 EXTRAPOLATION_FACTOR = 64
 
 
@@ -177,11 +183,11 @@ def runs() -> list[dict]:
                   "overrides": {**BASE, **MODELS[arch], **RECALL[ABLATION_SETTING],
                                 "train.seed": seed},
                   **({"extra_seed": True} if seed not in ABLATION_SEEDS else {})})
+  text = {**TEXT, "data.path": os.path.join(stdlib(), "*.py")}
   for arch, model in ARCHS.items():
     for seed in SEEDS:
-      out.append({"group": "extrapolation", "arch": arch, "setting": "stdlib", "seed": seed,
-                  "overrides": {**BASE, **model, **TEXT, "train.seed": seed,
-                                "data.path": os.path.join(stdlib(), "*.py")},
+      out.append({"group": "extrapolation", "arch": arch, "setting": TEXT_SETTING,
+                  "seed": seed, "overrides": {**BASE, **model, **text, "train.seed": seed},
                   **({"extra_seed": True} if seed not in EXTRAPOLATION_SEEDS else {})})
   for setting, data in BUDGET.items():
     for arch in BUDGET_ARCHS:
@@ -193,6 +199,10 @@ def runs() -> list[dict]:
                 "setting": ABLATION_SETTING, "seed": seed,
                 "overrides": {**BASE, **MODELS["taipan_st_attention"],
                               **RECALL[ABLATION_SETTING], "train.seed": seed}})
+  for arch in ("taipan", TEXT_WARMUP):     # the Taipan's runs are the extrapolation group's
+    for seed in SEEDS:
+      out.append({"group": "warmup", "arch": arch, "setting": TEXT_SETTING, "seed": seed,
+                  "overrides": {**BASE, **MODELS[arch], **text, "train.seed": seed}})
   for setting, data in LONG.items():
     for arch in LONG_ARCHS[setting]:
       for seed in SEEDS:
@@ -290,7 +300,7 @@ def run_one(run: dict, root: str) -> dict:
 
   workdir = os.path.join(root, run["id"])
   overrides = dict(run["overrides"])
-  if run["group"] == "extrapolation":
+  if run["setting"] == TEXT_SETTING:
     overrides["data.tokenizer"] = tokenizer_path(root)
   cfg = load_config("tiny", overrides)
   start = time.perf_counter()
@@ -308,7 +318,7 @@ def run_one(run: dict, root: str) -> dict:
             "train_selected": [v for k, v in sorted(last_train[0].items())
                                if k.startswith("selected_sal")]}
   quiet = lambda *_: None
-  if run["group"] != "extrapolation":
+  if run["setting"] != TEXT_SETTING:
     ev = evaluate_workdir(workdir, log=quiet)
     result.update(loss=ev["eval/loss"], recall=ev["eval/accuracy"],
                   eval_selected=[v for k, v in sorted(ev.items())
@@ -324,8 +334,18 @@ def run_one(run: dict, root: str) -> dict:
     tokens = extrapolation_document(loaded.tokenizer)
     nll = long_context.stream_nll(loaded.model, tokens, segment_len=n, mesh=None, log=None)
     result["by_position"] = long_context.bucket_table(nll, first=TEXT["data.seq_len"])
+    result.update(_text_eval(workdir))
   result["seconds"] = time.perf_counter() - start
   return result
+
+
+def _text_eval(workdir: str) -> dict:
+  """Held-out loss of a text run on the held-out top-level files, and each SAL's selected
+  fraction under the inference rule there."""
+  from taipan_jax.training.loop import evaluate_workdir
+  ev = evaluate_workdir(workdir, log=lambda *_: None)
+  return {"loss": ev["eval/loss"],
+          "eval_selected": [v for k, v in sorted(ev.items()) if k.startswith("eval/selected_sal")]}
 
 
 def _log_path(root, run):
@@ -381,8 +401,9 @@ def main(argv=None) -> int:
                       help="comma-separated models to run, e.g. taipan,jamba (default: all)")
   parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
   parser.add_argument("--diagnose", action="store_true",
-                      help="add the query selection (which tokens the SALs select) to "
-                           "finished Taipan runs that lack it, then rebuild the outputs")
+                      help="add what finished runs written by older code lack (the query "
+                           "selection of Taipan recall runs, the held-out loss of text runs), "
+                           "then rebuild the outputs")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
@@ -415,12 +436,15 @@ def main(argv=None) -> int:
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
   order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4,
-           "estimator": 5, "long": 6}
-  todo = sorted((r for r in all_runs if r["group"] in groups and "same_as" not in r
-                 and (r["seed"] in seeds if seeds else not r.get("extra_seed"))
-                 and (not settings or r["setting"] in settings)
-                 and (not models or r["arch"] in models)
-                 and not os.path.exists(_result_path(args.root, r))),
+           "estimator": 5, "warmup": 6, "long": 7}
+  by_id = {r["id"]: r for r in all_runs}
+  # A picked run that repeats another is done by training that one (once, whatever its group).
+  picked = {by_id.get(r.get("same_as"), r)["id"]: by_id.get(r.get("same_as"), r)
+            for r in all_runs if r["group"] in groups
+            and (r["seed"] in seeds if seeds else not r.get("extra_seed"))
+            and (not settings or r["setting"] in settings)
+            and (not models or r["arch"] in models)}
+  todo = sorted((r for r in picked.values() if not os.path.exists(_result_path(args.root, r))),
                 key=lambda r: (r["seed"], "_far" in r["setting"], order[r["group"]]))
   if (args.report or args.diagnose) and not any(
       os.path.exists(_result_path(args.root, r)) for r in all_runs):
@@ -431,7 +455,7 @@ def main(argv=None) -> int:
   if args.diagnose:
     _diagnose(args.root)
   elif not args.report:
-    if any(r["group"] == "extrapolation" for r in todo):
+    if any(r["setting"] == TEXT_SETTING for r in todo):
       os.makedirs(args.root, exist_ok=True)
       tokenizer_path(args.root)           # once, before the runs that share it
     _run_all(todo, args.root, args.jobs)
@@ -441,13 +465,19 @@ def main(argv=None) -> int:
 
 
 def _diagnose(root: str) -> None:
-  """Backfills query_selection into finished Taipan recall results written before it."""
+  """Backfills what finished results written before it lack: query_selection into Taipan
+  recall results, the held-out loss and selection into text results. Both are evaluations
+  of the run's last checkpoint, the same whenever they run."""
   for run in runs():
     path = _result_path(root, run)
-    if not os.path.exists(path):
+    if not os.path.exists(path) or "same_as" in run:
       continue
     with open(path) as f:
       result = json.load(f)
+    if run["setting"] == TEXT_SETTING and "loss" not in result:
+      result.update(_text_eval(os.path.join(root, run["id"])))
+      _write_json(path, result)
+      print(f"{run['id']}: held-out loss {result['loss']:.4f}", flush=True)
     if "recall_sal_off" in result and "eval_selected_queries" not in result:
       result.update(query_selection(os.path.join(root, run["id"])))
       _write_json(path, result)

@@ -107,6 +107,7 @@ def tables(results: list[dict]) -> list[str]:
   out += _budget_table(results)
   out += _estimator_table(results)
   out += _long_table(results)
+  out += _warmup_table(results)
   ext = defaultdict(lambda: defaultdict(list))
   for r in results:
     if r["group"] == "extrapolation":
@@ -175,6 +176,31 @@ def _estimator_table(results) -> list[str]:
   columns = ["recall", "SAL off", "queries selected", "all tokens selected"]
   return (["", f"### Straight-through estimator ablation ({base}; selections at eval, mean "
            "over SALs)", ""] + _markdown_table(table, columns, list(rows.values()), "model"))
+
+
+def _warmup_table(results) -> list[str]:
+  """The dense-to-sparse warm-up on language modelling: the extrapolation setting's Taipan
+  with and without it (held-out loss, perplexity on the extrapolation document at the
+  training length and at the longest bucket, the selected fraction in training and at eval)."""
+  import study
+  rows = {"taipan": "taipan (the paper's training)",
+          study.TEXT_WARMUP: f"taipan, warm-up over all {study.TEXT['train.steps']} steps"}
+  table = defaultdict(lambda: defaultdict(list))
+  for r in results:
+    if r["group"] != "warmup" or "loss" not in r:
+      continue
+    first, last = r["by_position"][0], r["by_position"][-1]
+    values = {"held-out loss": r["loss"], f"ppl {first['from']}-{first['to']}": first["ppl"],
+              f"ppl {last['from']}-{last['to']}": last["ppl"],
+              "selected, training draw": np.mean(r["train_selected"]),
+              "selected at eval": np.mean(r["eval_selected"])}
+    for column, value in values.items():
+      table[column][rows[r["arch"]]].append(value)
+  if not table["held-out loss"][rows[study.TEXT_WARMUP]]:
+    return []
+  return (["", "### Dense-to-sparse warm-up on language modelling (the extrapolation "
+           "setting; selections mean over SALs)", ""]
+          + _markdown_table(table, list(table), list(rows.values()), "model"))
 
 
 def _capacity(arch: str) -> float:

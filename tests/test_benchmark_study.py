@@ -30,7 +30,7 @@ def test_every_run_is_named_once_and_its_config_loads():
   assert len({r["id"] for r in runs}) == len(runs)
   for r in runs:
     overrides = dict(r["overrides"])
-    if r["group"] == "extrapolation":
+    if r["setting"] == study.TEXT_SETTING:
       overrides["data.tokenizer"] = "unused.model"     # validated, not read
     cfg = taipan_jax.load_config("tiny", overrides)
     assert cfg.train.seed == r["seed"]
@@ -79,13 +79,28 @@ def test_every_run_is_named_once_and_its_config_loads():
   for r in runs:    # a reused run differs from the one it reuses only in keys it never reads
     if "same_as" in r:
       same = by_id[r["same_as"]]
-      assert "same_as" not in same and "s" not in r["overrides"]["model.pattern"]
+      assert "same_as" not in same
       diff = {k for k in r["overrides"] if r["overrides"][k] != same["overrides"].get(k)}
-      assert diff and all(k.startswith("sal.") for k in diff), diff
-  for group, seeds in (("rope", study.ABLATION_SEEDS), ("capacity", study.ABLATION_SEEDS),
-                       ("extrapolation", study.EXTRAPOLATION_SEEDS), ("recall", study.SEEDS)):
-    assert {r["seed"] for r in runs if r["group"] == group} == set(seeds), group
-  assert len(study.SEEDS) >= 3           # the issue's three seeds for every architecture
+      if same["group"] == r["group"]:      # the far setting's models without a SAL
+        assert "s" not in r["overrides"]["model.pattern"]
+        assert diff and all(k.startswith("sal.") for k in diff), diff
+      else:                                # the warm-up group's baseline: the same run
+        assert r["group"] == "warmup" and same["group"] == "extrapolation" and not diff
+  # Every group has the issue's three seeds; the default run leaves out the ablations' and
+  # extrapolation's third (extra_seed), which --seeds=0,1,2 runs.
+  assert len(study.SEEDS) >= 3
+  for group, default in (("rope", study.ABLATION_SEEDS), ("capacity", study.ABLATION_SEEDS),
+                         ("extrapolation", study.EXTRAPOLATION_SEEDS), ("recall", study.SEEDS),
+                         ("warmup", study.SEEDS)):
+    picked = [r for r in runs if r["group"] == group]
+    assert {r["seed"] for r in picked} == set(study.SEEDS), group
+    assert {r["seed"] for r in picked if not r.get("extra_seed")} == set(default), group
+  warmup = [r for r in runs if r["group"] == "warmup" and "same_as" not in r]
+  assert {r["arch"] for r in warmup} == {study.TEXT_WARMUP}
+  for r in warmup:
+    base = by_id[f"extrapolation/{study.TEXT_SETTING}/taipan/seed{r['seed']}"]
+    diff = {k: v for k, v in r["overrides"].items() if base["overrides"].get(k) != v}
+    assert diff == {"sal.dense_warmup_steps": study.TEXT["train.steps"]}
   assert {r["arch"] for r in runs if r["group"] == "capacity"} == {
       f"taipan_c{c}" for c in study.CAPACITIES if c != study.BASE["sal.capacity"]}
 
@@ -97,16 +112,19 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   budget = [r for r in runs if r["group"] == "budget"][:2]
   long = [r for r in runs if r["group"] == "long" and r["arch"] == "taipan"][:2]
   budget += [r for r in runs if r["group"] == "estimator"][:2]
+  budget += [r for r in runs if r["group"] == "warmup" and "same_as" not in r][:2]
+  third = [r for r in runs if r.get("extra_seed") and r["group"] == "rope"]
   trained = [r for r in runs if "same_as" not in r]
   for r in (trained[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
-            + budget + long):
+            + budget + long + third):
     path = tmp_path / r["id"]
     path.mkdir(parents=True)
     result = {**{k: r[k] for k in ("id", "group", "arch", "setting", "seed")},
               "train_selected": [0.15, 0.14], "eval_selected": [0.15, 0.15], "seconds": 450.0}
-    if r["group"] == "extrapolation":
+    if r["setting"] == study.TEXT_SETTING:
       result["by_position"] = [{"from": 0, "to": 128, "ppl": 9.0},
                                {"from": 128, "to": 256, "ppl": 8.5}]
+      result["loss"] = 2.5 if r["group"] == "warmup" else 2.0
     else:
       result.update(recall=float(rng.random()), recall_sal_off=0.1, loss=1.0,
                     eval_selected_queries=[0.03, 0.02])
@@ -118,7 +136,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
   assert "| taipan eval, of queries | 0.025" in doc
-  assert "24 of the 39 runs of the default study" in doc and "4 of 7 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "third seeds of the ablations and the extrapolation (`--seeds=0,1,2`): 1 of 9" in doc
+  assert "24 of the 39 runs of the default study" in doc and "6 of 10 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
   assert "3.0 hours of run time together (450 s a run" in doc   # 24 x 450 s
   probe = doc.split("### Step budget probe")[1].split("###")[0]
   assert "| 1000 steps | 3000 steps |" in probe
@@ -128,11 +147,15 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
     assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
   n_long = sum(r["group"] == "long" for r in runs)
-  n_repeats = sum("same_as" in r for r in runs if r["group"] != "long")
+  n_repeats = sum("same_as" in r for r in runs if r["group"] in study.DEFAULT_GROUPS)
   assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L64_p8_far
-  n_extra = sum(r["group"] in ("budget", "estimator") for r in runs)
-  assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 4
-  assert saved["runs_total"] == len(runs) - n_long - n_repeats - n_extra
+  n_extra = sum(r["group"] in ("budget", "estimator", "warmup") and "same_as" not in r
+                for r in runs)
+  assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 6
+  assert saved["third_seed_runs_done"] == 1 and saved["third_seed_runs_total"] == 9
+  n_third = saved["third_seed_runs_total"]
+  n_same = sum("same_as" in r for r in runs if r["group"] != "long")
+  assert saved["runs_total"] == len(runs) - n_long - n_same - n_extra - n_third == 39
   # A repeated cell shows its identical run's result, marked as such.
   by_id = {r["id"]: r for r in saved["results"]}
   far = by_id["recall/L64_p8_far/mamba2/seed0"]
@@ -144,6 +167,10 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   estimator = doc.split("### Straight-through estimator")[1].split("###")[0]
   assert "| taipan (o = attention, dense in training) |" in estimator
   assert "| taipan (o = 0, default) |" in estimator and "0.025" in estimator
+  warm = doc.split("### Dense-to-sparse warm-up on language modelling")[1].split("###")[0]
+  assert "| taipan (the paper's training) | 2.000 ± 0.000 (2) |" in warm
+  assert "| taipan, warm-up over all 500 steps | 2.500 ± 0.000 (2) |" in warm
+  assert "ppl 128-256" in warm
   long_table = doc.split("### Long schedule")[1].split("###")[0]
   assert "NVIDIA H200" in long_table and "| taipan: queries selected | 0.025" in long_table
 
@@ -214,3 +241,28 @@ def test_fast_cpu_flags_are_probed_before_use(monkeypatch):
   assert study._fast_cpu_flags() == ""
   monkeypatch.setattr(study, "FAST_CPU_FLAGS", "--xla_cpu_multi_thread_eigen=false")
   assert study._fast_cpu_flags() == "--xla_cpu_multi_thread_eigen=false"
+
+
+def test_seeds_option_and_repeated_runs(tmp_path, monkeypatch):
+  """Without --seeds each group runs its default seeds; --seeds names the seeds of every
+  group; a picked run that repeats another trains that one, once."""
+  picked = []
+  monkeypatch.setattr(study, "_run_all", lambda todo, root, jobs: picked.extend(todo))
+  monkeypatch.setattr(study, "tokenizer_path", lambda root: "unused.model")
+  monkeypatch.setattr(study_report, "write", lambda *a: None)
+  study.main(["--root", str(tmp_path), "--only=rope"])
+  assert sorted(r["seed"] for r in picked) == list(study.ABLATION_SEEDS)
+  picked.clear()
+  study.main(["--root", str(tmp_path), "--only=rope,extrapolation", "--seeds=2"])
+  assert {r["id"] for r in picked} == (
+      {"rope/L64_p8/taipan_rope/seed2"}
+      | {f"extrapolation/stdlib/{a}/seed2" for a in study.ARCHS})
+  picked.clear()
+  # The warm-up group's baseline is the extrapolation group's Taipan: trained there.
+  study.main(["--root", str(tmp_path), "--only=warmup", "--seeds=2"])
+  assert sorted(r["id"] for r in picked) == [
+      "extrapolation/stdlib/taipan/seed2", f"warmup/stdlib/{study.TEXT_WARMUP}/seed2"]
+  picked.clear()
+  study.main(["--root", str(tmp_path), "--settings=L64_p8_far", "--models=mamba2",
+              "--seeds=0"])
+  assert [r["id"] for r in picked] == ["recall/L64_p8/mamba2/seed0"]
