@@ -307,7 +307,7 @@ def plots(results: list[dict]) -> list[str]:
     right.set_xticks([0, 1], ["no PE", "RoPE"])
     right.set_ylabel("held-out recall")
     right.set_title("Positional encoding in the SAL (C = 0.15)")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="lower right")       # not over the bars' spread
     written.append(_save(fig, "study_ablations.png"))
   long = [r for r in results if r["group"] == "long"]
   if long:
