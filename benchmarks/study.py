@@ -35,6 +35,12 @@ Groups (docs/study.md has the account):
                  attention, one seed: whether the attention baselines learn given more steps.
   estimator      (only when named) Taipan on L64_p8 with sal.straight_through='attention':
                  whether the straight-through estimator is why the gate avoids the queries.
+  recall_v256    (only when named) recall where attention is needed at a size a CPU trains:
+                 32-token rows, 8 pairs, vocabulary 256, 2000 steps; every architecture and
+                 Taipan with the dense-to-sparse warm-up over all its steps, three seeds, in
+                 a setting the SAL window covers and one where it covers almost no key.
+  warmup         (only when named) the warm-up on language modelling: the extrapolation
+                 setting's Taipan with the warm-up over all its steps, three seeds.
   long           (only when named; meant for a GPU) the recall settings at 10x the steps,
                  every architecture and seed (and the estimator ablation on L64_p8), and
                  L64_p8 at vocabulary 256, which Mamba-2 alone fails: the
@@ -122,8 +128,22 @@ LONG["L64_p8_v256_10k"] = {**LONG["L64_p8_10k"], "model.vocab_size": 256}
 # token's mask sees the attention output it would get (sal.straight_through='attention')
 # instead of o = 0. Is the default estimator why the trained gate avoids the queries?
 ESTIMATOR = {"sal.straight_through": "attention"}
+# Recall where attention is needed, at a size a CPU trains (`--only=recall_v256`, not in the
+# default run yet): 32-token rows with 8 pairs at vocabulary 256, 2000 steps of 64 rows (the
+# same tokens and about the same CPU time as L64_p8's 1000). At vocabulary 256 Mamba-2 alone
+# failed L64_p8 even in 10,000 steps; in a 32-token row the first query is 16 tokens after
+# the pairs began, not 48, and the hybrids' attention learned within 700 steps in a pilot.
+# L32_p8_v256_far: a SAL window of 4 reaches the key of about 5% of the queries (only the
+# first two queries can see a pair at all), as the L64 far setting's window 8 does.
+RECALL_V256 = {
+    "L32_p8_v256": {"model.vocab_size": 256, "data.seq_len": 32, "data.num_kv_pairs": 8,
+                    "data.num_queries": 0, "sal.window": 32, "train.steps": 2000},
+    "L32_p8_v256_far": {"model.vocab_size": 256, "data.seq_len": 32, "data.num_kv_pairs": 8,
+                        "data.num_queries": 0, "sal.window": 4, "train.steps": 2000},
+}
+V256_WARMUP = "taipan_dense2k"
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
-ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup")
+ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_v256")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
 ABLATION_SETTING = "L64_p8"
 # The dense-to-sparse warm-up (sal.dense_warmup_steps, docs/decisions.md added decision 7):
@@ -147,7 +167,9 @@ TAIPAN_VARIANTS = {"taipan_rope": {"sal.rope": True},
                    **{name: {"sal.capacity": c} for name, c in CAPACITY_ARCHS.items()},
                    "taipan_st_attention": ESTIMATOR,
                    **{name: {"sal.dense_warmup_steps": n} for name, n in DENSE_WARMUPS.items()},
-                   TEXT_WARMUP: {"sal.dense_warmup_steps": TEXT["train.steps"]}}
+                   TEXT_WARMUP: {"sal.dense_warmup_steps": TEXT["train.steps"]},
+                   V256_WARMUP: {"sal.dense_warmup_steps":
+                                 RECALL_V256["L32_p8_v256"]["train.steps"]}}
 # Every model of the study: the architectures and the Taipan variants.
 MODELS = {**ARCHS,
           **{name: {**ARCHS["taipan"], **keys} for name, keys in TAIPAN_VARIANTS.items()}}
@@ -203,6 +225,11 @@ def runs() -> list[dict]:
     for seed in SEEDS:
       out.append({"group": "warmup", "arch": arch, "setting": TEXT_SETTING, "seed": seed,
                   "overrides": {**BASE, **MODELS[arch], **text, "train.seed": seed}})
+  for setting, data in RECALL_V256.items():
+    for arch in [*ARCHS, V256_WARMUP]:
+      for seed in SEEDS:
+        out.append({"group": "recall_v256", "arch": arch, "setting": setting, "seed": seed,
+                    "overrides": {**BASE, **MODELS[arch], **data, "train.seed": seed}})
   for setting, data in LONG.items():
     for arch in LONG_ARCHS[setting]:
       for seed in SEEDS:
@@ -436,7 +463,7 @@ def main(argv=None) -> int:
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
   order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4,
-           "estimator": 5, "warmup": 6, "long": 7}
+           "estimator": 5, "warmup": 6, "recall_v256": 7, "long": 8}
   by_id = {r["id"]: r for r in all_runs}
   # A picked run that repeats another is done by training that one (once, whatever its group).
   picked = {by_id.get(r.get("same_as"), r)["id"]: by_id.get(r.get("same_as"), r)

@@ -106,6 +106,7 @@ def tables(results: list[dict]) -> list[str]:
                          "C")
   out += _budget_table(results)
   out += _estimator_table(results)
+  out += _recall_v256_table(results)
   out += _long_table(results)
   out += _warmup_table(results)
   ext = defaultdict(lambda: defaultdict(list))
@@ -216,29 +217,44 @@ def _long_models() -> list[str]:
 
 
 def _long_table(results) -> list[str]:
-  """The long schedule (10x the steps, on an accelerator): recall, and under each model whose
-  SAL selects, its recall with the SAL off and the fractions of the queries and of all tokens
-  its SALs select at evaluation (mean over SALs)."""
+  """The long schedule (10x the steps, on an accelerator)."""
   import study
-  long = [r for r in results if r["group"] == "long"]
-  if not long:
+  devices = sorted({r.get("device", "?") for r in results if r["group"] == "long"})
+  return _selection_table(
+      results, "long", list(study.LONG), _long_models(),
+      f"Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall")
+
+
+def _recall_v256_table(results) -> list[str]:
+  """Recall where attention is needed at a size a CPU trains (--only=recall_v256)."""
+  import study
+  return _selection_table(results, "recall_v256", list(study.RECALL_V256),
+                          [*study.ARCHS, study.V256_WARMUP],
+                          "Recall at vocabulary 256, 32-token rows (CPU), mean ± half-range "
+                          "over seeds")
+
+
+def _selection_table(results, group, settings, models, title) -> list[str]:
+  """A group's recall by model and setting, and under each model whose SAL selects, its
+  recall with the SAL off and the fractions of the queries and of all tokens its SALs select
+  at evaluation (mean over SALs)."""
+  runs = [r for r in results if r["group"] == group]
+  if not runs:
     return []
-  table = _grouped(long, "long", "recall")
+  table = _grouped(runs, group, "recall")
   extra = lambda arch: (f"{arch}, SAL off at eval", f"{arch}: queries selected",
                         f"{arch}: all tokens selected")
-  for r in long:
+  for r in runs:
     off, queries, every = extra(r["arch"])
     if "recall_sal_off" in r:
       table[r["setting"]][off].append(r["recall_sal_off"])
     if r.get("eval_selected_queries"):
       table[r["setting"]][queries].append(np.mean(r["eval_selected_queries"]))
       table[r["setting"]][every].append(np.mean(r["eval_selected"]))
-  devices = sorted({r.get("device", "?") for r in long})
-  settings = [s for s in study.LONG if table[s]]
-  rows = [row for arch in _long_models() for row in (arch, *extra(arch))
+  settings = [s for s in settings if table[s]]
+  rows = [row for arch in models for row in (arch, *extra(arch))
           if any(table[s][row] for s in settings)]
-  return (["", f"### Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall",
-           ""] + _markdown_table(table, settings, rows, "model"))
+  return ["", f"### {title}", ""] + _markdown_table(table, settings, rows, "model")
 
 
 def _save(fig, name: str) -> str:

@@ -14,9 +14,9 @@ import study  # noqa: E402
 import study_report  # noqa: E402
 
 
-@pytest.mark.parametrize("setting", list(study.RECALL) + ["L64_p8_v256_10k"])
+@pytest.mark.parametrize("setting", list(study.RECALL) + ["L64_p8_v256_10k", "L32_p8_v256"])
 def test_study_models_have_matched_parameter_counts(setting):
-  data = study.RECALL.get(setting) or study.LONG[setting]
+  data = study.RECALL.get(setting) or study.LONG.get(setting) or study.RECALL_V256[setting]
   counts = {arch: taipan_jax.count_params(taipan_jax.load_config(
       "tiny", {**study.BASE, **model, **data}))
       for arch, model in study.ARCHS.items()}
@@ -95,6 +95,17 @@ def test_every_run_is_named_once_and_its_config_loads():
     picked = [r for r in runs if r["group"] == group]
     assert {r["seed"] for r in picked} == set(study.SEEDS), group
     assert {r["seed"] for r in picked if not r.get("extra_seed")} == set(default), group
+  # recall_v256: every architecture and the warm-up Taipan in both settings, three seeds; the
+  # models without a SAL train once (the far setting differs only in the SAL window).
+  v256 = [r for r in runs if r["group"] == "recall_v256"]
+  assert {(r["setting"], r["arch"]) for r in v256} == {
+      (s, a) for s in study.RECALL_V256 for a in [*study.ARCHS, study.V256_WARMUP]}
+  assert len(v256) == len(study.RECALL_V256) * (len(study.ARCHS) + 1) * len(study.SEEDS)
+  assert {r["arch"] for r in v256 if "same_as" in r} == {"mamba2", "transformer", "jamba"}
+  for r in v256:
+    assert r["overrides"]["model.vocab_size"] == 256 and r["overrides"]["data.seq_len"] == 32
+    if r["arch"] == study.V256_WARMUP:
+      assert r["overrides"]["sal.dense_warmup_steps"] == r["overrides"]["train.steps"]
   warmup = [r for r in runs if r["group"] == "warmup" and "same_as" not in r]
   assert {r["arch"] for r in warmup} == {study.TEXT_WARMUP}
   for r in warmup:
@@ -113,6 +124,7 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   long = [r for r in runs if r["group"] == "long" and r["arch"] == "taipan"][:2]
   budget += [r for r in runs if r["group"] == "estimator"][:2]
   budget += [r for r in runs if r["group"] == "warmup" and "same_as" not in r][:2]
+  budget += [r for r in runs if r["group"] == "recall_v256" and r["arch"] == "taipan"][:2]
   third = [r for r in runs if r.get("extra_seed") and r["group"] == "rope"]
   trained = [r for r in runs if "same_as" not in r]
   for r in (trained[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
@@ -137,7 +149,7 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   doc = (tmp_path / "study.md").read_text()
   assert "| taipan eval, of queries | 0.025" in doc
   assert "third seeds of the ablations and the extrapolation (`--seeds=0,1,2`): 1 of 9" in doc
-  assert "24 of the 39 runs of the default study" in doc and "6 of 10 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "24 of the 39 runs of the default study" in doc and "8 of 37 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
   assert "3.0 hours of run time together (450 s a run" in doc   # 24 x 450 s
   probe = doc.split("### Step budget probe")[1].split("###")[0]
   assert "| 1000 steps | 3000 steps |" in probe
@@ -149,9 +161,9 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   n_long = sum(r["group"] == "long" for r in runs)
   n_repeats = sum("same_as" in r for r in runs if r["group"] in study.DEFAULT_GROUPS)
   assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L64_p8_far
-  n_extra = sum(r["group"] in ("budget", "estimator", "warmup") and "same_as" not in r
-                for r in runs)
-  assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 6
+  n_extra = sum(r["group"] in ("budget", "estimator", "warmup", "recall_v256")
+                and "same_as" not in r for r in runs)
+  assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 8
   assert saved["third_seed_runs_done"] == 1 and saved["third_seed_runs_total"] == 9
   n_third = saved["third_seed_runs_total"]
   n_same = sum("same_as" in r for r in runs if r["group"] != "long")
@@ -171,6 +183,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   assert "| taipan (the paper's training) | 2.000 ± 0.000 (2) |" in warm
   assert "| taipan, warm-up over all 500 steps | 2.500 ± 0.000 (2) |" in warm
   assert "ppl 128-256" in warm
+  v256 = doc.split("### Recall at vocabulary 256")[1].split("###")[0]
+  assert "| model | L32_p8_v256 |" in v256 and "| taipan: queries selected | 0.025" in v256
   long_table = doc.split("### Long schedule")[1].split("###")[0]
   assert "NVIDIA H200" in long_table and "| taipan: queries selected | 0.025" in long_table
 
