@@ -273,23 +273,31 @@ def plots(results: list[dict]) -> list[str]:
   import study
   os.makedirs(IMAGES, exist_ok=True)
   written = []
-  recall = _grouped(results, "recall", "recall")
-  if recall:
-    settings = list(study.RECALL)
-    archs = list(study.ARCHS)
+  recall_plots = (("recall", list(study.RECALL), list(study.ARCHS), ["taipan"],
+                   "MQAR recall at matched parameters (small models, CPU)", "study_recall.png"),
+                  ("recall_v256", list(study.RECALL_V256), [*study.ARCHS, study.V256_WARMUP],
+                   ["taipan", study.V256_WARMUP],
+                   "MQAR recall at vocabulary 256, 32-token rows (CPU)",
+                   "study_recall_v256.png"))
+  for group, settings, archs, sal_off, title, name in recall_plots:
+    recall = _grouped(results, group, "recall")
+    if not recall:
+      continue
+    off = _grouped(results, group, "recall_sal_off")
+    bars = [(arch, recall, arch) for arch in archs] + [
+        (arch, off, f"{arch}, SAL off") for arch in sal_off]
+    bars = [b for b in bars if any(b[1][s][b[0]] for s in settings)]
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / (len(archs) + 1)
-    for i, arch in enumerate(archs + ["taipan, SAL off"]):
-      src = _grouped(results, "recall", "recall_sal_off") if arch.endswith("off") else recall
-      key = "taipan" if arch.endswith("off") else arch
+    width = 0.8 / len(bars)
+    for i, (key, src, label) in enumerate(bars):
       means = [np.mean(src[s][key]) if src[s][key] else np.nan for s in settings]
       spread = [np.ptp(src[s][key]) / 2 if src[s][key] else 0 for s in settings]
-      ax.bar(np.arange(len(settings)) + i * width, means, width, yerr=spread, label=arch)
-    ax.set_xticks(np.arange(len(settings)) + width * len(archs) / 2, settings)
+      ax.bar(np.arange(len(settings)) + i * width, means, width, yerr=spread, label=label)
+    ax.set_xticks(np.arange(len(settings)) + width * (len(bars) - 1) / 2, settings)
     ax.set_ylabel("held-out recall")
-    ax.set_title("MQAR recall at matched parameters (small models, CPU)")
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=3)
-    written.append(_save(fig, "study_recall.png"))
+    written.append(_save(fig, name))
   caps = sorted({_capacity(r["arch"]) for r in results
                   if r["group"] == "capacity"} | {study.BASE["sal.capacity"]})
   ablation = [r for r in results if r["setting"] == study.ABLATION_SETTING
