@@ -154,8 +154,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   probe = doc.split("### Step budget probe")[1].split("###")[0]
   assert "| 1000 steps | 3000 steps |" in probe
   assert f"| {budget[0]['arch']} |" in probe
-  for name in ("study_recall.png", "study_ablations.png", "study_extrapolation.png",
-               "study_long.png"):
+  for name in ("study_recall.png", "study_recall_v256.png", "study_ablations.png",
+               "study_extrapolation.png", "study_long.png"):
     assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
   n_long = sum(r["group"] == "long" for r in runs)
