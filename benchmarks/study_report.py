@@ -281,7 +281,9 @@ def plots(results: list[dict]) -> list[str]:
                    "study_recall_v256.png"))
   for group, settings, archs, sal_off, title, name in recall_plots:
     recall = _grouped(results, group, "recall")
-    if not recall:
+    # A setting only its reused cells reach (no SAL model trained there yet) is left out.
+    settings = [s for s in settings if recall[s]["taipan"]]
+    if not settings:
       continue
     off = _grouped(results, group, "recall_sal_off")
     bars = [(arch, recall, arch) for arch in archs] + [
@@ -292,11 +294,15 @@ def plots(results: list[dict]) -> list[str]:
     for i, (key, src, label) in enumerate(bars):
       means = [np.mean(src[s][key]) if src[s][key] else np.nan for s in settings]
       spread = [np.ptp(src[s][key]) / 2 if src[s][key] else 0 for s in settings]
-      ax.bar(np.arange(len(settings)) + i * width, means, width, yerr=spread, label=label)
+      x = np.arange(len(settings)) + i * width
+      ax.bar(x, means, width, yerr=spread, label=label)
+      for xi, s in zip(x, settings):      # the seeds: a mean hides which of them learned
+        ax.scatter([xi] * len(src[s][key]), src[s][key], color="k", s=6, zorder=3)
     ax.set_xticks(np.arange(len(settings)) + width * (len(bars) - 1) / 2, settings)
     ax.set_ylabel("held-out recall")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_title(title + "; dots: seeds")
+    ax.set_ylim(0, 1.45)                    # the legend above the bars, not over them
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     written.append(_save(fig, name))
   caps = sorted({_capacity(r["arch"]) for r in results
                   if r["group"] == "capacity"} | {study.BASE["sal.capacity"]})
