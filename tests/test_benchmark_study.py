@@ -280,3 +280,28 @@ def test_seeds_option_and_repeated_runs(tmp_path, monkeypatch):
   study.main(["--root", str(tmp_path), "--settings=L64_p8_far", "--models=mamba2",
               "--seeds=0"])
   assert [r["id"] for r in picked] == ["recall/L64_p8/mamba2/seed0"]
+
+
+@pytest.mark.parametrize("far, near", [("L64_p8_far", "L64_p8"),
+                                       ("L32_p8_v256_far", "L32_p8_v256")])
+def test_far_settings_window_reaches_few_queries_pairs(far, near):
+  """The far controls' SAL window reaches the pair (key or value token) of about 5% of the
+  queries, the first few of a row; the near setting's window reaches every one."""
+  from taipan_jax.data.synthetic import mqar_example
+  settings = {**study.RECALL, **study.RECALL_V256}
+
+  def reached(data, rows=300):
+    hit = total = 0
+    for index in range(rows):
+      ex = mqar_example(0, index, seq_len=data["data.seq_len"],
+                        num_kv_pairs=data["data.num_kv_pairs"],
+                        vocab_size=data.get("model.vocab_size", study.BASE["model.vocab_size"]))
+      tokens, window = np.asarray(ex["tokens"]), data["sal.window"]
+      pair_keys = tokens[:2 * data["data.num_kv_pairs"]:2]
+      for q in np.flatnonzero(ex["loss_mask"]):
+        i = int(np.flatnonzero(pair_keys == tokens[q])[0])
+        hit += 2 * i + 1 > q - window         # the value (hence the key) token in q's window
+        total += 1
+    return hit / total
+  assert 0.02 < reached(settings[far]) < 0.08
+  assert reached(settings[near]) == 1.0
