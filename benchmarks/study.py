@@ -132,8 +132,8 @@ ESTIMATOR = {"sal.straight_through": "attention"}
 # Recall where attention is needed, at a size a CPU trains (`--only=recall_v256`, not in the
 # default run yet): 32-token rows with 8 pairs at vocabulary 256, 2000 steps of 64 rows (the
 # same tokens and about the same CPU time as L64_p8's 1000). At vocabulary 256 Mamba-2 alone
-# failed L64_p8 even in 10,000 steps; in a 32-token row the first query is 16 tokens after
-# the pairs began, not 48, and the hybrids' attention learned within 700 steps in a pilot.
+# failed L64_p8 even in 10,000 steps; a 32-token row holds 8 queries instead of 24, and the
+# hybrids learned it in 3 of 6 runs (docs/study.md), the most any CPU-sized setting gave.
 # L32_p8_v256_far: a SAL window of 4 reaches the key of about 5% of the queries (only the
 # first two queries can see a pair at all), as the L64 far setting's window 8 does.
 RECALL_V256 = {
