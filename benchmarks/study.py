@@ -143,6 +143,7 @@ RECALL_V256 = {
                         "data.num_queries": 0, "sal.window": 4, "train.steps": 2000},
 }
 V256_WARMUP = "taipan_dense2k"
+RECALL_V256_ARCHS = [*ARCHS, V256_WARMUP]
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
 ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_v256")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
@@ -227,7 +228,7 @@ def runs() -> list[dict]:
       out.append({"group": "warmup", "arch": arch, "setting": TEXT_SETTING, "seed": seed,
                   "overrides": {**BASE, **MODELS[arch], **text, "train.seed": seed}})
   for setting, data in RECALL_V256.items():
-    for arch in [*ARCHS, V256_WARMUP]:
+    for arch in RECALL_V256_ARCHS:
       for seed in SEEDS:
         out.append({"group": "recall_v256", "arch": arch, "setting": setting, "seed": seed,
                     "overrides": {**BASE, **MODELS[arch], **data, "train.seed": seed}})
@@ -346,11 +347,10 @@ def run_one(run: dict, root: str) -> dict:
             "train_selected": [v for k, v in sorted(last_train[0].items())
                                if k.startswith("selected_sal")]}
   quiet = lambda *_: None
+  held_out = _held_out(workdir)
+  result.update(loss=held_out["loss"], eval_selected=held_out["eval_selected"])
   if run["setting"] != TEXT_SETTING:
-    ev = evaluate_workdir(workdir, log=quiet)
-    result.update(loss=ev["eval/loss"], recall=ev["eval/accuracy"],
-                  eval_selected=[v for k, v in sorted(ev.items())
-                                 if k.startswith("eval/selected_sal")])
+    result["recall"] = held_out["accuracy"]
     if "s" in cfg.model.pattern and cfg.sal.selection != "all":
       off = evaluate_workdir(workdir, overrides={"sal.inference_selection": "none"},
                              log=quiet)
@@ -362,17 +362,16 @@ def run_one(run: dict, root: str) -> dict:
     tokens = extrapolation_document(loaded.tokenizer)
     nll = long_context.stream_nll(loaded.model, tokens, segment_len=n, mesh=None, log=None)
     result["by_position"] = long_context.bucket_table(nll, first=TEXT["data.seq_len"])
-    result.update(_text_eval(workdir))
   result["seconds"] = time.perf_counter() - start
   return result
 
 
-def _text_eval(workdir: str) -> dict:
-  """Held-out loss of a text run on the held-out top-level files, and each SAL's selected
-  fraction under the inference rule there."""
+def _held_out(workdir: str) -> dict:
+  """A run's held-out evaluation (`taipan eval`): loss, accuracy (MQAR: recall) and each
+  SAL's selected fraction under the inference rule."""
   from taipan_jax.training.loop import evaluate_workdir
   ev = evaluate_workdir(workdir, log=lambda *_: None)
-  return {"loss": ev["eval/loss"],
+  return {"loss": ev["eval/loss"], "accuracy": ev["eval/accuracy"],
           "eval_selected": [v for k, v in sorted(ev.items()) if k.startswith("eval/selected_sal")]}
 
 
@@ -467,12 +466,11 @@ def main(argv=None) -> int:
            "estimator": 5, "warmup": 6, "recall_v256": 7, "long": 8}
   by_id = {r["id"]: r for r in all_runs}
   # A picked run that repeats another is done by training that one (once, whatever its group).
-  picked = {by_id.get(r.get("same_as"), r)["id"]: by_id.get(r.get("same_as"), r)
-            for r in all_runs if r["group"] in groups
+  picked = {r.get("same_as", r["id"]) for r in all_runs if r["group"] in groups
             and (r["seed"] in seeds if seeds else not r.get("extra_seed"))
             and (not settings or r["setting"] in settings)
             and (not models or r["arch"] in models)}
-  todo = sorted((r for r in picked.values() if not os.path.exists(_result_path(args.root, r))),
+  todo = sorted((by_id[i] for i in picked if not os.path.exists(_result_path(args.root, by_id[i]))),
                 key=lambda r: (r["seed"], "_far" in r["setting"], order[r["group"]]))
   if (args.report or args.diagnose) and not any(
       os.path.exists(_result_path(args.root, r)) for r in all_runs):
@@ -503,7 +501,8 @@ def _diagnose(root: str) -> None:
     with open(path) as f:
       result = json.load(f)
     if run["setting"] == TEXT_SETTING and "loss" not in result:
-      result.update(_text_eval(os.path.join(root, run["id"])))
+      held_out = _held_out(os.path.join(root, run["id"]))
+      result.update(loss=held_out["loss"], eval_selected=held_out["eval_selected"])
       _write_json(path, result)
       print(f"{run['id']}: held-out loss {result['loss']:.4f}", flush=True)
     if "recall_sal_off" in result and "eval_selected_queries" not in result:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -229,7 +229,7 @@ def _recall_v256_table(results) -> list[str]:
   """Recall where attention is needed at a size a CPU trains (--only=recall_v256)."""
   import study
   return _selection_table(results, "recall_v256", list(study.RECALL_V256),
-                          [*study.ARCHS, study.V256_WARMUP],
+                          study.RECALL_V256_ARCHS,
                           "Recall at vocabulary 256, 32-token rows (CPU), mean ± half-range "
                           "over seeds")
 
@@ -273,13 +273,12 @@ def plots(results: list[dict]) -> list[str]:
   import study
   os.makedirs(IMAGES, exist_ok=True)
   written = []
-  recall_plots = (("recall", list(study.RECALL), list(study.ARCHS), ["taipan"],
+  recall_plots = (("recall", list(study.RECALL), list(study.ARCHS),
                    "MQAR recall at matched parameters (small models, CPU)", "study_recall.png"),
-                  ("recall_v256", list(study.RECALL_V256), [*study.ARCHS, study.V256_WARMUP],
-                   ["taipan", study.V256_WARMUP],
+                  ("recall_v256", list(study.RECALL_V256), study.RECALL_V256_ARCHS,
                    "MQAR recall at vocabulary 256, 32-token rows (CPU)",
                    "study_recall_v256.png"))
-  for group, settings, archs, sal_off, title, name in recall_plots:
+  for group, settings, archs, title, name in recall_plots:
     recall = _grouped(results, group, "recall")
     # A setting only its reused cells reach (no SAL model trained there yet) is left out.
     settings = [s for s in settings if recall[s]["taipan"]]
@@ -287,7 +286,7 @@ def plots(results: list[dict]) -> list[str]:
       continue
     off = _grouped(results, group, "recall_sal_off")
     bars = [(arch, recall, arch) for arch in archs] + [
-        (arch, off, f"{arch}, SAL off") for arch in sal_off]
+        (arch, off, f"{arch}, SAL off") for arch in archs]      # SAL off: where measured
     bars = [b for b in bars if any(b[1][s][b[0]] for s in settings)]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(bars)
@@ -396,19 +395,21 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   import study
   results = _load(root, runs)
   os.makedirs(os.path.dirname(results_path), exist_ok=True)
+  # Each distinct run counted once, in one of: the default run, the third seeds, on request
+  # (CPU), the long schedule.
+  def part(run):
+    if run.get("extra_seed"):
+      return "third"
+    if run["group"] in study.DEFAULT_GROUPS:
+      return "default"
+    return "long" if run["group"] == "long" else "extra"
+  part_of = {r["id"]: part(r) for r in runs}
   trained = [r for r in results if "same_as" not in r]      # each trained run once
-  extra_seeds = {r["id"] for r in runs if r.get("extra_seed")}
-  default = [r for r in trained if r["group"] in study.DEFAULT_GROUPS
-             and r["id"] not in extra_seeds]
-  third = [r for r in trained if r["id"] in extra_seeds]
-  extra = [r for r in trained if r["group"] not in study.DEFAULT_GROUPS + ("long",)]
-  long = [r for r in trained if r["group"] == "long"]
-  distinct = [r for r in runs if "same_as" not in r]
-  default_total = sum(r["group"] in study.DEFAULT_GROUPS and not r.get("extra_seed")
-                      for r in distinct)
-  third_total = sum(bool(r.get("extra_seed")) for r in distinct)
-  extra_total = sum(r["group"] not in study.DEFAULT_GROUPS + ("long",) for r in distinct)
-  long_total = sum(r["group"] == "long" for r in distinct)
+  default, third, extra, long = ([r for r in trained if part_of[r["id"]] == p]
+                                 for p in ("default", "third", "extra", "long"))
+  totals = Counter(part_of[r["id"]] for r in runs if "same_as" not in r)
+  default_total, third_total, extra_total, long_total = (
+      totals[p] for p in ("default", "third", "extra", "long"))
   with open(results_path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "cpu_count": os.cpu_count(), "runs_total": default_total,
