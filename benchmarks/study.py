@@ -4,11 +4,10 @@ One command trains and evaluates every run of the study on a CPU, through the li
 training loop and evaluation (`taipan train` / `taipan eval` call the same functions), and
 writes what came out:
 
-    python benchmarks/study.py                 # every run not yet done, then the report
-    python benchmarks/study.py --jobs=2        # two runs at a time (a 2-core machine)
+    python benchmarks/study.py --jobs=2        # every run not yet done, then the report
     python benchmarks/study.py --only=recall   # one group: recall, rope, capacity, extrapolation
     python benchmarks/study.py --seeds=0       # one seed's runs of every default group
-    python benchmarks/study.py --jobs=2 --seeds=0,1,2   # three seeds in every group too
+    python benchmarks/study.py --settings=L64_p8,L64_p8_far   # the first recall settings
     python benchmarks/study.py --only=budget   # the step-budget probe (not run by default)
     python benchmarks/study.py --only=long --jobs=15   # 10x the steps, on a GPU
     python benchmarks/study.py --only=long --settings=L64_p8_v256_10k --models=taipan_dense4k
@@ -18,31 +17,28 @@ Resumable: each run's workdir under --root holds `study_result.json` once it is 
 a finished run is skipped; an interrupted run resumes from its last checkpoint. A line per
 finished run shows its result, the time it took and the ETA of the rest.
 
-Groups (docs/study.md has the account):
+Groups (docs/study.md has the account), three seeds each:
   recall         MQAR held-out recall for Taipan, Mamba-2, Transformer++, the Jamba-style and
-                 the SWA-only hybrids at matched parameter counts, three seeds, in a setting
-                 meant to exceed the small SSM state (given 10x the steps Mamba-2 alone
-                 learns it: docs/study.md) and one where queries lie farther from their keys
-                 than the SAL window; Taipan also evaluated with its SAL off.
-  rope           Taipan with RoPE in the SAL (paper Fig. 6 analogue), two seeds (three with
-                 --seeds=0,1,2, as for capacity and extrapolation).
+                 the SWA-only hybrids at matched parameter counts in a setting that needs
+                 attention (32-token rows, 8 pairs, vocabulary 256: Mamba-2 alone fails it)
+                 and one where queries lie farther from their keys than the SAL window; Taipan
+                 also evaluated with its SAL off. On request (--settings) the vocabulary-32
+                 settings the study began with, L64_p8 and L64_p8_far.
+  rope           Taipan with RoPE in the SAL (paper Fig. 6 analogue).
   capacity       Taipan at C in {0.05, 0.15, 0.3, 1.0} (paper Fig. 5 analogue), with the
-                 selected fraction at evaluation as its measured cost, two seeds.
+                 selected fraction at evaluation as its measured cost.
   extrapolation  trained on 128-token rows of the Python standard library, perplexity by
-                 position out to 64 x the training length on held-out files (paper Fig. 1a),
-                 two seeds.
+                 position out to 64 x the training length on held-out files (paper Fig. 1a).
   budget         (only when named) L64_p8 at 3000 steps instead of 1000 for the models with
                  attention, one seed: whether the attention baselines learn given more steps.
   estimator      (only when named) Taipan on L64_p8 with sal.straight_through='attention':
                  whether the straight-through estimator is why the gate avoids the queries.
-  recall_v256    (only when named) recall where attention is needed at a size a CPU trains:
-                 32-token rows, 8 pairs, vocabulary 256, 2000 steps; every architecture and
-                 Taipan with the dense-to-sparse warm-up over all its steps, three seeds, in
-                 a setting the SAL window covers and one where it covers almost no key.
+  recall_warmup  (only when named) Taipan with the dense-to-sparse warm-up over all its steps
+                 in both default recall settings.
   warmup         (only when named) the warm-up on language modelling: the extrapolation
-                 setting's Taipan with the warm-up over all its steps, three seeds.
-  long           (only when named; meant for a GPU) the recall settings at 10x the steps,
-                 every architecture and seed (and the estimator ablation on L64_p8), and
+                 setting's Taipan with the warm-up over all its steps.
+  long           (only when named; meant for a GPU) the vocabulary-32 recall settings at 10x
+                 the steps, every architecture (and the estimator ablation on L64_p8), and
                  L64_p8 at vocabulary 256, which Mamba-2 alone fails: the
                  same models, data and schedule shape, so the attention baselines get the
                  steps their phase transition needs. At vocabulary 256 also Taipan's
@@ -63,14 +59,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "study_cpu.json")
-SEEDS = (0, 1, 2)
-# The default run gives the RoPE and capacity ablations and the extrapolation runs two
-# seeds, the recall comparison of the architectures three: with three everywhere the study
-# needs about 2.2 hours on 2 cores, with two it ran in 1.9 (docs/study.md). Their third
-# seeds are runs of the study all the same: `--seeds=0,1,2` runs every group's three seeds,
-# and the tables show every finished seed.
-ABLATION_SEEDS = (0, 1)
-EXTRAPOLATION_SEEDS = (0, 1)
+SEEDS = (0, 1, 2)          # every group, every setting
+# The default recall setting's schedule, 1200 steps of 64 rows: where its attention baselines
+# learn, training accuracy passes 0.5 by step 300-700, and of four seeds piloted at 1200 and
+# 2000 steps the same two learned (docs/study.md). 1200 keeps the whole study, three seeds
+# in every group, within 2 hours on 2 cores.
+RECALL_STEPS = 1200
 
 # The study's models: d_model 64, 4 mixing layers' worth of parameters (~0.24M), vocabulary
 # 32. The Mamba-2 state is kept small (d_state 2, 2 heads of 64): recall of more pairs than it
@@ -92,23 +86,37 @@ ARCHS = {
     "swa_hybrid": {"model.pattern": "mms", "model.num_units": 2, "sal.selection": "all",
                    "loss.budget_weight": 0.0},
 }
-# MQAR settings (a query in every slot after the pairs): about 37% of a row's tokens are
-# queries. The SWA-only hybrid learns L64_p8 in about 400 steps of a 1000-step schedule (train
-# accuracy 0.99 at step 400 on a 2-core CPU trial); a 500-step schedule decays the learning
-# rate before that and left every model near 0.25-0.41. L64_p8_far's window of 8 reaches the
-# pair of only about 5% of the queries (the first four queries can see one of the last four
-# pairs); the rest lie farther from their keys than the SAL can see.
-RECALL = {
+# MQAR settings (a query in every slot after the pairs).
+# The default: 32-token rows with 8 pairs at vocabulary 256 (127 keys, 128 values), where
+# attention is needed at a size a CPU trains. At vocabulary 256 Mamba-2 alone failed even a
+# 64-token row in 10,000 steps (the long schedule below); a 32-token row holds 8 queries, a
+# quarter of its tokens. The hybrids' recall is a transition, in a few hundred steps, that a
+# run makes or misses (docs/study.md). L32_p8_v256_far: a SAL window of 4 reaches the key of
+# only about 5% of the queries (the first two queries can see a pair at all).
+RECALL_V256 = {
+    "L32_p8_v256": {"model.vocab_size": 256, "data.seq_len": 32, "data.num_kv_pairs": 8,
+                    "data.num_queries": 0, "sal.window": 32, "train.steps": RECALL_STEPS},
+    "L32_p8_v256_far": {"model.vocab_size": 256, "data.seq_len": 32, "data.num_kv_pairs": 8,
+                        "data.num_queries": 0, "sal.window": 4, "train.steps": RECALL_STEPS},
+}
+# The settings the study began with (on request: `--settings=L64_p8,L64_p8_far`): 64-token
+# rows, vocabulary 32, about 37% of the tokens queries. There Mamba-2 alone learns the task
+# given 10,000 steps (a bag of pair features fits its state when a pair carries 8 bits), and in
+# 1000 steps the attention baselines learned it in 1 run of 6. L64_p8_far's window of 8
+# reaches the pair of only about 5% of the queries.
+RECALL_V32 = {
     "L64_p8": {"data.seq_len": 64, "data.num_kv_pairs": 8, "data.num_queries": 0,
                "sal.window": 64, "train.steps": 1000},
     "L64_p8_far": {"data.seq_len": 64, "data.num_kv_pairs": 8, "data.num_queries": 0,
                    "sal.window": 8, "train.steps": 1000},
 }
+RECALL = {**RECALL_V256, **RECALL_V32}
 # The step-budget probe (not in the default run: `--only=budget`): the L64_p8 setting at 3x
 # the steps, seed 1 (the seed in which the SWA-only hybrid did not learn at 1000 steps), for
 # the models with attention. Does a longer schedule make the attention baselines learn, and
 # does Taipan's SAL then carry recall?
-BUDGET = {"L64_p8_3k": {**RECALL["L64_p8"], "train.steps": 3000}}
+BUDGET_SETTING = "L64_p8"
+BUDGET = {"L64_p8_3k": {**RECALL_V32[BUDGET_SETTING], "train.steps": 3000}}
 BUDGET_ARCHS = ("swa_hybrid", "taipan", "transformer", "jamba")
 BUDGET_SEEDS = (1,)
 # The long schedule (not in the default run: `--only=long`, meant for an accelerator, where a
@@ -118,7 +126,7 @@ BUDGET_SEEDS = (1,)
 LONG_STEPS = 10_000
 LONG = {f"{name}_10k": {**data, "train.steps": LONG_STEPS, "train.log_every": 250,
                         "train.checkpoint_every": 1000}
-        for name, data in RECALL.items()}
+        for name, data in RECALL_V32.items()}
 # L64_p8 with a vocabulary of 256 (127 keys, 128 values) instead of 32: the pairs a row can
 # hold carry 14 bits each instead of 8, which a bag of pair features in the Mamba-2 state no
 # longer stores as cheaply (with 32 tokens Mamba-2 alone learned L64_p8 given 10,000 steps;
@@ -129,25 +137,16 @@ LONG["L64_p8_v256_10k"] = {**LONG["L64_p8_10k"], "model.vocab_size": 256}
 # token's mask sees the attention output it would get (sal.straight_through='attention')
 # instead of o = 0. Is the default estimator why the trained gate avoids the queries?
 ESTIMATOR = {"sal.straight_through": "attention"}
-# Recall where attention is needed, at a size a CPU trains (`--only=recall_v256`, not in the
-# default run yet): 32-token rows with 8 pairs at vocabulary 256, 2000 steps of 64 rows (the
-# same tokens and about the same CPU time as L64_p8's 1000). At vocabulary 256 Mamba-2 alone
-# failed L64_p8 even in 10,000 steps; a 32-token row holds 8 queries instead of 24, and the
-# hybrids learned it in 3 of 6 runs (docs/study.md), the most any CPU-sized setting gave.
-# L32_p8_v256_far: a SAL window of 4 reaches the key of about 5% of the queries (only the
-# first two queries can see a pair at all), as the L64 far setting's window 8 does.
-RECALL_V256 = {
-    "L32_p8_v256": {"model.vocab_size": 256, "data.seq_len": 32, "data.num_kv_pairs": 8,
-                    "data.num_queries": 0, "sal.window": 32, "train.steps": 2000},
-    "L32_p8_v256_far": {"model.vocab_size": 256, "data.seq_len": 32, "data.num_kv_pairs": 8,
-                        "data.num_queries": 0, "sal.window": 4, "train.steps": 2000},
-}
-V256_WARMUP = "taipan_dense2k"
-RECALL_V256_ARCHS = [*ARCHS, V256_WARMUP]
+# The dense-to-sparse warm-up on the default recall setting (`--only=recall_warmup`): Taipan
+# with the warm-up over all its steps.
+RECALL_WARMUP = "taipan_dense_all"
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
-ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_v256")
+ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_warmup")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
-ABLATION_SETTING = "L64_p8"
+# The RoPE and capacity ablations run on the default recall setting; on request also on the
+# first one (`--settings=L64_p8`).
+ABLATION_SETTINGS = ("L32_p8_v256", "L64_p8")
+ESTIMATOR_SETTING = "L64_p8"
 # The dense-to-sparse warm-up (sal.dense_warmup_steps, docs/decisions.md added decision 7):
 # in training, tokens the gate did not pick are also selected, at a rate falling linearly
 # from 1 to 0 over the first N steps, so that attention learns on the queries before the gate
@@ -158,6 +157,8 @@ TEXT = {"data.task": "text", "data.seq_len": 128, "model.vocab_size": 1024,
         "train.batch_size": 16, "train.steps": 500, "sal.window": 128,
         "optim.peak_lr": 3e-3, "data.eval_fraction": 0.02}
 TEXT_SETTING = "stdlib"
+# The settings a default group runs; its runs in other settings run when --settings names them.
+DEFAULT_SETTINGS = (*RECALL_V256, TEXT_SETTING)
 # The warm-up on language modelling (`--only=warmup`, not in the default run): does the
 # warm-up that made recall work cost anything where every token is in the loss? The
 # extrapolation group's Taipan against the same Taipan with the warm-up over all its steps.
@@ -170,8 +171,7 @@ TAIPAN_VARIANTS = {"taipan_rope": {"sal.rope": True},
                    "taipan_st_attention": ESTIMATOR,
                    **{name: {"sal.dense_warmup_steps": n} for name, n in DENSE_WARMUPS.items()},
                    TEXT_WARMUP: {"sal.dense_warmup_steps": TEXT["train.steps"]},
-                   V256_WARMUP: {"sal.dense_warmup_steps":
-                                 RECALL_V256["L32_p8_v256"]["train.steps"]}}
+                   RECALL_WARMUP: {"sal.dense_warmup_steps": RECALL_STEPS}}
 # Every model of the study: the architectures and the Taipan variants.
 MODELS = {**ARCHS,
           **{name: {**ARCHS["taipan"], **keys} for name, keys in TAIPAN_VARIANTS.items()}}
@@ -199,20 +199,18 @@ def runs() -> list[dict]:
       for seed in SEEDS:
         out.append({"group": "recall", "arch": arch, "setting": setting, "seed": seed,
                     "overrides": {**BASE, **model, **data, "train.seed": seed}})
-  # A seed beyond its group's default seeds is marked `extra_seed`: run when --seeds names it.
   ablations = [("rope", "taipan_rope"), *(("capacity", arch) for arch in CAPACITY_ARCHS)]
-  for group, arch in ablations:
-    for seed in SEEDS:
-      out.append({"group": group, "arch": arch, "setting": ABLATION_SETTING, "seed": seed,
-                  "overrides": {**BASE, **MODELS[arch], **RECALL[ABLATION_SETTING],
-                                "train.seed": seed},
-                  **({"extra_seed": True} if seed not in ABLATION_SEEDS else {})})
+  for setting in ABLATION_SETTINGS:
+    for group, arch in ablations:
+      for seed in SEEDS:
+        out.append({"group": group, "arch": arch, "setting": setting, "seed": seed,
+                    "overrides": {**BASE, **MODELS[arch], **RECALL[setting],
+                                  "train.seed": seed}})
   text = {**TEXT, "data.path": os.path.join(stdlib(), "*.py")}
   for arch, model in ARCHS.items():
     for seed in SEEDS:
       out.append({"group": "extrapolation", "arch": arch, "setting": TEXT_SETTING,
-                  "seed": seed, "overrides": {**BASE, **model, **text, "train.seed": seed},
-                  **({"extra_seed": True} if seed not in EXTRAPOLATION_SEEDS else {})})
+                  "seed": seed, "overrides": {**BASE, **model, **text, "train.seed": seed}})
   for setting, data in BUDGET.items():
     for arch in BUDGET_ARCHS:
       for seed in BUDGET_SEEDS:
@@ -220,18 +218,18 @@ def runs() -> list[dict]:
                     "overrides": {**BASE, **ARCHS[arch], **data, "train.seed": seed}})
   for seed in SEEDS:
     out.append({"group": "estimator", "arch": "taipan_st_attention",
-                "setting": ABLATION_SETTING, "seed": seed,
+                "setting": ESTIMATOR_SETTING, "seed": seed,
                 "overrides": {**BASE, **MODELS["taipan_st_attention"],
-                              **RECALL[ABLATION_SETTING], "train.seed": seed}})
+                              **RECALL[ESTIMATOR_SETTING], "train.seed": seed}})
   for arch in ("taipan", TEXT_WARMUP):     # the Taipan's runs are the extrapolation group's
     for seed in SEEDS:
       out.append({"group": "warmup", "arch": arch, "setting": TEXT_SETTING, "seed": seed,
                   "overrides": {**BASE, **MODELS[arch], **text, "train.seed": seed}})
   for setting, data in RECALL_V256.items():
-    for arch in RECALL_V256_ARCHS:
-      for seed in SEEDS:
-        out.append({"group": "recall_v256", "arch": arch, "setting": setting, "seed": seed,
-                    "overrides": {**BASE, **MODELS[arch], **data, "train.seed": seed}})
+    for seed in SEEDS:
+      out.append({"group": "recall_warmup", "arch": RECALL_WARMUP, "setting": setting,
+                  "seed": seed,
+                  "overrides": {**BASE, **MODELS[RECALL_WARMUP], **data, "train.seed": seed}})
   for setting, data in LONG.items():
     for arch in LONG_ARCHS[setting]:
       for seed in SEEDS:
@@ -240,6 +238,8 @@ def runs() -> list[dict]:
   first = {}
   for r in out:
     r["id"] = f"{r['group']}/{r['setting']}/{r['arch']}/seed{r['seed']}"
+    if r["group"] in DEFAULT_GROUPS and r["setting"] not in DEFAULT_SETTINGS:
+      r["on_request"] = True
     # A model without SAL layers reads no sal.* key, so in a setting that differs only in
     # the SAL window (L64_p8_far) its run would repeat one already in the study: it reuses
     # that run's result instead of training the same configuration again.
@@ -419,11 +419,11 @@ def main(argv=None) -> int:
                            + " run only when named)")
   parser.add_argument("--seeds", default="",
                       help="comma-separated seeds to run in every group named (default: "
-                           "each group's own: three for recall, "
-                           f"{len(ABLATION_SEEDS)} for the ablations and extrapolation; "
-                           "--seeds=0,1,2 runs three everywhere)")
+                           + ",".join(map(str, SEEDS)) + ")")
   parser.add_argument("--settings", default="",
-                      help="comma-separated settings to run, e.g. L64_p8 (default: all)")
+                      help="comma-separated settings to run (default: "
+                           + ", ".join(DEFAULT_SETTINGS) + "; the first recall settings, "
+                           + ", ".join(RECALL_V32) + ", only when named)")
   parser.add_argument("--models", default="",
                       help="comma-separated models to run, e.g. taipan,jamba (default: all)")
   parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
@@ -463,12 +463,12 @@ def main(argv=None) -> int:
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
   order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4,
-           "estimator": 5, "warmup": 6, "recall_v256": 7, "long": 8}
+           "estimator": 5, "warmup": 6, "recall_warmup": 7, "long": 8}
   by_id = {r["id"]: r for r in all_runs}
   # A picked run that repeats another is done by training that one (once, whatever its group).
   picked = {r.get("same_as", r["id"]) for r in all_runs if r["group"] in groups
-            and (r["seed"] in seeds if seeds else not r.get("extra_seed"))
-            and (not settings or r["setting"] in settings)
+            and (not seeds or r["seed"] in seeds)
+            and (r["setting"] in settings if settings else not r.get("on_request"))
             and (not models or r["arch"] in models)}
   todo = sorted((by_id[i] for i in picked if not os.path.exists(_result_path(args.root, by_id[i]))),
                 key=lambda r: (r["seed"], "_far" in r["setting"], order[r["group"]]))

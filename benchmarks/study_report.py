@@ -89,24 +89,32 @@ def tables(results: list[dict]) -> list[str]:
   names = sorted({a for s in sel.values() for a in s})
   out += _markdown_table(sel, settings, names, "model")
   rope = _grouped(results, "rope", "recall")
-  ablation = study.ABLATION_SETTING
-  rope[ablation]["taipan (no PE)"] = recall[ablation]["taipan"]
+  ablations = [s for s in study.ABLATION_SETTINGS if rope[s]]
+  for setting in ablations:
+    rope[setting]["taipan (no PE)"] = recall[setting]["taipan"]
   out += ["", "### SAL without positional encoding vs RoPE (recall)", ""]
-  out += _markdown_table(rope, [ablation], ["taipan (no PE)", "taipan_rope"], "model")
-  cap = defaultdict(lambda: defaultdict(list))
-  for r in results:
-    if r["setting"] == study.ABLATION_SETTING and r["arch"].startswith("taipan") and \
-       r["group"] in ("capacity", "recall") and r["arch"] != "taipan_rope":
-      c = _capacity(r["arch"])
-      cap[f"C = {c}"]["recall"].append(r["recall"])
-      cap[f"C = {c}"]["selected at eval"].append(np.mean(r["eval_selected"]))
-  keys = sorted(cap, key=lambda k: float(k.split("= ")[1]))
-  out += ["", f"### Capacity C on {study.ABLATION_SETTING}: recall and its cost", ""]
-  out += _markdown_table({k: cap[k] for k in keys}, keys, ["recall", "selected at eval"],
-                         "C")
+  out += _markdown_table(rope, ablations, ["taipan (no PE)", "taipan_rope"], "model")
+  for setting in study.ABLATION_SETTINGS:
+    cap = defaultdict(lambda: defaultdict(list))
+    for r in results:
+      if r["setting"] == setting and r["group"] in ("capacity", "recall") and \
+         (r["group"] == "capacity" or r["arch"] == "taipan"):
+        column = cap[f"C = {_capacity(r['arch'])}"]
+        for row, key in (("recall", "recall"), ("recall, SAL off at eval", "recall_sal_off"),
+                         ("selected at eval", "eval_selected"),
+                         ("queries selected at eval", "eval_selected_queries")):
+          if r.get(key) is not None:
+            column[row].append(np.mean(r[key]))
+    if not any(k != f"C = {study.BASE['sal.capacity']}" for k in cap):
+      continue
+    keys = sorted(cap, key=lambda k: float(k.split("= ")[1]))
+    out += ["", f"### Capacity C on {setting}: recall and its cost", ""]
+    out += _markdown_table({k: cap[k] for k in keys}, keys,
+                           ["recall", "recall, SAL off at eval", "selected at eval",
+                            "queries selected at eval"], "C")
   out += _budget_table(results)
   out += _estimator_table(results)
-  out += _recall_v256_table(results)
+  out += _recall_warmup_table(results)
   out += _long_table(results)
   out += _warmup_table(results)
   ext = defaultdict(lambda: defaultdict(list))
@@ -128,7 +136,7 @@ def _budget_table(results) -> list[str]:
   budget_off = _grouped(results, "budget", "recall_sal_off")
   if not budget:
     return []
-  base = study.ABLATION_SETTING
+  base = study.BUDGET_SETTING
   seeds = set(study.BUDGET_SEEDS)
   steps = study.RECALL[base]["train.steps"]
   table = defaultdict(lambda: defaultdict(list))
@@ -156,7 +164,7 @@ def _estimator_table(results) -> list[str]:
   """Taipan with the default straight-through estimator (o = 0 for unselected tokens) beside
   the same model whose training attention runs for every row."""
   import study
-  base = study.ABLATION_SETTING
+  base = study.ESTIMATOR_SETTING
   rows = {"taipan": "taipan (o = 0, default)",
           "taipan_st_attention": "taipan (o = attention, dense in training)"}
   table = defaultdict(lambda: defaultdict(list))
@@ -221,27 +229,33 @@ def _long_table(results) -> list[str]:
   import study
   devices = sorted({r.get("device", "?") for r in results if r["group"] == "long"})
   return _selection_table(
-      results, "long", list(study.LONG), _long_models(),
+      [r for r in results if r["group"] == "long"], list(study.LONG), _long_models(),
       f"Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall")
 
 
-def _recall_v256_table(results) -> list[str]:
-  """Recall where attention is needed at a size a CPU trains (--only=recall_v256)."""
+def _recall_warmup_table(results) -> list[str]:
+  """The dense-to-sparse warm-up on the default recall settings (--only=recall_warmup)
+  beside the recall group's Taipan and SWA-only hybrid."""
   import study
-  return _selection_table(results, "recall_v256", list(study.RECALL_V256),
-                          study.RECALL_V256_ARCHS,
-                          "Recall at vocabulary 256, 32-token rows (CPU), mean ± half-range "
-                          "over seeds")
+  if not any(r["group"] == "recall_warmup" for r in results):
+    return []
+  runs = [r for r in results if r["setting"] in study.RECALL_V256 and (
+      r["group"] == "recall_warmup" or (r["group"] == "recall"
+                                         and r["arch"] in ("taipan", "swa_hybrid")))]
+  return _selection_table(runs, list(study.RECALL_V256),
+                          ["swa_hybrid", "taipan", study.RECALL_WARMUP],
+                          "Dense-to-sparse warm-up on the default recall settings (CPU)")
 
 
-def _selection_table(results, group, settings, models, title) -> list[str]:
-  """A group's recall by model and setting, and under each model whose SAL selects, its
-  recall with the SAL off and the fractions of the queries and of all tokens its SALs select
-  at evaluation (mean over SALs)."""
-  runs = [r for r in results if r["group"] == group]
+def _selection_table(runs, settings, models, title) -> list[str]:
+  """Recall by model and setting, and under each model whose SAL selects, its recall with the
+  SAL off and the fractions of the queries and of all tokens its SALs select at evaluation
+  (mean over SALs). runs: results of one group, or of groups whose models differ."""
   if not runs:
     return []
-  table = _grouped(runs, group, "recall")
+  table = defaultdict(lambda: defaultdict(list))
+  for r in runs:
+    table[r["setting"]][r["arch"]].append(r["recall"])
   extra = lambda arch: (f"{arch}, SAL off at eval", f"{arch}: queries selected",
                         f"{arch}: all tokens selected")
   for r in runs:
@@ -266,6 +280,48 @@ def _save(fig, name: str) -> str:
   return path
 
 
+def _ablation_plot(results, setting: str, name: str) -> str | None:
+  """Recall and selected fraction by capacity C, and no PE vs RoPE, on one recall setting."""
+  import matplotlib.pyplot as plt
+  import study
+  caps = sorted({_capacity(r["arch"]) for r in results
+                  if r["group"] == "capacity"} | {study.BASE["sal.capacity"]})
+  ablation = [r for r in results if r["setting"] == setting
+              and r["group"] in ("recall", "capacity", "rope") and r["arch"].startswith("taipan")]
+  if any(r["group"] in ("capacity", "rope") for r in ablation):
+    capacity_of = lambda r: _capacity(r["arch"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key, label, marker in (("recall", "recall", "o"), ("recall_sal_off", "recall, SAL off",
+                                                           "x")):
+      pts = [(capacity_of(r), r[key]) for r in ablation
+             if r["arch"] != "taipan_rope" and key in r]
+      if pts:
+        left.scatter(*zip(*pts), marker=marker, label=label)
+    sel = [(capacity_of(r), np.mean(r["eval_selected"])) for r in ablation
+           if r["arch"] != "taipan_rope" and r.get("eval_selected")]
+    if sel:
+      left.scatter(*zip(*sel), marker="s", label="selected at eval (cost)")
+    swa = [r["recall"] for r in results if r["group"] == "recall" and r["arch"] == "swa_hybrid"
+           and r["setting"] == setting]
+    if swa:       # every token selected, its mix weight starting at C = 0.15: the reference
+      left.axhline(np.mean(swa), color="gray", ls="--", label="SWA-only hybrid recall")
+    left.set_xscale("log")
+    left.set_xticks(caps, [str(c) for c in caps])
+    left.set_xlabel("budget C")
+    left.set_title(f"Capacity C ({setting})")
+    left.legend(fontsize=7)
+    for i, (arch, label) in enumerate((("taipan", "no PE"), ("taipan_rope", "RoPE"))):
+      vals = [r["recall"] for r in ablation if r["arch"] == arch]
+      if vals:
+        right.bar(i, np.mean(vals), yerr=np.ptp(vals) / 2, label=f"{label} ({len(vals)} seeds)")
+    right.set_xticks([0, 1], ["no PE", "RoPE"])
+    right.set_ylabel("held-out recall")
+    right.set_title("Positional encoding in the SAL (C = 0.15)")
+    right.legend(fontsize=7, loc="lower right")       # not over the bars' spread
+    return _save(fig, name)
+  return None
+
+
 def plots(results: list[dict]) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -273,18 +329,24 @@ def plots(results: list[dict]) -> list[str]:
   import study
   os.makedirs(IMAGES, exist_ok=True)
   written = []
-  recall_plots = (("recall", list(study.RECALL), list(study.ARCHS),
-                   "MQAR recall at matched parameters (small models, CPU)", "study_recall.png"),
-                  ("recall_v256", list(study.RECALL_V256), study.RECALL_V256_ARCHS,
-                   "MQAR recall at vocabulary 256, 32-token rows (CPU)",
-                   "study_recall_v256.png"))
-  for group, settings, archs, title, name in recall_plots:
-    recall = _grouped(results, group, "recall")
+  recall_runs = [r for r in results if r["group"] in ("recall", "recall_warmup")]
+  recall_plots = ((list(study.RECALL_V256), [*study.ARCHS, study.RECALL_WARMUP],
+                   "MQAR recall at matched parameters, vocabulary 256 (CPU)",
+                   "study_recall.png"),
+                  (list(study.RECALL_V32), list(study.ARCHS),
+                   "MQAR recall at matched parameters, vocabulary 32 (CPU)",
+                   "study_recall_v32.png"))
+  for settings, archs, title, name in recall_plots:
+    recall = _grouped(recall_runs, "recall", "recall")
+    off = _grouped(recall_runs, "recall", "recall_sal_off")
+    for r in recall_runs:           # the warm-up Taipan beside the recall group's models
+      if r["group"] == "recall_warmup":
+        recall[r["setting"]][r["arch"]].append(r["recall"])
+        off[r["setting"]][r["arch"]].append(r["recall_sal_off"])
     # A setting only its reused cells reach (no SAL model trained there yet) is left out.
     settings = [s for s in settings if recall[s]["taipan"]]
     if not settings:
       continue
-    off = _grouped(results, group, "recall_sal_off")
     bars = [(arch, recall, arch) for arch in archs] + [
         (arch, off, f"{arch}, SAL off") for arch in archs]      # SAL off: where measured
     bars = [b for b in bars if any(b[1][s][b[0]] for s in settings)]
@@ -303,41 +365,11 @@ def plots(results: list[dict]) -> list[str]:
     ax.set_ylim(0, 1.45)                    # the legend above the bars, not over them
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     written.append(_save(fig, name))
-  caps = sorted({_capacity(r["arch"]) for r in results
-                  if r["group"] == "capacity"} | {study.BASE["sal.capacity"]})
-  ablation = [r for r in results if r["setting"] == study.ABLATION_SETTING
-              and r["group"] in ("recall", "capacity", "rope") and r["arch"].startswith("taipan")]
-  if any(r["group"] in ("capacity", "rope") for r in ablation):
-    capacity_of = lambda r: _capacity(r["arch"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for key, label, marker in (("recall", "recall", "o"), ("recall_sal_off", "recall, SAL off",
-                                                           "x")):
-      pts = [(capacity_of(r), r[key]) for r in ablation
-             if r["arch"] != "taipan_rope" and key in r]
-      if pts:
-        left.scatter(*zip(*pts), marker=marker, label=label)
-    sel = [(capacity_of(r), np.mean(r["eval_selected"])) for r in ablation
-           if r["arch"] != "taipan_rope" and r.get("eval_selected")]
-    if sel:
-      left.scatter(*zip(*sel), marker="s", label="selected at eval (cost)")
-    swa = [r["recall"] for r in results if r["group"] == "recall" and r["arch"] == "swa_hybrid"
-           and r["setting"] == study.ABLATION_SETTING]
-    if swa:       # every token selected, its mix weight starting at C = 0.15: the reference
-      left.axhline(np.mean(swa), color="gray", ls="--", label="SWA-only hybrid recall")
-    left.set_xscale("log")
-    left.set_xticks(caps, [str(c) for c in caps])
-    left.set_xlabel("budget C")
-    left.set_title(f"Capacity C ({study.ABLATION_SETTING})")
-    left.legend(fontsize=7)
-    for i, (arch, label) in enumerate((("taipan", "no PE"), ("taipan_rope", "RoPE"))):
-      vals = [r["recall"] for r in ablation if r["arch"] == arch]
-      if vals:
-        right.bar(i, np.mean(vals), yerr=np.ptp(vals) / 2, label=f"{label} ({len(vals)} seeds)")
-    right.set_xticks([0, 1], ["no PE", "RoPE"])
-    right.set_ylabel("held-out recall")
-    right.set_title("Positional encoding in the SAL (C = 0.15)")
-    right.legend(fontsize=7, loc="lower right")       # not over the bars' spread
-    written.append(_save(fig, "study_ablations.png"))
+  for setting, name in zip(study.ABLATION_SETTINGS, ("study_ablations.png",
+                                                      "study_ablations_v32.png")):
+    path = _ablation_plot(results, setting, name)
+    if path:
+      written.append(path)
   long = [r for r in results if r["group"] == "long"]
   if long:
     settings = [s for s in study.LONG if any(r["setting"] == s for r in long)]
@@ -395,26 +427,22 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   import study
   results = _load(root, runs)
   os.makedirs(os.path.dirname(results_path), exist_ok=True)
-  # Each distinct run counted once, in one of: the default run, the third seeds, on request
-  # (CPU), the long schedule.
+  # Each distinct run counted once, in one of: the default run, on request (CPU), the long
+  # schedule.
   def part(run):
-    if run.get("extra_seed"):
-      return "third"
-    if run["group"] in study.DEFAULT_GROUPS:
+    if run["group"] in study.DEFAULT_GROUPS and not run.get("on_request"):
       return "default"
     return "long" if run["group"] == "long" else "extra"
   part_of = {r["id"]: part(r) for r in runs}
   trained = [r for r in results if "same_as" not in r]      # each trained run once
-  default, third, extra, long = ([r for r in trained if part_of[r["id"]] == p]
-                                 for p in ("default", "third", "extra", "long"))
+  default, extra, long = ([r for r in trained if part_of[r["id"]] == p]
+                          for p in ("default", "extra", "long"))
   totals = Counter(part_of[r["id"]] for r in runs if "same_as" not in r)
-  default_total, third_total, extra_total, long_total = (
-      totals[p] for p in ("default", "third", "extra", "long"))
+  default_total, extra_total, long_total = (totals[p] for p in ("default", "extra", "long"))
   with open(results_path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "cpu_count": os.cpu_count(), "runs_total": default_total,
-               "runs_done": len(default), "third_seed_runs_total": third_total,
-               "third_seed_runs_done": len(third), "on_request_runs_total": extra_total,
+               "runs_done": len(default), "on_request_runs_total": extra_total,
                "on_request_runs_done": len(extra),
                "results": [r for r in results if r["group"] != "long"]}, f, indent=1)
   if long:
@@ -429,14 +457,13 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   head, rest = doc.split(BEGIN, 1)
   tail = rest.split(END, 1)[1]
   seconds = sum(r["seconds"] for r in default)
-  repeats = sum("same_as" in r for r in runs if r["group"] in study.DEFAULT_GROUPS)
+  repeats = sum("same_as" in r for r in runs if part_of[r["id"]] == "default")
   done = (f"{len(default)} of the {default_total} runs of the default study finished; their "
           f"training and evaluation took {seconds / 3600:.1f} hours of run time together "
           f"({seconds / max(len(default), 1):.0f} s a run on average). {repeats} cells of the "
           "grid are models without a SAL in a setting that differs only in the SAL window: "
-          "they show the result of the identical run. The third seeds of the ablations and "
-          f"the extrapolation (`--seeds=0,1,2`): {len(third)} of {third_total} runs, "
-          f"{sum(r['seconds'] for r in third) / 3600:.1f} hours. On request ("
+          "they show the result of the identical run. On request (the settings "
+          + ", ".join(study.RECALL_V32) + "; the groups "
           + ", ".join(g for g in study.ON_REQUEST_GROUPS if g != "long") + "): "
           f"{len(extra)} of {extra_total} runs.")
   if long:

@@ -14,9 +14,9 @@ import study  # noqa: E402
 import study_report  # noqa: E402
 
 
-@pytest.mark.parametrize("setting", list(study.RECALL) + ["L64_p8_v256_10k", "L32_p8_v256"])
+@pytest.mark.parametrize("setting", list(study.RECALL) + ["L64_p8_v256_10k"])
 def test_study_models_have_matched_parameter_counts(setting):
-  data = study.RECALL.get(setting) or study.LONG.get(setting) or study.RECALL_V256[setting]
+  data = study.RECALL.get(setting) or study.LONG[setting]
   counts = {arch: taipan_jax.count_params(taipan_jax.load_config(
       "tiny", {**study.BASE, **model, **data}))
       for arch, model in study.ARCHS.items()}
@@ -65,7 +65,7 @@ def test_every_run_is_named_once_and_its_config_loads():
   # (and, for the long schedule, how often they log and checkpoint; the vocabulary in its
   # v256 setting).
   for r in budget + [r for r in long if r["arch"] in study.ARCHS]:
-    setting = (study.ABLATION_SETTING if r["group"] == "budget"
+    setting = (study.BUDGET_SETTING if r["group"] == "budget"
                else r["setting"].replace("_v256", "")[:-len("_10k")])
     same = next(x for x in runs if x["group"] == "recall" and x["arch"] == r["arch"]
                 and x["setting"] == setting and x["seed"] == r["seed"])
@@ -86,26 +86,36 @@ def test_every_run_is_named_once_and_its_config_loads():
         assert diff and all(k.startswith("sal.") for k in diff), diff
       else:                                # the warm-up group's baseline: the same run
         assert r["group"] == "warmup" and same["group"] == "extrapolation" and not diff
-  # Every group has the issue's three seeds; the default run leaves out the ablations' and
-  # extrapolation's third (extra_seed), which --seeds=0,1,2 runs.
+  # Every group but the one-seed probe has the issue's three seeds in every setting.
   assert len(study.SEEDS) >= 3
-  for group, default in (("rope", study.ABLATION_SEEDS), ("capacity", study.ABLATION_SEEDS),
-                         ("extrapolation", study.EXTRAPOLATION_SEEDS), ("recall", study.SEEDS),
-                         ("warmup", study.SEEDS)):
-    picked = [r for r in runs if r["group"] == group]
-    assert {r["seed"] for r in picked} == set(study.SEEDS), group
-    assert {r["seed"] for r in picked if not r.get("extra_seed")} == set(default), group
-  # recall_v256: every architecture and the warm-up Taipan in both settings, three seeds; the
-  # models without a SAL train once (the far setting differs only in the SAL window).
-  v256 = [r for r in runs if r["group"] == "recall_v256"]
-  assert {(r["setting"], r["arch"]) for r in v256} == {
-      (s, a) for s in study.RECALL_V256 for a in [*study.ARCHS, study.V256_WARMUP]}
-  assert len(v256) == len(study.RECALL_V256) * (len(study.ARCHS) + 1) * len(study.SEEDS)
-  assert {r["arch"] for r in v256 if "same_as" in r} == {"mamba2", "transformer", "jamba"}
-  for r in v256:
-    assert r["overrides"]["model.vocab_size"] == 256 and r["overrides"]["data.seq_len"] == 32
-    if r["arch"] == study.V256_WARMUP:
-      assert r["overrides"]["sal.dense_warmup_steps"] == r["overrides"]["train.steps"]
+  cells = {}
+  for r in runs:
+    if r["group"] != "budget":
+      cells.setdefault((r["group"], r["setting"], r["arch"]), set()).add(r["seed"])
+  assert all(seeds == set(study.SEEDS) for seeds in cells.values())
+  # The default run: every architecture in both default recall settings and the text
+  # setting, the ablations in the first default recall setting; the vocabulary-32 settings
+  # only on request. The models without a SAL train once per vocabulary (the far setting
+  # differs only in the SAL window).
+  default = [r for r in runs if r["group"] in study.DEFAULT_GROUPS and not r.get("on_request")]
+  assert {r["setting"] for r in default} == set(study.DEFAULT_SETTINGS)
+  assert {r["setting"] for r in runs if r.get("on_request")} == set(study.RECALL_V32)
+  assert {(r["setting"], r["arch"]) for r in default if r["group"] == "recall"} == {
+      (s, a) for s in study.RECALL_V256 for a in study.ARCHS}
+  assert {r["arch"] for r in default if r["group"] == "recall" and "same_as" in r} == {
+      "mamba2", "transformer", "jamba"}
+  assert {(r["group"], r["setting"]) for r in default if r["group"] in ("rope", "capacity")} \
+      == {("rope", study.ABLATION_SETTINGS[0]), ("capacity", study.ABLATION_SETTINGS[0])}
+  for r in default:
+    if r["group"] != "extrapolation":
+      assert r["overrides"]["model.vocab_size"] == 256 and r["overrides"]["data.seq_len"] == 32
+  warm = [r for r in runs if r["group"] == "recall_warmup"]
+  assert {(r["setting"], r["arch"]) for r in warm} == {
+      (s, study.RECALL_WARMUP) for s in study.RECALL_V256}
+  for r in warm:
+    base = by_id[f"recall/{r['setting']}/taipan/seed{r['seed']}"]
+    diff = {k: v for k, v in r["overrides"].items() if base["overrides"].get(k) != v}
+    assert diff == {"sal.dense_warmup_steps": r["overrides"]["train.steps"]}
   warmup = [r for r in runs if r["group"] == "warmup" and "same_as" not in r]
   assert {r["arch"] for r in warmup} == {study.TEXT_WARMUP}
   for r in warmup:
@@ -124,11 +134,11 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   long = [r for r in runs if r["group"] == "long" and r["arch"] == "taipan"][:2]
   budget += [r for r in runs if r["group"] == "estimator"][:2]
   budget += [r for r in runs if r["group"] == "warmup" and "same_as" not in r][:2]
-  budget += [r for r in runs if r["group"] == "recall_v256" and r["arch"] == "taipan"][:2]
-  third = [r for r in runs if r.get("extra_seed") and r["group"] == "rope"]
+  budget += [r for r in runs if r["group"] == "recall_warmup"][:2]
+  v32 = [r for r in runs if r["group"] == "recall" and r["setting"] == "L64_p8"][:2]
   trained = [r for r in runs if "same_as" not in r]
   for r in (trained[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
-            + budget + long + third):
+            + budget + long + v32):
     path = tmp_path / r["id"]
     path.mkdir(parents=True)
     result = {**{k: r[k] for k in ("id", "group", "arch", "setting", "seed")},
@@ -148,31 +158,33 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
   assert "| taipan eval, of queries | 0.025" in doc
-  assert "third seeds of the ablations and the extrapolation (`--seeds=0,1,2`): 1 of 9" in doc
-  assert "24 of the 39 runs of the default study" in doc and "8 of 37 runs" in doc and "| taipan, SAL off at eval |" in doc and "0-128" in doc
+  assert "24 of the 48 runs of the default study" in doc and "10 of 49 runs" in doc
+  assert "| taipan, SAL off at eval |" in doc and "0-128" in doc
   assert "3.0 hours of run time together (450 s a run" in doc   # 24 x 450 s
+  recall = doc.split("### Recall (MQAR")[1].split("###")[0]
+  assert "| model | L32_p8_v256 | L32_p8_v256_far | L64_p8 | L64_p8_far |" in recall
   probe = doc.split("### Step budget probe")[1].split("###")[0]
   assert "| 1000 steps | 3000 steps |" in probe
   assert f"| {budget[0]['arch']} |" in probe
-  for name in ("study_recall.png", "study_recall_v256.png", "study_ablations.png",
+  for name in ("study_recall.png", "study_recall_v32.png", "study_ablations.png",
                "study_extrapolation.png", "study_long.png"):
     assert (tmp_path / "images" / name).exists() and f"(images/{name})" in doc
   saved = json.loads((tmp_path / "study.json").read_text())
   n_long = sum(r["group"] == "long" for r in runs)
-  n_repeats = sum("same_as" in r for r in runs if r["group"] in study.DEFAULT_GROUPS)
-  assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L64_p8_far
-  n_extra = sum(r["group"] in ("budget", "estimator", "warmup", "recall_v256")
-                and "same_as" not in r for r in runs)
-  assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 8
-  assert saved["third_seed_runs_done"] == 1 and saved["third_seed_runs_total"] == 9
-  n_third = saved["third_seed_runs_total"]
-  n_same = sum("same_as" in r for r in runs if r["group"] != "long")
-  assert saved["runs_total"] == len(runs) - n_long - n_same - n_extra - n_third == 39
+  default = [r for r in runs if r["group"] in study.DEFAULT_GROUPS and not r.get("on_request")]
+  n_repeats = sum("same_as" in r for r in default)
+  assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L32_p8_v256_far
+  n_extra = sum(r["group"] in study.ON_REQUEST_GROUPS + study.DEFAULT_GROUPS
+                and r["group"] != "long" and "same_as" not in r for r in runs) - 48
+  assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 10
+  assert saved["on_request_runs_total"] == n_extra == 49
+  assert saved["runs_total"] == len(default) - n_repeats == 48
   # A repeated cell shows its identical run's result, marked as such.
   by_id = {r["id"]: r for r in saved["results"]}
-  far = by_id["recall/L64_p8_far/mamba2/seed0"]
-  assert far["same_as"] == "recall/L64_p8/mamba2/seed0" and far["setting"] == "L64_p8_far"
-  assert far["recall"] == by_id["recall/L64_p8/mamba2/seed0"]["recall"]
+  far = by_id["recall/L32_p8_v256_far/mamba2/seed0"]
+  assert far["same_as"] == "recall/L32_p8_v256/mamba2/seed0"
+  assert far["setting"] == "L32_p8_v256_far"
+  assert far["recall"] == by_id["recall/L32_p8_v256/mamba2/seed0"]["recall"]
   gpu = json.loads((tmp_path / "study_gpu.json").read_text())
   assert gpu["runs_done"] == 2 and gpu["devices"] == ["NVIDIA H200"]
   assert all(r["group"] == "long" for r in gpu["results"])
@@ -183,8 +195,9 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   assert "| taipan (the paper's training) | 2.000 ± 0.000 (2) |" in warm
   assert "| taipan, warm-up over all 500 steps | 2.500 ± 0.000 (2) |" in warm
   assert "ppl 128-256" in warm
-  v256 = doc.split("### Recall at vocabulary 256")[1].split("###")[0]
-  assert "| model | L32_p8_v256 |" in v256 and "| taipan: queries selected | 0.025" in v256
+  warm = doc.split("### Dense-to-sparse warm-up on the default recall")[1].split("###")[0]
+  assert "| model | L32_p8_v256 |" in warm and f"| {study.RECALL_WARMUP}: queries selected | 0.025" in warm
+  assert "| taipan, SAL off at eval |" in warm
   long_table = doc.split("### Long schedule")[1].split("###")[0]
   assert "NVIDIA H200" in long_table and "| taipan: queries selected | 0.025" in long_table
 
@@ -257,20 +270,27 @@ def test_fast_cpu_flags_are_probed_before_use(monkeypatch):
   assert study._fast_cpu_flags() == "--xla_cpu_multi_thread_eigen=false"
 
 
-def test_seeds_option_and_repeated_runs(tmp_path, monkeypatch):
-  """Without --seeds each group runs its default seeds; --seeds names the seeds of every
-  group; a picked run that repeats another trains that one, once."""
+def test_seeds_and_settings_options_and_repeated_runs(tmp_path, monkeypatch):
+  """Without --seeds a group runs all its seeds in its default settings; --seeds names the
+  seeds of every group, --settings its settings (the vocabulary-32 ones run only when named);
+  a picked run that repeats another trains that one, once."""
   picked = []
   monkeypatch.setattr(study, "_run_all", lambda todo, root, jobs: picked.extend(todo))
   monkeypatch.setattr(study, "tokenizer_path", lambda root: "unused.model")
   monkeypatch.setattr(study_report, "write", lambda *a: None)
   study.main(["--root", str(tmp_path), "--only=rope"])
-  assert sorted(r["seed"] for r in picked) == list(study.ABLATION_SEEDS)
+  assert sorted(r["id"] for r in picked) == [
+      f"rope/L32_p8_v256/taipan_rope/seed{s}" for s in study.SEEDS]
   picked.clear()
   study.main(["--root", str(tmp_path), "--only=rope,extrapolation", "--seeds=2"])
   assert {r["id"] for r in picked} == (
-      {"rope/L64_p8/taipan_rope/seed2"}
+      {"rope/L32_p8_v256/taipan_rope/seed2"}
       | {f"extrapolation/stdlib/{a}/seed2" for a in study.ARCHS})
+  picked.clear()
+  study.main(["--root", str(tmp_path), "--settings=L64_p8", "--only=rope,capacity",
+              "--seeds=1"])
+  assert {r["id"] for r in picked} == {f"{g}/L64_p8/{a}/seed1" for g, a in (
+      ("rope", "taipan_rope"), *(("capacity", c) for c in study.CAPACITY_ARCHS))}
   picked.clear()
   # The warm-up group's baseline is the extrapolation group's Taipan: trained there.
   study.main(["--root", str(tmp_path), "--only=warmup", "--seeds=2"])
@@ -288,7 +308,7 @@ def test_far_settings_window_reaches_few_queries_pairs(far, near):
   """The far controls' SAL window reaches the pair (key or value token) of about 5% of the
   queries, the first few of a row; the near setting's window reaches every one."""
   from taipan_jax.data.synthetic import mqar_example
-  settings = {**study.RECALL, **study.RECALL_V256}
+  settings = study.RECALL
 
   def reached(data, rows=300):
     hit = total = 0
