@@ -45,9 +45,11 @@ def _stat(values) -> str:
 
 
 def _grouped(results, group, key):
+  """{setting: {arch: [r[key] per seed]}} over the results of a group (or a tuple of groups)."""
+  groups = (group,) if isinstance(group, str) else group
   table = defaultdict(lambda: defaultdict(list))
   for r in results:
-    if r["group"] == group and key in r:
+    if r["group"] in groups and key in r:
       table[r["setting"]][r["arch"]].append(r[key])
   return table
 
@@ -95,6 +97,8 @@ def tables(results: list[dict]) -> list[str]:
   out += ["", "### SAL without positional encoding vs RoPE (recall)", ""]
   out += _markdown_table(rope, ablations, ["taipan (no PE)", "taipan_rope"], "model")
   for setting in study.ABLATION_SETTINGS:
+    if not any(r["group"] == "capacity" and r["setting"] == setting for r in results):
+      continue
     cap = defaultdict(lambda: defaultdict(list))
     for r in results:
       if r["setting"] == setting and r["group"] in ("capacity", "recall") and \
@@ -105,8 +109,6 @@ def tables(results: list[dict]) -> list[str]:
                          ("queries selected at eval", "eval_selected_queries")):
           if r.get(key) is not None:
             column[row].append(np.mean(r[key]))
-    if not any(k != f"C = {study.BASE['sal.capacity']}" for k in cap):
-      continue
     keys = sorted(cap, key=lambda k: float(k.split("= ")[1]))
     out += ["", f"### Capacity C on {setting}: recall and its cost", ""]
     out += _markdown_table({k: cap[k] for k in keys}, keys,
@@ -229,7 +231,7 @@ def _long_table(results) -> list[str]:
   import study
   devices = sorted({r.get("device", "?") for r in results if r["group"] == "long"})
   return _selection_table(
-      [r for r in results if r["group"] == "long"], list(study.LONG), _long_models(),
+      results, ("long",), list(study.LONG), _long_models(),
       f"Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall")
 
 
@@ -239,23 +241,19 @@ def _recall_warmup_table(results) -> list[str]:
   import study
   if not any(r["group"] == "recall_warmup" for r in results):
     return []
-  runs = [r for r in results if r["setting"] in study.RECALL_V256 and (
-      r["group"] == "recall_warmup" or (r["group"] == "recall"
-                                         and r["arch"] in ("taipan", "swa_hybrid")))]
-  return _selection_table(runs, list(study.RECALL_V256),
+  return _selection_table(results, ("recall", "recall_warmup"), list(study.RECALL_V256),
                           ["swa_hybrid", "taipan", study.RECALL_WARMUP],
                           "Dense-to-sparse warm-up on the default recall settings (CPU)")
 
 
-def _selection_table(runs, settings, models, title) -> list[str]:
+def _selection_table(results, groups, settings, models, title) -> list[str]:
   """Recall by model and setting, and under each model whose SAL selects, its recall with the
   SAL off and the fractions of the queries and of all tokens its SALs select at evaluation
-  (mean over SALs). runs: results of one group, or of groups whose models differ."""
+  (mean over SALs), from the results of `groups` (whose models differ) for `models`."""
+  runs = [r for r in results if r["group"] in groups and r["arch"] in models]
   if not runs:
     return []
-  table = defaultdict(lambda: defaultdict(list))
-  for r in runs:
-    table[r["setting"]][r["arch"]].append(r["recall"])
+  table = _grouped(runs, groups, "recall")
   extra = lambda arch: (f"{arch}, SAL off at eval", f"{arch}: queries selected",
                         f"{arch}: all tokens selected")
   for r in runs:
@@ -329,7 +327,9 @@ def plots(results: list[dict]) -> list[str]:
   import study
   os.makedirs(IMAGES, exist_ok=True)
   written = []
-  recall_runs = [r for r in results if r["group"] in ("recall", "recall_warmup")]
+  recall_groups = ("recall", "recall_warmup")     # the warm-up Taipan beside the models
+  recall = _grouped(results, recall_groups, "recall")
+  off = _grouped(results, recall_groups, "recall_sal_off")
   recall_plots = ((list(study.RECALL_V256), [*study.ARCHS, study.RECALL_WARMUP],
                    "MQAR recall at matched parameters, vocabulary 256 (CPU)",
                    "study_recall.png"),
@@ -337,12 +337,6 @@ def plots(results: list[dict]) -> list[str]:
                    "MQAR recall at matched parameters, vocabulary 32 (CPU)",
                    "study_recall_v32.png"))
   for settings, archs, title, name in recall_plots:
-    recall = _grouped(recall_runs, "recall", "recall")
-    off = _grouped(recall_runs, "recall", "recall_sal_off")
-    for r in recall_runs:           # the warm-up Taipan beside the recall group's models
-      if r["group"] == "recall_warmup":
-        recall[r["setting"]][r["arch"]].append(r["recall"])
-        off[r["setting"]][r["arch"]].append(r["recall_sal_off"])
     # A setting only its reused cells reach (no SAL model trained there yet) is left out.
     settings = [s for s in settings if recall[s]["taipan"]]
     if not settings:
