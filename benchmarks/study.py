@@ -287,10 +287,13 @@ def extrapolation_document(tokenizer) -> "np.ndarray":
 
 
 def query_selection(workdir: str) -> dict:
-  """Where a trained Taipan's SALs select at evaluation, on the held-out MQAR rows: the
-  fraction of scored tokens (the queries, whose next token is the recalled value) selected
-  against the fraction of all tokens. A SAL can only help a query it selects.
-  -> {"eval_selected_queries": [per SAL], "eval_selected_all": [per SAL]}"""
+  """Where a trained model's SALs select at evaluation, and how much of their attention
+  output they mix in, on the held-out MQAR rows. Per SAL: the fraction of the scored tokens
+  (the queries, whose next token is the recalled value) selected, against the fraction of all
+  tokens; and the mean weight eq. 5 gives the attention output (select x alpha) at the
+  queries and at all tokens. A SAL can only help a query it selects and mixes in.
+  -> {"eval_selected_queries", "eval_selected_all", "eval_mix_queries", "eval_mix_all":
+      [per SAL]}"""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -303,20 +306,23 @@ def query_selection(workdir: str) -> dict:
   graphdef, state = nnx.split(loaded.model)
 
   @jax.jit
-  def masks(state, tokens):
+  def select_and_mix(state, tokens):               # each [num_sal, batch, seq]
     _, aux = nnx.merge(graphdef, state)(tokens, return_masks=True)
-    return aux["select_masks"]                       # [num_sal, batch, seq]
+    return aux["select_masks"], aux["mix_weights"]
 
-  on_queries, on_all, weight, count = 0.0, 0.0, 0.0, 0
+  sums = {key: 0.0 for key in ("selected_queries", "selected_all", "mix_queries", "mix_all")}
+  weight, count = 0.0, 0
   for batch in pipeline.make_eval_batches(cfg, cfg.train.eval_batches):
-    m = np.asarray(masks(state, jnp.asarray(batch["tokens"])))
+    select, mix = (np.asarray(t) for t in select_and_mix(state, jnp.asarray(batch["tokens"])))
     w = np.asarray(batch["loss_mask"])
-    on_queries = on_queries + (m * w).sum(axis=(1, 2))
-    on_all = on_all + m.sum(axis=(1, 2))
+    for name, t in (("selected", select), ("mix", mix)):
+      sums[f"{name}_queries"] = sums[f"{name}_queries"] + (t * w).sum(axis=(1, 2))
+      sums[f"{name}_all"] = sums[f"{name}_all"] + t.sum(axis=(1, 2))
     weight += w.sum()
     count += w.size
-  return {"eval_selected_queries": [float(x) for x in np.atleast_1d(on_queries) / weight],
-          "eval_selected_all": [float(x) for x in np.atleast_1d(on_all) / count]}
+  return {f"eval_{key}": [float(x) for x in np.atleast_1d(total)
+                          / (weight if key.endswith("queries") else count)]
+          for key, total in sums.items()}
 
 
 def run_one(run: dict, root: str) -> dict:
@@ -356,6 +362,7 @@ def run_one(run: dict, root: str) -> dict:
       off = evaluate_workdir(workdir, overrides={"sal.inference_selection": "none"},
                              log=quiet)
       result.update(recall_sal_off=off["eval/accuracy"], loss_sal_off=off["eval/loss"])
+    if "s" in cfg.model.pattern:
       result.update(query_selection(workdir))
   else:
     n = TEXT["data.seq_len"] * EXTRAPOLATION_FACTOR
@@ -429,8 +436,9 @@ def main(argv=None) -> int:
                       help="comma-separated models to run, e.g. taipan,jamba (default: all)")
   parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
   parser.add_argument("--diagnose", action="store_true",
-                      help="add what finished runs written by older code lack (the query "
-                           "selection of Taipan recall runs, the held-out loss of text runs), "
+                      help="add what finished runs written by older code lack (where the "
+                           "SALs of recall runs select and how much they mix in, the held-out "
+                           "loss of text runs), "
                            "then rebuild the outputs")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -492,26 +500,34 @@ def main(argv=None) -> int:
 
 
 def _diagnose(root: str) -> None:
-  """Backfills what finished results written before it lack: query_selection into Taipan
-  recall results, the held-out loss and selection into text results. Both are evaluations
-  of the run's last checkpoint, the same whenever they run."""
+  """Backfills what finished results written before it lack: query_selection (with the mix
+  weights) into the recall results of models with SALs, the held-out loss and selection into
+  text results. Both are evaluations of the run's last checkpoint, the same whenever they
+  run; a result whose checkpoints are not under `root` (an accelerator's run, kept as JSON
+  only) is left as it is."""
   for run in runs():
     path = _result_path(root, run)
     if not os.path.exists(path) or "same_as" in run:
       continue
     with open(path) as f:
       result = json.load(f)
+    workdir = os.path.join(root, run["id"])
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+      continue
     if run["setting"] == TEXT_SETTING and "loss" not in result:
-      held_out = _held_out(os.path.join(root, run["id"]))
+      held_out = _held_out(workdir)
       result.update(loss=held_out["loss"], eval_selected=held_out["eval_selected"])
       _write_json(path, result)
       print(f"{run['id']}: held-out loss {result['loss']:.4f}", flush=True)
-    if "recall_sal_off" in result and "eval_selected_queries" not in result:
-      result.update(query_selection(os.path.join(root, run["id"])))
+    if (run["setting"] != TEXT_SETTING and "s" in run["overrides"]["model.pattern"]
+        and "eval_mix_queries" not in result):
+      result.update(query_selection(workdir))
       _write_json(path, result)
-      print(f"{run['id']}: queries selected "
-            + "/".join(f"{x:.3f}" for x in result["eval_selected_queries"]) + " of all "
-            + "/".join(f"{x:.3f}" for x in result["eval_selected_all"]), flush=True)
+      fmt = lambda xs: "/".join(f"{x:.3f}" for x in xs)
+      print(f"{run['id']}: queries selected {fmt(result['eval_selected_queries'])} of all "
+            f"{fmt(result['eval_selected_all'])}; mix at queries "
+            f"{fmt(result['eval_mix_queries'])} at all {fmt(result['eval_mix_all'])}",
+            flush=True)
 
 
 # XLA:CPU's YNNPACK fusions and its multi-threaded Eigen are slower on these small models,

@@ -90,6 +90,7 @@ def tables(results: list[dict]) -> list[str]:
           "selects.", ""]
   names = sorted({a for s in sel.values() for a in s})
   out += _markdown_table(sel, settings, names, "model")
+  out += _mix_tables(results)
   rope = _grouped(results, "rope", "recall")
   ablations = [s for s in study.ABLATION_SETTINGS if rope[s]]
   for setting in ablations:
@@ -128,6 +129,33 @@ def tables(results: list[dict]) -> list[str]:
   out += ["", f"### Extrapolation: perplexity by position (trained on "
           f"{study.TEXT['data.seq_len']}-token rows)", ""]
   out += _markdown_table(ext, buckets, archs, "model") if buckets else ["No run finished yet."]
+  return out
+
+
+def _mix_tables(results) -> list[str]:
+  """Per default recall setting, per seed: each SAL model's recall and the weight eq. 5 gives
+  its attention output at the queries (select x alpha), SAL by SAL: whether attention
+  reaches the predictions at all."""
+  import study
+  groups = ("recall", "rope", "capacity")
+  out = []
+  for setting in study.RECALL_V256:
+    runs = [r for r in results if r["group"] in groups and r["setting"] == setting
+            and "eval_mix_queries" in r]
+    if not runs:
+      continue
+    models = [m for m in study.MODELS if any(r["arch"] == m for r in runs)]
+    seeds = sorted({r["seed"] for r in runs})
+    cell = {(r["arch"], r["seed"]): f"{r['recall']:.3f} · "
+            + " / ".join(f"{m:.2f}" for m in r["eval_mix_queries"]) for r in runs}
+    out += ["", f"### How much attention reaches the queries on {setting} (per seed)", "",
+            "Each cell: recall · the mean weight of each SAL's attention output at the query "
+            "tokens (eq. 5: select × alpha; first SAL / second), at evaluation. 1 replaces "
+            "the token's residual stream by the attention output, 0 leaves it untouched.", "",
+            "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|" + "---|" * len(seeds)]
+    out += [f"| {m} | " + " | ".join(cell.get((m, s), "—") for s in seeds) + " |"
+            for m in models]
   return out
 
 

@@ -218,6 +218,11 @@ def test_query_selection_counts_the_eval_rules_selection(tmp_path):
   np.testing.assert_allclose(got["eval_selected_all"], expect, atol=1e-6)
   assert len(got["eval_selected_queries"]) == 2
   assert all(0.0 <= x <= 1.0 for x in got["eval_selected_queries"])
+  # The mix weight is select x alpha: at most the selected fraction, above 0 where any
+  # token is selected (alpha = softmax(scores)[1] > 0).
+  for mix, sel in (("eval_mix_all", "eval_selected_all"),
+                   ("eval_mix_queries", "eval_selected_queries")):
+    assert all(0.0 < m <= s for m, s in zip(got[mix], got[sel]))
   # At initialisation the gate knows nothing of queries: about C of them are selected too.
   assert all(abs(x - study.BASE["sal.capacity"]) < 0.08 for x in got["eval_selected_queries"])
 

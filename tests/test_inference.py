@@ -339,7 +339,8 @@ def test_lm_eval_simple_evaluate_equals_a_direct_computation(text_workdir, tmp_p
 
 @pytest.mark.parametrize("variant", ["taipan", "kv_selected_only"])
 def test_sal_attention_maps_reproduce_the_attention_output(rng, variant):
-  """The maps' weights applied to the values give the SAL's attention output."""
+  """The maps' weights applied to the values give the SAL's attention output, and with the
+  maps' mix weight that output gives the SAL's whole output (eq. 5, then the SwiGLU)."""
   from taipan_jax.inference.inspect import sal_attention_maps
   model = _model(rng, variant)
   tokens = random_tokens(rng, 2, 40)
@@ -361,8 +362,16 @@ def test_sal_attention_maps_reproduce_the_attention_output(rng, variant):
     out = ops.selective_window_attention(
         q, k, v, selected, window=sal.window,
         kv_select=selected if sal.kv_selected_only else None, implementation="xla")
-    return out, v
+    return out, v, h, sal(h, token_ids=tokens).h
 
-  expected, v = attention(model, tokens, selected)
+  expected, v, h, sal_out = attention(model, tokens, selected)
   got = jnp.einsum("bhij,bjhd->bihd", maps[0]["weights"], v.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+  sal = model.layers[model.kinds.index("s")]
+  mix = maps[0]["mix"]
+  assert float(jnp.max(jnp.where(selected, 0.0, mix))) == 0.0     # unselected: untouched
+  assert 0 < float(jnp.min(jnp.where(selected, mix, 1.0)))
+  o = sal.o_proj(got.reshape(*got.shape[:2], -1)).astype(jnp.float32)
+  mixed = h + mix[..., None] * (o - h)
+  rebuilt = mixed + sal.mlp(sal.norm_b(mixed)).astype(jnp.float32)
+  np.testing.assert_allclose(np.asarray(rebuilt), np.asarray(sal_out), atol=1e-4)

@@ -1,4 +1,5 @@
-"""What each SAL does on an input: its selection and the attention map of the selected rows.
+"""What each SAL does on an input: its selection, the attention map of the selected rows and
+how much of the attention output it mixes into the residual stream.
 
 For notebooks and analysis, not for speed: the attention weights are formed densely, a
 [heads, seq, seq] array per SAL (use short inputs).
@@ -16,7 +17,9 @@ def sal_attention_maps(model, tokens):
     select: [batch, seq] {0, 1} float, the deterministic selection (model in eval mode);
     weights: [batch, heads, seq, seq] fp32, row i = the softmax weights query i puts on
       keys i - window + 1 .. i (the kv_selected_only variant: selected keys only); rows of
-      unselected tokens are zero, as they do not attend.
+      unselected tokens are zero, as they do not attend;
+    mix: [batch, seq] fp32, eq. 5's weight of the attention output, select * alpha: 1 replaces
+      the token's residual stream by the attention output, 0 leaves it as it was.
   The residual stream is carried through every layer exactly as in the forward pass.
   """
   model.eval()
@@ -26,7 +29,8 @@ def sal_attention_maps(model, tokens):
   for layer in model.layers:
     if layer.selects:
       x = layer.norm_a(h)
-      mask, _ = layer._select(layer.gate(x), gumbel_key=None, tau=None, token_ids=tokens)
+      scores = layer.gate(x)
+      mask, _ = layer._select(scores, gumbel_key=None, tau=None, token_ids=tokens)
       q, k, _ = layer._qkv(x, jnp.broadcast_to(jnp.arange(l), (b, l)))
       i, j = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
       allowed = (j <= i) & (j > i - layer.window)                    # [l, l]
@@ -38,6 +42,6 @@ def sal_attention_maps(model, tokens):
       s = jnp.where(allowed[:, None], s, -jnp.inf)
       w = jax.nn.softmax(s, axis=-1)
       w = jnp.where(allowed[:, None], w, 0.0)
-      maps.append({"select": mask, "weights": w})
+      maps.append({"select": mask, "weights": w, "mix": layer._mix_weight(mask, scores)})
     h = layer(h, token_ids=tokens).h
   return maps

@@ -22,9 +22,9 @@ import jax
 
 class LayerOutput(NamedTuple):
   """h: the residual stream after the layer, fp32 ([batch, seq, d_model]; step: [batch,
-  d_model]). aux: a selecting layer's {'mask': [batch, seq], 'fraction': [batch]} (step:
-  'mask' only), else empty. cache: the decode cache after these tokens, or None when not
-  asked for."""
+  d_model]). aux: a selecting layer's {'mask': [batch, seq], 'mix': [batch, seq] (eq. 5's
+  weight of its attention output), 'fraction': [batch]} (step: 'mask' only), else empty.
+  cache: the decode cache after these tokens, or None when not asked for."""
   h: jax.Array
   aux: dict
   cache: Any

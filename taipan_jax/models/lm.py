@@ -87,7 +87,8 @@ class LanguageModel(nnx.Module):
       sal.dense_warmup_steps; the selected fraction and the budget loss count the gates'
       own draws).
     aux: selected_fraction [num_sal, batch], budget_loss scalar, and with return_masks
-      select_masks [num_sal, batch, seq]. With return_cache, also the decode cache after
+      select_masks [num_sal, batch, seq] and mix_weights [num_sal, batch, seq] (eq. 5's
+      weight of each SAL's attention output, select * alpha). With return_cache, also the decode cache after
       the prompt: (logits, aux, cache).
     cache: continue a sequence (evaluation mode, no segment_ids): the tokens come after what
       the cache holds (init_cache(), a prefill's or an earlier call's). Streaming a document
@@ -101,7 +102,7 @@ class LanguageModel(nnx.Module):
     h = stream(self.embed(tokens).astype(jnp.float32))
     keys = (jax.random.split(gumbel_key, max(self.num_sal, 1)) if gumbel_key is not None
             else [None] * self.num_sal)
-    fractions, masks, caches = [], [], []
+    fractions, masks, mixes, caches = [], [], [], []
     if cache is not None and len(cache) != len(self.layers):
       raise ValueError(f"cache has {len(cache)} entries but the model has {len(self.layers)} "
                        "layers; fix: build it with this model's init_cache()")
@@ -116,6 +117,7 @@ class LanguageModel(nnx.Module):
       if layer.selects:
         fractions.append(out.aux["fraction"])
         masks.append(out.aux["mask"])
+        mixes.append(out.aux["mix"])
       caches.append(out.cache)
     logits = h if return_hidden else self.logits(h)
     b = tokens.shape[0]
@@ -123,8 +125,9 @@ class LanguageModel(nnx.Module):
     aux = {"selected_fraction": fractions,
            "budget_loss": ops.budget_loss(fractions, self.capacity)}
     if return_masks:
-      aux["select_masks"] = (jnp.stack(masks) if masks
-                             else jnp.zeros((0,) + tokens.shape, jnp.float32))
+      none = jnp.zeros((0,) + tokens.shape, jnp.float32)
+      aux["select_masks"] = jnp.stack(masks) if masks else none
+      aux["mix_weights"] = jnp.stack(mixes) if mixes else none
     if return_cache:
       return logits, aux, tuple(caches)
     return logits, aux

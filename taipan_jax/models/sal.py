@@ -74,6 +74,7 @@ class SelectiveAttentionLayer(nnx.Module):
 
   h: [batch, seq, d_model] fp32 residual stream -> same shape, plus aux:
     mask [batch, seq] (straight-through during training, exact 0/1 forward),
+    mix [batch, seq] eq. 5's weight of the attention output (mask * alpha),
     fraction [batch] selected fraction over real tokens.
 
   Training (`deterministic=False`): straight-through Gumbel-softmax selection.
@@ -275,7 +276,7 @@ class SelectiveAttentionLayer(nnx.Module):
           kv_select=selected if self.kv_selected_only else None, segment_ids=segment_ids,
           **self.kernels)
       out = self._mix_and_mlp(h, mask, scores, attn)
-      return LayerOutput(out, {"mask": mask,
+      return LayerOutput(out, {"mask": mask, "mix": self._mix_weight(mask, scores),
                                "fraction": ops.selected_fraction(drawn, token_mask)}, None)
     if not self.deterministic:
       raise ValueError("cache / return_cache is for evaluation and decoding: call model.eval() "
@@ -313,7 +314,8 @@ class SelectiveAttentionLayer(nnx.Module):
         window=w, kv_select=selected if self.kv_selected_only else None,
         **self.kernels)
     out = self._mix_and_mlp(h, mask, scores, attn)
-    aux = {"mask": mask, "fraction": ops.selected_fraction(mask, token_mask)}
+    aux = {"mask": mask, "mix": self._mix_weight(mask, scores),
+           "fraction": ops.selected_fraction(mask, token_mask)}
     if not return_cache:
       return LayerOutput(out, aux, None)
     new = self._ring(jnp.concatenate([k_prev, k.astype(self.dtype)], axis=1),
