@@ -150,6 +150,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
     else:
       result.update(recall=float(rng.random()), recall_sal_off=0.1, loss=1.0,
                     eval_selected_queries=[0.03, 0.02])
+      if "s" in r["overrides"]["model.pattern"]:
+        result.update(eval_mix_queries=[0.5, 0.004], eval_mix_all=[0.1, 0.1])
     if r["group"] == "long":
       result["device"] = "NVIDIA H200"
     (path / "study_result.json").write_text(json.dumps(result))
@@ -198,6 +200,10 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   warm = doc.split("### Dense-to-sparse warm-up on the default recall")[1].split("###")[0]
   assert "| model | L32_p8_v256 |" in warm and f"| {study.RECALL_WARMUP}: queries selected | 0.025" in warm
   assert "| taipan, SAL off at eval |" in warm
+  mix = doc.split("### How much attention reaches the queries on L32_p8_v256 ")[1].split("###")[0]
+  recall0 = by_id["recall/L32_p8_v256/taipan/seed0"]["recall"]
+  assert f"| taipan | {recall0:.3f} · 0.50 / 0.00 |" in mix
+  assert "| mamba2 |" not in mix and "| seed 0 |" in mix
   long_table = doc.split("### Long schedule")[1].split("###")[0]
   assert "NVIDIA H200" in long_table and "| taipan: queries selected | 0.025" in long_table
 
