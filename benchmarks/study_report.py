@@ -278,6 +278,7 @@ def _selection_table(results, groups, settings, models, title) -> list[str]:
   """Recall by model and setting, and under each model whose SAL selects, its recall with the
   SAL off and the fractions of the queries and of all tokens its SALs select at evaluation
   (mean over SALs), from the results of `groups` (whose models differ) for `models`."""
+  import study
   runs = [r for r in results if r["group"] in groups and r["arch"] in models]
   if not runs:
     return []
@@ -288,7 +289,9 @@ def _selection_table(results, groups, settings, models, title) -> list[str]:
     off, queries, every = extra(r["arch"])
     if "recall_sal_off" in r:
       table[r["setting"]][off].append(r["recall_sal_off"])
-    if r.get("eval_selected_queries"):
+    # A model that selects every token (the SWA-only hybrid) has nothing to show here.
+    if r.get("eval_selected_queries") and \
+       study.MODELS[r["arch"]].get("sal.selection") != "all":
       table[r["setting"]][queries].append(np.mean(r["eval_selected_queries"]))
       table[r["setting"]][every].append(np.mean(r["eval_selected"]))
   settings = [s for s in settings if table[s]]
