@@ -11,6 +11,7 @@ writes what came out:
     python benchmarks/study.py --only=budget   # the step-budget probe (not run by default)
     python benchmarks/study.py --only=long --jobs=15   # 10x the steps, on a GPU
     python benchmarks/study.py --only=long --settings=L64_p8_v256_10k --models=taipan_dense4k
+    python benchmarks/study.py --only=lr_sweep --jobs=12   # steps and learning rates, on a GPU
     python benchmarks/study.py --report        # only rebuild the JSON, the plots and the tables
 
 Resumable: each run's workdir under --root holds `study_result.json` once it is finished, and
@@ -45,6 +46,9 @@ Groups (docs/study.md has the account), three seeds each:
                  capacity and RoPE ablations and the dense-to-sparse warm-up
                  (sal.dense_warmup_steps) at four lengths; the full-length warm-up also on
                  both vocabulary-32 settings. --models picks some of them.
+  lr_sweep       (only when named; meant for a GPU; six seeds) the default recall setting
+                 at other step budgets (2000, 4000) and learning rates (3e-3, 1.2e-2) for
+                 the attention baselines: whether any schedule makes them learn reliably.
 """
 from __future__ import annotations
 
@@ -142,7 +146,7 @@ ESTIMATOR = {"sal.straight_through": "attention"}
 # with the warm-up over all its steps.
 RECALL_WARMUP = "taipan_dense_all"
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
-ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_warmup")
+ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_warmup", "lr_sweep")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
 # The RoPE and capacity ablations run on the default recall setting; on request also on the
 # first one (`--settings=L64_p8`).
@@ -186,6 +190,25 @@ LONG_ARCHS = {"L64_p8_10k": [*ARCHS, "taipan_st_attention", "taipan_dense10k"],
               "L64_p8_v256_10k": [*(a for a in ARCHS if a != "transformer"),
                                   *CAPACITY_ARCHS, "taipan_rope", *DENSE_WARMUPS]}
 EXTRAPOLATION_FACTOR = 64
+# The schedule sweep (`--only=lr_sweep`, meant for an accelerator: 102 runs took 9.4 minutes on
+# one H100, 12 at a time): can a learning rate or step budget make the attention baselines
+# learn the default recall setting reliably? Six seeds of each attention baseline at each
+# schedule (1200 steps at the recall group's 6e-3 with Taipan beside them, 2000, 4000; 1200
+# and 4000 at 3e-3; 1200 at 1.2e-2). Its runs are kept apart from the CPU grid's
+# (never `same_as` one of those), since they ran on another device.
+SWEEP_SETTING = "L32_p8_v256"
+SWEEP = {
+    "L32_p8_v256": ({}, ("jamba", "swa_hybrid", "transformer", "taipan")),
+    "L32_p8_v256_s2000": ({"train.steps": 2000}, ("jamba", "swa_hybrid", "transformer")),
+    "L32_p8_v256_s4000": ({"train.steps": 4000}, ("jamba", "swa_hybrid")),
+    "L32_p8_v256_lr3e-3": ({"optim.peak_lr": 3e-3}, ("jamba", "swa_hybrid", "transformer")),
+    "L32_p8_v256_s4000_lr3e-3": ({"train.steps": 4000, "optim.peak_lr": 3e-3},
+                                 ("jamba", "swa_hybrid")),
+    "L32_p8_v256_lr1.2e-2": ({"optim.peak_lr": 1.2e-2}, ("jamba", "swa_hybrid", "transformer")),
+}
+SWEEP_SEEDS = (0, 1, 2, 3, 4, 5)
+# The groups meant for an accelerator: their results go to study_gpu.json.
+ACCELERATOR_GROUPS = ("long", "lr_sweep")
 
 
 def stdlib() -> str:
@@ -236,6 +259,12 @@ def runs() -> list[dict]:
       for seed in SEEDS:
         out.append({"group": "long", "arch": arch, "setting": setting, "seed": seed,
                     "overrides": {**BASE, **MODELS[arch], **data, "train.seed": seed}})
+  for setting, (schedule, archs) in SWEEP.items():
+    for arch in archs:
+      for seed in SWEEP_SEEDS:
+        out.append({"group": "lr_sweep", "arch": arch, "setting": setting, "seed": seed,
+                    "overrides": {**BASE, **MODELS[arch], **RECALL[SWEEP_SETTING], **schedule,
+                                  "train.seed": seed}})
   first = {}
   for r in out:
     r["id"] = f"{r['group']}/{r['setting']}/{r['arch']}/seed{r['seed']}"
@@ -245,6 +274,8 @@ def runs() -> list[dict]:
     # the SAL window (L64_p8_far) its run would repeat one already in the study: it reuses
     # that run's result instead of training the same configuration again.
     key = json.dumps(_effective(r["overrides"]), sort_keys=True)
+    if r["group"] == "lr_sweep":
+      continue
     if key in first:
       r["same_as"] = first[key]
     else:
@@ -472,7 +503,7 @@ def main(argv=None) -> int:
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
   order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4,
-           "estimator": 5, "warmup": 6, "recall_warmup": 7, "long": 8}
+           "estimator": 5, "warmup": 6, "recall_warmup": 7, "long": 8, "lr_sweep": 9}
   by_id = {r["id"]: r for r in all_runs}
   # A picked run that repeats another is done by training that one (once, whatever its group).
   picked = {r.get("same_as", r["id"]) for r in all_runs if r["group"] in groups
@@ -554,6 +585,9 @@ def _run_all(todo: list[dict], root: str, jobs: int) -> None:
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              JAX_COMPILATION_CACHE_DIR=os.path.join(root, ".jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  if jobs > 1:
+    # Several runs on one accelerator: each takes the memory it needs, not 75% of it.
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   flags = _fast_cpu_flags()
   if flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()

@@ -119,6 +119,7 @@ def tables(results: list[dict]) -> list[str]:
   out += _estimator_table(results)
   out += _recall_warmup_table(results)
   out += _long_table(results)
+  out += _sweep_table(results)
   out += _warmup_table(results)
   ext = defaultdict(lambda: defaultdict(list))
   for r in results:
@@ -261,6 +262,42 @@ def _long_table(results) -> list[str]:
   return _selection_table(
       results, ("long",), list(study.LONG), _long_models(),
       f"Long schedule: {study.LONG_STEPS} steps ({', '.join(devices)}), recall")
+
+
+def _sweep_table(results) -> list[str]:
+  """The schedule sweep: per model and schedule, how many seeds learned the default recall
+  setting (held-out recall above 0.5, where the plateau sits at 0.14) and their recall."""
+  import study
+  runs = [r for r in results if r["group"] == "lr_sweep"]
+  if not runs:
+    return []
+  settings = [s for s in study.SWEEP if any(r["setting"] == s for r in runs)]
+  models = [m for m in study.MODELS if any(r["arch"] == m for r in runs)]
+
+  def cell(values):
+    if not values:
+      return "—"
+    learned = sum(v > 0.5 for v in values)
+    return f"**{learned} of {len(values)}** ({', '.join(f'{v:.2f}' for v in values)})"
+
+  def schedule(setting):
+    keys = {**study.RECALL[study.SWEEP_SETTING], **study.BASE, **study.SWEEP[setting][0]}
+    return f"{keys['train.steps']} steps, lr {keys['optim.peak_lr']:g}"
+
+  devices = ", ".join(sorted({r.get("device", "?") for r in runs}))
+  out = ["", f"### Schedule sweep on {study.SWEEP_SETTING} ({devices}): seeds that learned",
+         "", "Each cell: how many seeds reached held-out recall above 0.5, then each seed's "
+         "recall (seeds 0-5 in order).", "",
+         "| model | " + " | ".join(schedule(s) for s in settings) + " |",
+         "|---|" + "---|" * len(settings)]
+  out += [f"| {m} | " + " | ".join(cell(_recall_by_seed(runs, m, s)) for s in settings) + " |"
+          for m in models]
+  return out
+
+
+def _recall_by_seed(runs, arch, setting) -> list[float]:
+  return [r["recall"] for r in sorted(runs, key=lambda r: r["seed"])
+          if r["arch"] == arch and r["setting"] == setting]
 
 
 def _recall_warmup_table(results) -> list[str]:
@@ -446,8 +483,9 @@ def plots(results: list[dict]) -> list[str]:
 
 
 def write(root: str, runs: list[dict], results_path: str) -> None:
-  """results_path: the CPU study's JSON; the long schedule's runs (run on an accelerator) go
-  to study_gpu.json beside it, naming the device each ran on."""
+  """results_path: the CPU study's JSON; the runs of the groups meant for an accelerator (the
+  long schedule, the schedule sweep) go to study_gpu.json beside it, naming the device each
+  ran on."""
   import jax
   import study
   results = _load(root, runs)
@@ -457,7 +495,7 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
   def part(run):
     if run["group"] in study.DEFAULT_GROUPS and not run.get("on_request"):
       return "default"
-    return "long" if run["group"] == "long" else "extra"
+    return "long" if run["group"] in study.ACCELERATOR_GROUPS else "extra"
   part_of = {r["id"]: part(r) for r in runs}
   trained = [r for r in results if "same_as" not in r]      # each trained run once
   default, extra, long = ([r for r in trained if part_of[r["id"]] == p]
@@ -469,13 +507,15 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
                "cpu_count": os.cpu_count(), "runs_total": default_total,
                "runs_done": len(default), "on_request_runs_total": extra_total,
                "on_request_runs_done": len(extra),
-               "results": [r for r in results if r["group"] != "long"]}, f, indent=1)
+               "results": [r for r in results
+                           if r["group"] not in study.ACCELERATOR_GROUPS]}, f, indent=1)
   if long:
     with open(os.path.join(os.path.dirname(results_path), "study_gpu.json"), "w") as f:
       json.dump({"devices": sorted({r.get("device", "?") for r in long}),
                  "jax": sorted({r.get("jax", "?") for r in long}),
                  "runs_total": long_total, "runs_done": len(long),
-                 "results": [r for r in results if r["group"] == "long"]}, f, indent=1)
+                 "results": [r for r in results
+                             if r["group"] in study.ACCELERATOR_GROUPS]}, f, indent=1)
   body = tables(results)
   images = plots(results)
   doc = open(DOC).read() if os.path.exists(DOC) else f"# Study\n\n{BEGIN}\n{END}\n"
@@ -489,10 +529,12 @@ def write(root: str, runs: list[dict], results_path: str) -> None:
           "grid are models without a SAL in a setting that differs only in the SAL window: "
           "they show the result of the identical run. On request (the settings "
           + ", ".join(study.RECALL_V32) + "; the groups "
-          + ", ".join(g for g in study.ON_REQUEST_GROUPS if g != "long") + "): "
+          + ", ".join(g for g in study.ON_REQUEST_GROUPS if g not in study.ACCELERATOR_GROUPS)
+          + "): "
           f"{len(extra)} of {extra_total} runs.")
   if long:
-    done += (f" Long schedule: {len(long)} of {long_total} runs, on "
+    done += (f" On an accelerator (the long schedule and the schedule sweep): {len(long)} of "
+             f"{long_total} runs, on "
              f"{', '.join(sorted({r.get('device', '?') for r in long}))}.")
   figures = [f"![{os.path.basename(p)}](images/{os.path.basename(p)})" for p in images]
   doc = (head + BEGIN + "\n\n" + done + "\n\n" + "\n".join(body) + "\n\n"

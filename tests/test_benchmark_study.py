@@ -50,6 +50,20 @@ def test_every_run_is_named_once_and_its_config_loads():
   assert len(long) == sum(map(len, expected.values())) * len(study.SEEDS)
   for setting, archs in expected.items():
     assert {r["arch"] for r in long if r["setting"] == setting} == archs, setting
+  # The schedule sweep: six seeds of each model at each schedule, each run the recall group's
+  # run of that model with only the step count and/or learning rate changed, and never
+  # merged with a CPU run (it ran on another device).
+  sweep = [r for r in runs if r["group"] == "lr_sweep"]
+  assert len(sweep) == sum(len(archs) for _, archs in study.SWEEP.values()) * 6 == 102
+  recall = {(r["arch"], r["seed"]): r for r in runs
+            if r["group"] == "recall" and r["setting"] == study.SWEEP_SETTING}
+  for r in sweep:
+    assert "same_as" not in r and r["seed"] in study.SWEEP_SEEDS
+    base = recall[(r["arch"], r["seed"] % len(study.SEEDS))]["overrides"]
+    diff = {k for k in set(r["overrides"]) | set(base)
+            if r["overrides"].get(k) != base.get(k)}
+    assert diff <= {"train.steps", "optim.peak_lr", "train.seed"}, (r["id"], diff)
+    assert r["overrides"]["train.seed"] == r["seed"]
   v256 = [r for r in long if r["setting"] == "L64_p8_v256_10k"]
   # Each v256 Taipan variant is the v256 Taipan with one setting changed.
   for r in v256:
@@ -92,7 +106,8 @@ def test_every_run_is_named_once_and_its_config_loads():
   for r in runs:
     if r["group"] != "budget":
       cells.setdefault((r["group"], r["setting"], r["arch"]), set()).add(r["seed"])
-  assert all(seeds == set(study.SEEDS) for seeds in cells.values())
+  assert all(seeds == set(study.SWEEP_SEEDS if group == "lr_sweep" else study.SEEDS)
+             for (group, _, _), seeds in cells.items())
   # The default run: every architecture in both default recall settings and the text
   # setting, the ablations in the first default recall setting; the vocabulary-32 settings
   # only on request. The models without a SAL train once per vocabulary (the far setting
@@ -135,10 +150,12 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   budget += [r for r in runs if r["group"] == "estimator"][:2]
   budget += [r for r in runs if r["group"] == "warmup" and "same_as" not in r][:2]
   budget += [r for r in runs if r["group"] == "recall_warmup"][:2]
+  sweep = [r for r in runs if r["group"] == "lr_sweep" and r["arch"] == "jamba"
+           and r["setting"] == "L32_p8_v256"][:2]
   v32 = [r for r in runs if r["group"] == "recall" and r["setting"] == "L64_p8"][:2]
   trained = [r for r in runs if "same_as" not in r]
   for r in (trained[:20] + [r for r in runs if r["group"] == "extrapolation"][:2] + ablations
-            + budget + long + v32):
+            + budget + long + v32 + sweep):
     path = tmp_path / r["id"]
     path.mkdir(parents=True)
     result = {**{k: r[k] for k in ("id", "group", "arch", "setting", "seed")},
@@ -154,6 +171,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
         result.update(eval_mix_queries=[0.5, 0.004], eval_mix_all=[0.1, 0.1])
     if r["group"] == "long":
       result["device"] = "NVIDIA H200"
+    if r["group"] == "lr_sweep":
+      result.update(device="NVIDIA H100 80GB HBM3", recall=1.0 if r["seed"] == 0 else 0.1)
     (path / "study_result.json").write_text(json.dumps(result))
   monkeypatch.setattr(study_report, "DOC", str(tmp_path / "study.md"))
   monkeypatch.setattr(study_report, "IMAGES", str(tmp_path / "images"))
@@ -177,7 +196,8 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   n_repeats = sum("same_as" in r for r in default)
   assert n_repeats == 9        # Mamba-2, Transformer++, Jamba x 3 seeds in L32_p8_v256_far
   n_extra = sum(r["group"] in study.ON_REQUEST_GROUPS + study.DEFAULT_GROUPS
-                and r["group"] != "long" and "same_as" not in r for r in runs) - 48
+                and r["group"] not in study.ACCELERATOR_GROUPS and "same_as" not in r
+                for r in runs) - 48
   assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 10
   assert saved["on_request_runs_total"] == n_extra == 49
   assert saved["runs_total"] == len(default) - n_repeats == 48
@@ -188,8 +208,11 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   assert far["setting"] == "L32_p8_v256_far"
   assert far["recall"] == by_id["recall/L32_p8_v256/mamba2/seed0"]["recall"]
   gpu = json.loads((tmp_path / "study_gpu.json").read_text())
-  assert gpu["runs_done"] == 2 and gpu["devices"] == ["NVIDIA H200"]
-  assert all(r["group"] == "long" for r in gpu["results"])
+  assert gpu["runs_done"] == 4
+  assert gpu["devices"] == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+  assert all(r["group"] in ("long", "lr_sweep") for r in gpu["results"])
+  sweep = doc.split("### Schedule sweep on L32_p8_v256")[1].split("###")[0]
+  assert "| jamba | **1 of 2** (1.00, 0.10) |" in sweep and "1200 steps, lr 0.006" in sweep
   estimator = doc.split("### Straight-through estimator")[1].split("###")[0]
   assert "| taipan (o = attention, dense in training) |" in estimator
   assert "| taipan (o = 0, default) |" in estimator and "0.025" in estimator
