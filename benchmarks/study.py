@@ -46,6 +46,8 @@ Groups (docs/study.md has the account), three seeds each:
                  capacity and RoPE ablations and the dense-to-sparse warm-up
                  (sal.dense_warmup_steps) at four lengths; the full-length warm-up also on
                  both vocabulary-32 settings. --models picks some of them.
+  c1_probe       (only when named) why C = 1.0 fails: Taipan at C = 1.0 with a Mamba-2 block
+                 last, and without the budget loss.
   lr_sweep       (only when named; meant for a GPU; six seeds) the default recall setting
                  at other step budgets (2000, 4000) and learning rates (3e-3, 1.2e-2) for
                  the attention baselines: whether any schedule makes them learn reliably.
@@ -145,8 +147,15 @@ ESTIMATOR = {"sal.straight_through": "attention"}
 # The dense-to-sparse warm-up on the default recall setting (`--only=recall_warmup`): Taipan
 # with the warm-up over all its steps.
 RECALL_WARMUP = "taipan_dense_all"
+# Why C = 1.0 fails below Mamba-2 (`--only=c1_probe`, on the default recall setting): at
+# C = 1.0 every SAL mixes its attention output in with weight 1. Is it the SAL in the last
+# position (the same layers with a Mamba-2 block last), or the budget loss holding alpha at
+# 1 (the same model without it)?
+C1_PROBES = {"taipan_c1.0_msm": {"model.pattern": "msm"},
+             "taipan_c1.0_free": {"loss.budget_weight": 0.0}}
 DEFAULT_GROUPS = ("recall", "rope", "capacity", "extrapolation")
-ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_warmup", "lr_sweep")
+ON_REQUEST_GROUPS = ("budget", "long", "estimator", "warmup", "recall_warmup", "c1_probe",
+                     "lr_sweep")
 CAPACITIES = (0.05, 0.15, 0.3, 1.0)
 # The RoPE and capacity ablations run on the default recall setting; on request also on the
 # first one (`--settings=L64_p8`).
@@ -176,7 +185,8 @@ TAIPAN_VARIANTS = {"taipan_rope": {"sal.rope": True},
                    "taipan_st_attention": ESTIMATOR,
                    **{name: {"sal.dense_warmup_steps": n} for name, n in DENSE_WARMUPS.items()},
                    TEXT_WARMUP: {"sal.dense_warmup_steps": TEXT["train.steps"]},
-                   RECALL_WARMUP: {"sal.dense_warmup_steps": RECALL_STEPS}}
+                   RECALL_WARMUP: {"sal.dense_warmup_steps": RECALL_STEPS},
+                   **{name: {"sal.capacity": 1.0, **keys} for name, keys in C1_PROBES.items()}}
 # Every model of the study: the architectures and the Taipan variants.
 MODELS = {**ARCHS,
           **{name: {**ARCHS["taipan"], **keys} for name, keys in TAIPAN_VARIANTS.items()}}
@@ -259,6 +269,11 @@ def runs() -> list[dict]:
       for seed in SEEDS:
         out.append({"group": "long", "arch": arch, "setting": setting, "seed": seed,
                     "overrides": {**BASE, **MODELS[arch], **data, "train.seed": seed}})
+  for arch in C1_PROBES:
+    for seed in SEEDS:
+      setting = ABLATION_SETTINGS[0]
+      out.append({"group": "c1_probe", "arch": arch, "setting": setting, "seed": seed,
+                  "overrides": {**BASE, **MODELS[arch], **RECALL[setting], "train.seed": seed}})
   for setting, (schedule, archs) in SWEEP.items():
     for arch in archs:
       for seed in SWEEP_SEEDS:
@@ -503,7 +518,8 @@ def main(argv=None) -> int:
   # settings where something can be learned first, the far setting (nothing learned in
   # seed 0) last.
   order = {"recall": 0, "capacity": 1, "rope": 2, "extrapolation": 3, "budget": 4,
-           "estimator": 5, "warmup": 6, "recall_warmup": 7, "long": 8, "lr_sweep": 9}
+           "estimator": 5, "warmup": 6, "recall_warmup": 7, "c1_probe": 8, "long": 9,
+           "lr_sweep": 10}
   by_id = {r["id"]: r for r in all_runs}
   # A picked run that repeats another is done by training that one (once, whatever its group).
   picked = {r.get("same_as", r["id"]) for r in all_runs if r["group"] in groups

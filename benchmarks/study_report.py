@@ -138,7 +138,7 @@ def _mix_tables(results) -> list[str]:
   its attention output at the queries (select x alpha), SAL by SAL: whether attention
   reaches the predictions at all."""
   import study
-  groups = ("recall", "rope", "capacity", "recall_warmup")
+  groups = ("recall", "rope", "capacity", "recall_warmup", "c1_probe")
   out = []
   for setting in study.RECALL_V256:
     runs = [r for r in results if r["group"] in groups and r["setting"] == setting

@@ -64,6 +64,15 @@ def test_every_run_is_named_once_and_its_config_loads():
             if r["overrides"].get(k) != base.get(k)}
     assert diff <= {"train.steps", "optim.peak_lr", "train.seed"}, (r["id"], diff)
     assert r["overrides"]["train.seed"] == r["seed"]
+  # Each C = 1.0 probe is the capacity group's C = 1.0 Taipan with one key changed.
+  c1 = {(r["setting"], r["seed"]): r["overrides"] for r in runs
+        if r["group"] == "capacity" and r["arch"] == "taipan_c1.0"}
+  probes = [r for r in runs if r["group"] == "c1_probe"]
+  assert {r["arch"] for r in probes} == set(study.C1_PROBES) and len(probes) == 6
+  for r in probes:
+    base = c1[(r["setting"], r["seed"])]
+    diff = {k: v for k, v in r["overrides"].items() if base.get(k) != v}
+    assert diff == study.C1_PROBES[r["arch"]], (r["id"], diff)
   v256 = [r for r in long if r["setting"] == "L64_p8_v256_10k"]
   # Each v256 Taipan variant is the v256 Taipan with one setting changed.
   for r in v256:
@@ -179,7 +188,7 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
   study_report.write(str(tmp_path), runs, str(tmp_path / "study.json"))
   doc = (tmp_path / "study.md").read_text()
   assert "| taipan eval, of queries | 0.025" in doc
-  assert "24 of the 48 runs of the default study" in doc and "10 of 49 runs" in doc
+  assert "24 of the 48 runs of the default study" in doc and "10 of 55 runs" in doc
   assert "| taipan, SAL off at eval |" in doc and "0-128" in doc
   assert "3.0 hours of run time together (450 s a run" in doc   # 24 x 450 s
   recall = doc.split("### Recall (MQAR")[1].split("###")[0]
@@ -199,7 +208,7 @@ def test_report_tables_from_finished_runs(tmp_path, monkeypatch):
                 and r["group"] not in study.ACCELERATOR_GROUPS and "same_as" not in r
                 for r in runs) - 48
   assert saved["runs_done"] == 24 and saved["on_request_runs_done"] == 10
-  assert saved["on_request_runs_total"] == n_extra == 49
+  assert saved["on_request_runs_total"] == n_extra == 55
   assert saved["runs_total"] == len(default) - n_repeats == 48
   # A repeated cell shows its identical run's result, marked as such.
   by_id = {r["id"]: r for r in saved["results"]}
