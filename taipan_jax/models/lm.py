@@ -88,8 +88,8 @@ class LanguageModel(nnx.Module):
       own draws).
     aux: selected_fraction [num_sal, batch], budget_loss scalar, and with return_masks
       select_masks [num_sal, batch, seq] and mix_weights [num_sal, batch, seq] (eq. 5's
-      weight of each SAL's attention output, select * alpha). With return_cache, also the decode cache after
-      the prompt: (logits, aux, cache).
+      weight of each SAL's attention output, select * alpha). With return_cache, also the
+      decode cache after the prompt: (logits, aux, cache).
     cache: continue a sequence (evaluation mode, no segment_ids): the tokens come after what
       the cache holds (init_cache(), a prefill's or an earlier call's). Streaming a document
       through in segments this way gives the logits of one call over all of it.
