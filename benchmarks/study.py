@@ -285,12 +285,12 @@ def runs() -> list[dict]:
     r["id"] = f"{r['group']}/{r['setting']}/{r['arch']}/seed{r['seed']}"
     if r["group"] in DEFAULT_GROUPS and r["setting"] not in DEFAULT_SETTINGS:
       r["on_request"] = True
+    if r["group"] == "lr_sweep":        # another device's runs: never merged with the CPU's
+      continue
     # A model without SAL layers reads no sal.* key, so in a setting that differs only in
     # the SAL window (L64_p8_far) its run would repeat one already in the study: it reuses
     # that run's result instead of training the same configuration again.
     key = json.dumps(_effective(r["overrides"]), sort_keys=True)
-    if r["group"] == "lr_sweep":
-      continue
     if key in first:
       r["same_as"] = first[key]
     else:

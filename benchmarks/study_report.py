@@ -281,7 +281,7 @@ def _sweep_table(results) -> list[str]:
     return f"**{learned} of {len(values)}** ({', '.join(f'{v:.2f}' for v in values)})"
 
   def schedule(setting):
-    keys = {**study.RECALL[study.SWEEP_SETTING], **study.BASE, **study.SWEEP[setting][0]}
+    keys = {**study.BASE, **study.RECALL[study.SWEEP_SETTING], **study.SWEEP[setting][0]}
     return f"{keys['train.steps']} steps, lr {keys['optim.peak_lr']:g}"
 
   devices = ", ".join(sorted({r.get("device", "?") for r in runs}))
